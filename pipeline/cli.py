@@ -1,0 +1,70 @@
+"""One job as the user sees it: progress, a summary table, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import PipelineError
+
+
+def job_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    from pipeline.runner import Runner
+    from pipeline.tracking import Tracker
+
+    console = Console(record=True, highlight=False, soft_wrap=True)
+    run_dir = job_dir()
+    debug = cfg.verbose or os.environ.get("PIPELINE_DEBUG") == "1"
+    try:
+        runner = Runner(cfg, run_dir, console)
+        result = runner.run(Tracker(runner.config["tracking"]))
+    except PipelineError as err:
+        console.print(f"[red]error:[/] {err.one_line()}", soft_wrap=True)
+        _save_log(console, run_dir)
+        if debug:
+            raise
+        sys.exit(err.exit_code)
+    print_summary(console, result)
+    _save_log(console, run_dir)
+    return result.metrics.get("latency_p50_ms")
+
+
+def _save_log(console: Console, run_dir: Path) -> None:
+    if run_dir.is_dir():
+        (run_dir / "console.log").write_text(console.export_text(clear=False))
+
+
+def print_summary(console: Console, result) -> None:
+    table = Table(title=f"{result.status.lower()}: {result.target}", title_justify="left")
+    for column in ("stage", "cache", "seconds"):
+        table.add_column(column, justify="right" if column == "seconds" else "left")
+    for s in result.stages:
+        table.add_row(s.name, "hit" if s.hit else "built", f"{s.seconds:.2f}")
+    table.add_row("total", "", f"{result.wall_seconds:.2f}", style="bold")
+    console.print(table)
+    m = result.metrics
+    console.print(
+        f"partition: {m['num_accelerated_segments']:.0f} accelerated of {m['num_segments']:.0f} segments, "
+        f"{m['accelerated_op_fraction']:.0%} of ops accelerated, engines {m['engine_bytes'] / 1e6:.1f} MB")
+    top1 = f", top-1 agreement {m['top1_agreement']:.0%}" if "top1_agreement" in m else ""
+    console.print(f"accuracy vs eager: max abs {m['max_abs_err']:.3g}, rel L2 {m['rel_l2_err']:.3g}, "
+                  f"cosine {m['cosine_similarity']:.6f}{top1}")
+    console.print(f"latency p50 {m['latency_p50_ms']:.3f} ms (p99 {m['latency_p99_ms']:.3f}) vs eager "
+                  f"{m['eager_latency_p50_ms']:.3f} ms: speedup {m['speedup']:.2f}x, "
+                  f"{m['throughput_per_s']:.1f}/s")
+    console.print(f"artifacts: {result.run_dir}")
+    if result.tracking:
+        t = result.tracking
+        console.print(f"mlflow: run {t['run_id']} in experiment {t['experiment']!r} at {t['tracking_uri']} "
+                      "(make ui to browse)")

@@ -1,0 +1,189 @@
+"""Typed configuration schema, registered in Hydra's ConfigStore.
+
+The dataclasses are the single definition of every setting: YAML files under conf/
+hold only deltas, and a misspelled key or a wrong type fails when Hydra composes the
+config, before any heavy work. Fields are plain values (str, int, float, bool, lists,
+enums); stages turn them into torch / ONNX Runtime / TensorRT objects themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Precision(str, Enum):
+    """Precision the model is cast to before export (strongly typed engines follow it)."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+@dataclass
+class ModelConfig:
+    """Any importable factory returning an nn.Module; torchvision models by default."""
+
+    name: str = MISSING
+    _target_: str = MISSING
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # None builds random weights (no download); e.g. "DEFAULT" asks torchvision for pretrained ones.
+    weights: str | None = None
+    # Seed for random weights, so every build of the same config has the same model.
+    seed: int = 0
+    # "classification" enables top-1 agreement in validation.
+    task: str = "classification"
+
+
+@dataclass
+class InputConfig:
+    """One tensor input. `shape` excludes the batch dimension, which is `batch_size`."""
+
+    name: str = "x"
+    shape: list[int] = field(default_factory=lambda: [3, 224, 224])
+    dtype: str = "float32"
+    batch_size: int = 1
+    # Seed of the sample data used for export, validation and latency.
+    seed: int = 0
+
+
+@dataclass
+class CompileConfig:
+    """Settings named as in Torch-TensorRT so users can carry them across."""
+
+    min_block_size: int = 5
+    # Post-decomposition op names, e.g. aten.relu.default (or aten.relu for every overload).
+    torch_executed_ops: list[str] = field(default_factory=list)
+    require_full_compilation: bool = False
+    precision: Precision = Precision.fp32
+    # TensorRT builder optimization level 0..5 (ignored by targets without one).
+    optimization_level: int = 3
+    # Builder workspace in bytes; 0 leaves the library default.
+    workspace_size: int = 0
+    truncate_long_and_double: bool = False
+
+
+@dataclass
+class TargetConfig:
+    name: str = MISSING
+
+
+@dataclass
+class AutoTargetConfig(TargetConfig):
+    """Pick the first target of `prefer` that can execute on this machine."""
+
+    name: str = "auto"
+    prefer: list[str] = field(
+        default_factory=lambda: ["torch_tensorrt", "tensorrt", "onnxruntime", "eager"]
+    )
+
+
+@dataclass
+class OnnxRuntimeTargetConfig(TargetConfig):
+    name: str = "onnxruntime"
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    # disable | basic | extended | all
+    graph_optimization_level: str = "all"
+    # 0 lets ONNX Runtime choose (one thread per physical core).
+    intra_op_num_threads: int = 0
+    inter_op_num_threads: int = 0
+    # sequential | parallel
+    execution_mode: str = "sequential"
+    # ONNX opset for the exporter; None uses torch.onnx's default.
+    opset: int | None = None
+
+
+@dataclass
+class EagerTargetConfig(TargetConfig):
+    """The reference: everything stays in PyTorch."""
+
+    name: str = "eager"
+
+
+@dataclass
+class Tolerance:
+    """Accuracy gates against eager PyTorch; None disables a gate."""
+
+    max_abs_err: float | None = None
+    rel_l2_err: float | None = 1e-3
+    min_cosine_similarity: float | None = 0.9999
+    min_top1_agreement: float | None = None
+
+
+def _default_tolerances() -> dict[str, Tolerance]:
+    return {
+        "fp32": Tolerance(rel_l2_err=1e-3, min_cosine_similarity=0.9999),
+        "fp16": Tolerance(rel_l2_err=1e-2, min_cosine_similarity=0.999),
+        "bf16": Tolerance(rel_l2_err=5e-2, min_cosine_similarity=0.99),
+    }
+
+
+@dataclass
+class ValidateConfig:
+    # Seeded input batches compared against eager PyTorch.
+    num_samples: int = 8
+    warmup: int = 10
+    # Timed iterations per target, split into `rounds` interleaved blocks (eager, compiled, ...)
+    # so drift of clocks or load affects both alike.
+    iterations: int = 100
+    rounds: int = 5
+    # Keep timing until at least this many seconds have passed per target (trtexec --duration).
+    min_seconds: float = 0.0
+    # Coefficient of variation above which latency figures are flagged as unreliable.
+    cv_warn_threshold: float = 0.1
+    tolerances: dict[str, Tolerance] = field(default_factory=_default_tolerances)
+    # Re-use a previous validation of the same build instead of measuring again.
+    cache: bool = False
+
+
+@dataclass
+class PathsConfig:
+    # Everything the pipeline writes lives under here (git-ignored).
+    outputs: str = "outputs"
+    cache: str = "${paths.outputs}/cache"
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    # Used when MLFLOW_EXPERIMENT_NAME is not set.
+    experiment: str = "pipeline"
+    # Default store when MLFLOW_TRACKING_URI is not set.
+    store: str = "${paths.outputs}/mlflow.db"
+    artifacts: str = "${paths.outputs}/mlartifacts"
+    log_artifacts: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    input: InputConfig = MISSING
+    compile: CompileConfig = MISSING
+    target: Any = MISSING
+    validate: ValidateConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Show full tracebacks for user-facing errors too.
+    verbose: bool = False
+
+
+TARGET_SCHEMAS: dict[str, type[TargetConfig]] = {
+    "auto": AutoTargetConfig,
+    "onnxruntime": OnnxRuntimeTargetConfig,
+    "eager": EagerTargetConfig,
+}
+
+
+def register() -> None:
+    """Register the schemas; YAML files pick them up through their defaults lists."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for name, schema in TARGET_SCHEMAS.items():
+        cs.store(group="target", name=f"schema_{name}", node=schema)
+
+
+register()

@@ -1,0 +1,55 @@
+"""The environment that changes an artifact: library versions, device, compute capability.
+
+It goes into every cache key, every manifest and the MLflow tags, so an engine built for
+one GPU or library version is never reused for another.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import platform
+
+LIBRARIES = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "tensorrt",
+             "tensorrt_rtx", "torch_tensorrt")
+
+
+def library_version(dist: str) -> str | None:
+    for name in (dist, dist.replace("_", "-")):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+@functools.cache
+def libraries() -> dict[str, str]:
+    return {name: v for name in LIBRARIES if (v := library_version(name))}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
+def device_info() -> dict[str, str]:
+    """The accelerator if torch sees one, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        return {"device": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}",
+                "kind": "cuda"}
+    return {"device": _cpu_name(), "compute_capability": "none", "kind": "cpu"}
+
+
+def fingerprint() -> dict[str, object]:
+    return {"python": platform.python_version(), "libraries": libraries(), **device_info()}

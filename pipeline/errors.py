@@ -1,0 +1,42 @@
+"""User-facing errors.
+
+Two kinds of failure reach the user: a mistake in what they asked for (or a target that
+cannot run here) and a configuration that fails to compile. Both are a PipelineError:
+one line naming the problem and the fix, a non-zero exit, no traceback unless asked
+for. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """A problem the user can fix; `fix` says how."""
+
+    exit_code = 2
+
+    def __init__(self, problem: str, fix: str | None = None):
+        super().__init__(problem)
+        self.problem = problem
+        self.fix = fix
+
+    def one_line(self) -> str:
+        text = " ".join(self.problem.split())
+        return f"{text} Fix: {' '.join(self.fix.split())}" if self.fix else text
+
+
+class ConfigError(PipelineError):
+    """The configuration asks for something that cannot exist (unknown op, bad shape...)."""
+
+
+class TargetUnavailable(PipelineError):
+    """The chosen target cannot run on this machine."""
+
+
+class CompileError(PipelineError):
+    """A valid configuration that the target failed to compile or that failed validation."""
+
+    exit_code = 3
+
+
+class ArtifactError(PipelineError):
+    """An artifact on disk is missing, unreadable or corrupt."""

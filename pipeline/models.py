@@ -1,0 +1,112 @@
+"""Model construction and sample inputs, shared by export and validate.
+
+Both stages rebuild the model from its config rather than passing it in memory: the same
+factory, kwargs and seed give the same weights, which export records as a hash so that
+validate can prove it compares against the very model that was compiled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.errors import ConfigError, PipelineError
+
+DTYPES = {
+    "float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16", "int64": "int64", "int32": "int32",
+    "bool": "bool",
+}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ConfigError(
+            f"input.dtype={name!r} is not a known dtype.",
+            f"use one of {', '.join(sorted(set(DTYPES)))}.",
+        )
+    return getattr(torch, DTYPES[name])
+
+
+def _factory(target: str):
+    module_name, _, attr = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(
+            f"model._target_={target!r} cannot be imported ({err}).",
+            "pick a model from conf/model/ (model=resnet50) or give an importable "
+            "factory: model._target_=package.module.function.",
+        ) from None
+
+
+def build_model(model_cfg: DictConfig):
+    """Instantiate the model in eval mode, with seeded random weights unless asked otherwise."""
+    import torch
+
+    factory = _factory(model_cfg._target_)
+    kwargs: dict[str, Any] = OmegaConf.to_container(model_cfg.kwargs, resolve=True)  # type: ignore[assignment]
+    if model_cfg.weights is not None:
+        kwargs["weights"] = model_cfg.weights
+    torch.manual_seed(model_cfg.seed)
+    try:
+        model = factory(**kwargs)
+    except TypeError as err:
+        raise ConfigError(
+            f"model {model_cfg.name}: {err}.", "check model.kwargs against the factory's signature."
+        ) from None
+    except (OSError, RuntimeError) as err:
+        if model_cfg.weights is not None:
+            raise PipelineError(
+                f"model {model_cfg.name}: could not load weights {model_cfg.weights!r} ({err}).",
+                "use model.weights=null for random weights, or run where the weights can be downloaded.",
+            ) from None
+        raise
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(
+            f"model._target_={model_cfg._target_!r} returned {type(model).__name__}, not an nn.Module.",
+            "point model._target_ at a function or class that returns a torch.nn.Module.",
+        )
+    return model.eval()
+
+
+def weights_digest(model) -> str:
+    """A hash of every parameter and buffer: proves two builds hold the same weights."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        t = tensor.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode())
+        if t.numel():
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def sample_inputs(input_cfg: DictConfig, count: int, seed_offset: int = 0) -> list[tuple]:
+    """`count` seeded input batches: normal for floats, small non-negative ints otherwise."""
+    import torch
+
+    dtype = torch_dtype(input_cfg.dtype)
+    shape = [int(input_cfg.batch_size), *[int(d) for d in input_cfg.shape]]
+    if any(d <= 0 for d in shape):
+        raise ConfigError(
+            f"input shape {shape} has a non-positive dimension.",
+            "set input.shape and input.batch_size to positive sizes.",
+        )
+    gen = torch.Generator().manual_seed(int(input_cfg.seed) + seed_offset)
+    batches = []
+    for _ in range(count):
+        if dtype.is_floating_point:
+            x = torch.randn(shape, generator=gen).to(dtype)
+        else:
+            x = torch.randint(0, 2, shape, generator=gen).to(dtype)
+        batches.append((x,))
+    return batches

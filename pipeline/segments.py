@@ -1,0 +1,133 @@
+"""Graph segments: re-applying a partition recipe and describing what each segment holds.
+
+The partition stage writes a recipe (node names per accelerated segment) instead of a
+pickled graph; convert, validate and `pipeline.load` re-apply it to the lowered program
+with torch.fx's own fuser, so every consumer sees the identical split. Fusing leaves the
+weights a segment uses as inputs of its submodule; `inline_constants` moves them inside,
+so exporters embed them as constants instead of taking them at every call.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from typing import Any
+
+from pipeline.errors import ArtifactError
+
+ACCEL_PREFIX = "accel_"
+
+
+def is_compute(node) -> bool:
+    """An operator call that counts toward block sizes (tuple indexing does not)."""
+    return node.op == "call_function" and node.target is not operator.getitem
+
+
+def op_name(node) -> str:
+    """Post-decomposition name as users write it in torch_executed_ops: aten.relu.default."""
+    return str(node.target).removeprefix("torch.ops.")
+
+
+def count_ops(nodes) -> Counter:
+    return Counter(op_name(n) for n in nodes if is_compute(n))
+
+
+def describe_value(node) -> dict[str, Any] | None:
+    val = node.meta.get("val")
+    if val is None or not hasattr(val, "shape"):
+        return None
+    return {"name": node.name, "shape": [int(d) if str(d).isdigit() else str(d) for d in val.shape],
+            "dtype": str(val.dtype).removeprefix("torch.")}
+
+
+def fuse(gm, recipe: list[dict[str, Any]]):
+    """Fuse the recipe's node groups into submodules accel_0, accel_1, ... in order."""
+    from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    partitions = []
+    for segment in recipe:
+        missing = [name for name in segment["nodes"] if name not in nodes]
+        if missing:
+            raise ArtifactError(
+                f"partition recipe names nodes the program does not have ({', '.join(missing[:3])}).",
+                "the partition and lower outputs are out of step: run the pipeline again to rebuild them.",
+            )
+        partitions.append(dict.fromkeys(nodes[name] for name in segment["nodes"]))
+    if partitions:
+        gm = fuse_by_partitions(gm, partitions, prefix=ACCEL_PREFIX, always_return_tuple=True)
+    inline_constants(gm)
+    return gm
+
+
+def accelerated(gm) -> list[tuple[str, Any]]:
+    """(name, call_module node) of every accelerated segment, in execution order."""
+    return [(n.target, n) for n in gm.graph.nodes
+            if n.op == "call_module" and str(n.target).startswith(ACCEL_PREFIX)]
+
+
+def inline_constants(gm) -> None:
+    """Move weights fed to accelerated submodules inside them, and drop the parent's copy."""
+    import torch
+
+    for _, call in accelerated(gm):
+        sub = gm.get_submodule(call.target)
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        keep_args = []
+        for arg, ph in zip(call.args, placeholders, strict=True):
+            if getattr(arg, "op", None) != "get_attr":
+                keep_args.append(arg)
+                continue
+            value = _get_attr(gm, arg.target)
+            attr = "c_" + arg.target.replace(".", "_")
+            if isinstance(value, torch.nn.Parameter):
+                sub.register_parameter(attr, value)
+            else:
+                sub.register_buffer(attr, value)
+            with sub.graph.inserting_before(ph):
+                const = sub.graph.get_attr(attr)
+            const.meta = dict(ph.meta)
+            ph.replace_all_uses_with(const)
+            sub.graph.erase_node(ph)
+        call.args = tuple(keep_args)
+        sub.recompile()
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+            _del_attr(gm, node.target)
+    gm.recompile()
+
+
+def _get_attr(module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _del_attr(gm, target: str) -> None:
+    """Drop an attribute nothing references any more, so weights are not held twice."""
+    if any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+        return
+    owner_path, _, attr = target.rpartition(".")
+    owner = _get_attr(gm, owner_path) if owner_path else gm
+    if hasattr(owner, attr):
+        delattr(owner, attr)
+
+
+def capture_inputs(gm, example_args: tuple) -> dict[str, tuple]:
+    """Run the fused program once and record the real inputs each accelerated segment gets."""
+    import torch
+
+    captured: dict[str, tuple] = {}
+    handles = []
+    for name, _ in accelerated(gm):
+        def hook(_module, args, name=name):
+            captured[name] = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+        handles.append(gm.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            gm(*example_args)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured

@@ -1,0 +1,85 @@
+"""What ONNX-based targets share: torch.onnx's op registry, its lowering, segment export.
+
+Op support comes from the registry the exporter itself dispatches through (onnxscript's
+torchlib), and lowering uses the same ONNX-friendly decomposition table torch.onnx
+builds, so the partition report says exactly what the exporter will convert. These are
+torch.onnx internals: every call into them is in this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import CompileError
+from pipeline.targets import Target
+
+# Protobuf cannot hold a model over 2 GiB; keep weights beside it from well below that.
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+@functools.cache
+def registry():
+    from torch.onnx._internal.exporter import _registration
+
+    return _registration.ONNXRegistry.from_torchlib()
+
+
+@functools.cache
+def decomposition_table():
+    from torch.onnx._internal.exporter import _decomp
+
+    ops = set(_decomp.get_onnx_implemented_overloads(registry()))
+    return _decomp.create_onnx_friendly_decomposition_table(ops)
+
+
+def value_info(value) -> dict[str, Any]:
+    return {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+
+
+class OnnxTarget(Target):
+    """Lower, support and convert through torch.onnx; subclasses build and load engines."""
+
+    def lower(self, program, compile_cfg):
+        return program.run_decompositions(decomposition_table())
+
+    def is_supported(self, node) -> bool:
+        import torch
+
+        if node.op != "call_function":
+            return False
+        if node.target is operator.getitem:
+            return True
+        return isinstance(node.target, torch._ops.OpOverload) and registry().is_registered(node.target)
+
+    def unsupported_reason(self, node) -> str:
+        return "no ONNX conversion for this op in torch.onnx"
+
+    def convert(self, name: str, module, args: tuple, out: Path, compile_cfg) -> dict[str, Any]:
+        import torch
+
+        module.eval()
+        weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+        path = out / f"{name}.onnx"
+        try:
+            with torch.no_grad():
+                program = torch.onnx.export(
+                    module, args, dynamo=True, verbose=False, optimize=True,
+                    opset_version=self.settings.get("opset"),
+                    external_data=weight_bytes > EXTERNAL_DATA_BYTES,
+                )
+            program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+        except Exception as err:  # the exporter raises many types; the message is what matters
+            raise CompileError(
+                f"ONNX export of segment {name} failed: {str(err).splitlines()[0]}",
+                f"keep the failing ops in PyTorch with compile.torch_executed_ops, or try target=eager.",
+            ) from err
+        outputs = module(*args)
+        return {
+            "name": name,
+            "onnx": path.name,
+            "inputs": [value_info(a) for a in args],
+            "outputs": [value_info(o) for o in outputs],
+        }

@@ -1,0 +1,80 @@
+"""Latency measured the way trtexec does: warm up, time every iteration, report spread.
+
+Candidates are timed in interleaved rounds (A, B, A, B, ...) in one process so a change
+of clock speed or background load hits all of them alike. On a GPU each iteration is
+bracketed by CUDA events; on the CPU by a monotonic clock, with nothing asynchronous
+left running.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class LatencyStats:
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    max_ms: float
+    cv: float
+    iterations: int
+    throughput_per_s: float
+
+    @classmethod
+    def from_samples(cls, ms: list[float], batch_size: int) -> LatencyStats:
+        a = np.asarray(ms, dtype=np.float64)
+        mean = float(a.mean())
+        std = float(a.std(ddof=1)) if len(a) > 1 else 0.0
+        return cls(p50_ms=float(np.percentile(a, 50)), p90_ms=float(np.percentile(a, 90)),
+                   p99_ms=float(np.percentile(a, 99)), mean_ms=mean, std_ms=std,
+                   min_ms=float(a.min()), max_ms=float(a.max()), cv=std / mean if mean else 0.0,
+                   iterations=len(a), throughput_per_s=batch_size * 1000.0 / mean if mean else 0.0)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _time_block(fn: Callable[[], object], n: int, cuda: bool) -> list[float]:
+    if cuda:
+        import torch
+
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in events]
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        fn()
+        out.append((time.perf_counter_ns() - t0) / 1e6)
+    return out
+
+
+def measure(candidates: dict[str, Callable[[], object]], *, warmup: int, iterations: int, rounds: int,
+            min_seconds: float, batch_size: int, cuda: bool,
+            on_progress: Callable[[int], None] | None = None) -> dict[str, LatencyStats]:
+    """Latency of each candidate over at least `iterations` runs and `min_seconds` seconds."""
+    rounds = max(1, min(rounds, iterations))
+    per_round = max(1, iterations // rounds)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for fn in candidates.values():
+        _time_block(fn, warmup, cuda)
+    done = 0
+    while done < rounds or any(sum(s) / 1000.0 < min_seconds for s in samples.values()):
+        for name, fn in candidates.items():
+            samples[name].extend(_time_block(fn, per_round, cuda))
+        done += 1
+        if on_progress:
+            on_progress(done)
+    return {name: LatencyStats.from_samples(ms, batch_size) for name, ms in samples.items()}

@@ -1,0 +1,191 @@
+"""Partition: which ops the target runs, and which stay in PyTorch and why.
+
+torch.fx's CapabilityBasedPartitioner proposes the largest acyclic blocks of ops the
+target supports; the semantics on top follow Torch-TensorRT: blocks with fewer than
+`min_block_size` ops stay in PyTorch, ops named in `torch_executed_ops` always do, and
+`require_full_compilation` turns any op left in PyTorch into an error. The output is a
+report users read (and sweep `min_block_size` to change) plus a recipe later stages
+re-apply to the same lowered program.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from torch.fx.passes.operator_support import OperatorSupportBase
+
+from pipeline import programs, segments
+from pipeline.errors import CompileError, ConfigError
+from pipeline.stage import Metrics, StageContext
+from pipeline.store import write_json
+
+NAME = "partition"
+VERSION = 1
+INPUTS = ("lower",)
+READS = ("target", "compile.min_block_size", "compile.torch_executed_ops", "compile.require_full_compilation")
+
+
+def resolve_ops(names: list[str]) -> set[str]:
+    """Check each torch_executed_ops name is a real operator; expand packets to overloads."""
+    import torch
+
+    resolved = set()
+    for raw in names:
+        name = raw.removeprefix("torch.ops.")
+        parts = name.split(".")
+        namespace = getattr(torch.ops, parts[0], None) if len(parts) in (2, 3) else None
+        packet = getattr(namespace, parts[1], None) if namespace is not None else None
+        if packet is None or not isinstance(packet, torch._ops.OpOverloadPacket):
+            raise ConfigError(
+                f"compile.torch_executed_ops names {raw!r}, which is not an operator.",
+                "use post-decomposition names such as aten.relu.default or aten.add.Tensor "
+                "(partition/report.json of a run lists the ops of your model).",
+            )
+        overloads = packet.overloads()
+        if len(parts) == 3:
+            if parts[2] not in overloads:
+                raise ConfigError(
+                    f"compile.torch_executed_ops names {raw!r}, but {parts[0]}.{parts[1]} has no overload {parts[2]!r}.",
+                    f"use one of: {', '.join(f'{parts[0]}.{parts[1]}.{o}' for o in overloads)}.",
+                )
+            overloads = [parts[2]]
+        resolved.update(f"{parts[0]}.{parts[1]}.{o}" for o in overloads)
+    return resolved
+
+
+class TargetSupport(OperatorSupportBase):
+    """The partitioner's view of the target: supported unless the user keeps the op in torch."""
+
+    def __init__(self, target, executed: set[str]):
+        super().__init__()
+        self.target = target
+        self.executed = executed
+
+    def is_node_supported(self, submodules, node) -> bool:
+        if segments.is_compute(node) and segments.op_name(node) in self.executed:
+            return False
+        return self.target.is_supported(node)
+
+
+def propose(gm, target, executed: set[str], min_block_size: int, full: bool) -> list[list]:
+    from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
+
+    partitioner = CapabilityBasedPartitioner(gm, TargetSupport(target, executed),
+                                             allows_single_node_partition=True)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    blocks = []
+    for partition in partitioner.propose_partitions():
+        nodes = sorted(partition.nodes, key=order.__getitem__)
+        size = sum(1 for n in nodes if segments.is_compute(n))
+        if size and (full or size >= min_block_size):
+            blocks.append(nodes)
+    return sorted(blocks, key=lambda nodes: order[nodes[0]])
+
+
+def kept_reason(node, target, executed: set[str], min_block_size: int) -> str:
+    if segments.op_name(node) in executed:
+        return "listed in compile.torch_executed_ops"
+    if not target.is_supported(node):
+        return f"unsupported by {target.name}: {target.unsupported_reason(node)}"
+    return f"in a block smaller than min_block_size={min_block_size}"
+
+
+def describe(fused, accel_ops: dict[str, Counter]) -> list[dict[str, Any]]:
+    """Segments in execution order: accelerated submodules and the PyTorch runs between them."""
+    out: list[dict[str, Any]] = []
+    torch_run: list = []
+
+    def flush():
+        ops = segments.count_ops(torch_run)
+        if ops:
+            out.append({"name": f"torch_{sum(s['kind'] == 'torch' for s in out)}", "kind": "torch",
+                        "op_count": sum(ops.values()), "ops": dict(sorted(ops.items()))})
+        torch_run.clear()
+
+    for node in fused.graph.nodes:
+        if node.op == "call_module" and node.target in accel_ops:
+            flush()
+            sub = fused.get_submodule(node.target)
+            ops = accel_ops[node.target]
+            out.append({
+                "name": node.target, "kind": "accelerated", "op_count": sum(ops.values()),
+                "ops": dict(sorted(ops.items())),
+                "inputs": [segments.describe_value(n) for n in sub.graph.nodes if n.op == "placeholder"],
+                "outputs": [segments.describe_value(n) for n in sub.graph.output_node().args[0]],
+            })
+        elif segments.is_compute(node):
+            torch_run.append(node)
+    flush()
+    return out
+
+
+def run(ctx: StageContext) -> Metrics:
+    cfg = ctx.config.compile
+    executed = resolve_ops(list(cfg.torch_executed_ops))
+    program = programs.load(ctx.inputs["lower"])
+    gm = program.module()
+    total = segments.count_ops(gm.graph.nodes)
+    present = set(total)
+    for name in sorted(executed):
+        if name not in present and not any(n.startswith(name.rsplit(".", 1)[0] + ".") for n in present):
+            ctx.warn(f"torch_executed_ops: {name} does not occur in this model")
+    blocks = propose(gm, ctx.target, executed, cfg.min_block_size, cfg.require_full_compilation)
+    in_blocks = {n for block in blocks for n in block}
+    recipe = [{"name": f"{segments.ACCEL_PREFIX}{i}", "nodes": [n.name for n in block]}
+              for i, block in enumerate(blocks)]
+    accel_ops = {r["name"]: segments.count_ops(block) for r, block in zip(recipe, blocks)}
+
+    kept = []
+    for node in gm.graph.nodes:
+        if segments.is_compute(node) and node not in in_blocks:
+            kept.append({"node": node.name, "op": segments.op_name(node),
+                         "reason": kept_reason(node, ctx.target, executed, cfg.min_block_size)})
+    by_op: dict[str, dict[str, Any]] = {}
+    for item in kept:
+        entry = by_op.setdefault(item["op"], {"count": 0, "reasons": Counter()})
+        entry["count"] += 1
+        entry["reasons"][item["reason"]] += 1
+
+    if cfg.require_full_compilation and kept:
+        summary = ", ".join(f"{op} x{v['count']} ({next(iter(v['reasons']))})" for op, v in sorted(by_op.items()))
+        raise CompileError(
+            f"require_full_compilation=true but {len(kept)} ops would stay in PyTorch: {summary}.",
+            "remove those ops from compile.torch_executed_ops, or set compile.require_full_compilation=false.",
+        )
+
+    fused = segments.fuse(program.module(), recipe)
+    described = describe(fused, accel_ops)
+    n_total = sum(total.values())
+    n_accel = sum(sum(c.values()) for c in accel_ops.values())
+    totals = {
+        "ops": n_total, "accelerated_ops": n_accel, "torch_ops": n_total - n_accel,
+        "segments": len(described), "accelerated_segments": len(recipe),
+        "torch_segments": sum(s["kind"] == "torch" for s in described),
+        "accelerated_op_fraction": round(n_accel / n_total, 6) if n_total else 0.0,
+    }
+    report = {
+        "target": ctx.target.name,
+        "settings": {"min_block_size": cfg.min_block_size, "torch_executed_ops": sorted(executed),
+                     "require_full_compilation": cfg.require_full_compilation},
+        "totals": totals,
+        "segments": described,
+        "kept_in_torch": {op: {"count": v["count"], "reasons": dict(v["reasons"])} for op, v in sorted(by_op.items())},
+        "kept_nodes": kept,
+    }
+    write_json(ctx.out / "report.json", report)
+    write_json(ctx.out / "recipe.json", recipe)
+    print_summary(ctx.console, report)
+    return {"num_segments": totals["segments"], "num_accelerated_segments": totals["accelerated_segments"],
+            "accelerated_op_fraction": totals["accelerated_op_fraction"], "num_ops": n_total,
+            "num_torch_ops": n_total - n_accel}
+
+
+def print_summary(console, report: dict[str, Any]) -> None:
+    t = report["totals"]
+    console.print(f"partition: {t['accelerated_ops']}/{t['ops']} ops on {report['target']} "
+                  f"in {t['accelerated_segments']} segment(s); {t['torch_ops']} op(s) in PyTorch "
+                  f"in {t['torch_segments']} segment(s)")
+    for op, info in report["kept_in_torch"].items():
+        reasons = "; ".join(f"{r} x{c}" for r, c in info["reasons"].items())
+        console.print(f"  kept in PyTorch: {op} x{info['count']} - {reasons}")

@@ -1,0 +1,136 @@
+"""Validate: accuracy against eager PyTorch and latency of both on one harness.
+
+The reference is the eager model rebuilt from its config at fp32; export's weight hash
+proves it is the model that was compiled. Latency compares the compiled module with the
+eager model at the same precision on the same device, interleaved in one process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline import hybrid
+from pipeline.errors import ArtifactError
+from pipeline.models import build_model, sample_inputs, weights_digest
+from pipeline.stage import Metrics, StageContext
+from pipeline.store import load_json, write_json
+from pipeline.timing import measure
+from stages.export import PRECISION_DTYPES, cast_inputs
+
+NAME = "validate"
+VERSION = 1
+INPUTS = ("export", "lower", "partition", "build")
+READS = ("model", "input", "compile.precision", "validate", "target")
+
+
+def flat_outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [t for item in out for t in flat_outputs(item)]
+
+
+def compare(ref: list[list[torch.Tensor]], got: list[list[torch.Tensor]], classifier: bool) -> dict[str, Any]:
+    """Max abs error, relative L2 error, cosine similarity over all samples; top-1 for logits."""
+    r = torch.cat([t.detach().double().flatten() for sample in ref for t in sample])
+    g = torch.cat([t.detach().double().cpu().flatten() for sample in got for t in sample])
+    diff = g - r
+    metrics: dict[str, Any] = {
+        "max_abs_err": float(diff.abs().max()),
+        "rel_l2_err": float(diff.norm() / r.norm().clamp_min(1e-30)),
+        "cosine_similarity": float(torch.nn.functional.cosine_similarity(g, r, dim=0)),
+        "finite": bool(torch.isfinite(g).all()),
+    }
+    if classifier and all(s[0].dim() == 2 for s in ref):
+        agree = [(a[0].argmax(-1) == b[0].float().cpu().argmax(-1)).float() for a, b in zip(ref, got)]
+        metrics["top1_agreement"] = float(torch.cat(agree).mean())
+    return metrics
+
+
+def gate(acc: dict[str, Any], tol: dict[str, Any]) -> list[str]:
+    failures = []
+    if not acc["finite"]:
+        failures.append("the compiled output has NaN or Inf values")
+    checks = [("max_abs_err", "max_abs_err", "<="), ("rel_l2_err", "rel_l2_err", "<="),
+              ("cosine_similarity", "min_cosine_similarity", ">="), ("top1_agreement", "min_top1_agreement", ">=")]
+    for metric, key, op in checks:
+        limit = tol.get(key)
+        if limit is None or metric not in acc:
+            continue
+        ok = acc[metric] <= limit if op == "<=" else acc[metric] >= limit
+        if not ok:
+            failures.append(f"{metric}={acc[metric]:.3g} (must be {op} {limit:g})")
+    return failures
+
+
+def run(ctx: StageContext) -> Metrics:
+    cfg = ctx.config
+    vcfg = cfg.validate
+    precision = cfg.compile.precision
+    model_meta = load_json(ctx.inputs["export"] / "model.json", "export metadata")
+    reference = build_model(cfg.model)
+    if weights_digest(reference) != model_meta["weights_sha256"]:
+        raise ArtifactError(
+            f"model {cfg.model.name} rebuilt with different weights than the exported one "
+            "(its factory is not deterministic under model.seed).",
+            "make the factory deterministic, or load fixed weights with model.weights.",
+        )
+    device = ctx.target.device()
+    compiled = hybrid.assemble(ctx.inputs["lower"], ctx.inputs["partition"], ctx.inputs["build"]).to(device)
+    batches = sample_inputs(cfg.input, vcfg.num_samples, seed_offset=1)
+
+    with torch.no_grad(), ctx.console.status("checking accuracy against eager PyTorch"):
+        ref_out = [flat_outputs(reference(*b)) for b in batches]
+        got_out = [flat_outputs(compiled(*[a.to(device) for a in cast_inputs(b, precision)])) for b in batches]
+    accuracy = compare(ref_out, got_out, classifier=cfg.model.task == "classification")
+    tolerance = dict(vcfg.tolerances[precision])
+    failures = gate(accuracy, tolerance)
+
+    eager = reference.to(device=device, dtype=getattr(torch, PRECISION_DTYPES[precision]))
+    timed_args = tuple(a.to(device) for a in cast_inputs(batches[0], precision))
+    cuda = device == "cuda"
+
+    def call(module):
+        def fn():
+            with torch.no_grad():
+                module(*timed_args)
+        return fn
+
+    with ctx.console.status("timing eager and compiled (interleaved)") as status:
+        stats = measure({"eager": call(eager), "compiled": call(compiled)}, warmup=vcfg.warmup,
+                        iterations=vcfg.iterations, rounds=vcfg.rounds, min_seconds=vcfg.min_seconds,
+                        batch_size=int(cfg.input.batch_size), cuda=cuda,
+                        on_progress=lambda r: status.update(f"timing eager and compiled: round {r}"))
+    for name, s in stats.items():
+        if s.cv > vcfg.cv_warn_threshold:
+            ctx.warn(f"{name} latency varies too much to trust: coefficient of variation {s.cv:.1%} "
+                     f"> {vcfg.cv_warn_threshold:.0%}; quiet the machine or raise validate.iterations")
+    speedup = stats["eager"].p50_ms / stats["compiled"].p50_ms
+    report = {
+        "passed": not failures,
+        "failures": failures,
+        "precision": precision,
+        "device": device,
+        "num_samples": vcfg.num_samples,
+        "accuracy": accuracy,
+        "tolerance": tolerance,
+        "latency": {"compiled": stats["compiled"].as_dict(), "eager": stats["eager"].as_dict(),
+                    "speedup": speedup, "method": "cuda events" if cuda else "perf_counter, per iteration"},
+        "warnings": list(ctx.notes),
+    }
+    write_json(ctx.out / "report.json", report)
+    c, e = stats["compiled"], stats["eager"]
+    metrics = {k: v for k, v in accuracy.items() if k != "finite"}
+    metrics.update({
+        "accuracy_passed": float(not failures),
+        "latency_p50_ms": c.p50_ms, "latency_p90_ms": c.p90_ms, "latency_p99_ms": c.p99_ms,
+        "latency_mean_ms": c.mean_ms, "latency_std_ms": c.std_ms, "latency_cv": c.cv,
+        "throughput_per_s": c.throughput_per_s,
+        "eager_latency_p50_ms": e.p50_ms, "eager_latency_p90_ms": e.p90_ms, "eager_latency_p99_ms": e.p99_ms,
+        "eager_latency_mean_ms": e.mean_ms, "eager_latency_cv": e.cv, "eager_throughput_per_s": e.throughput_per_s,
+        "speedup": speedup,
+    })
+    return metrics
