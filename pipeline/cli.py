@@ -13,10 +13,13 @@ from rich.table import Table
 from pipeline.errors import PipelineError
 
 
-def job_dir() -> Path:
+def job_dir() -> tuple[Path, bool]:
+    """The job's run folder, and whether it is one job of a sweep."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    return Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    return Path(hc.runtime.output_dir), hc.mode == RunMode.MULTIRUN
 
 
 def run_job(cfg: DictConfig) -> float | None:
@@ -24,7 +27,7 @@ def run_job(cfg: DictConfig) -> float | None:
     from pipeline.tracking import Tracker
 
     console = Console(record=True, highlight=False, soft_wrap=True)
-    run_dir = job_dir()
+    run_dir, in_sweep = job_dir()
     debug = cfg.verbose or os.environ.get("PIPELINE_DEBUG") == "1"
     try:
         runner = Runner(cfg, run_dir, console)
@@ -32,8 +35,8 @@ def run_job(cfg: DictConfig) -> float | None:
     except PipelineError as err:
         console.print(f"[red]error:[/] {err.one_line()}", soft_wrap=True)
         _save_log(console, run_dir)
-        if debug:
-            raise
+        if debug or in_sweep:
+            raise  # in a sweep Hydra records the job as failed and goes on with the others
         sys.exit(err.exit_code)
     print_summary(console, result)
     _save_log(console, run_dir)

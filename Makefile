@@ -1,0 +1,37 @@
+# Everything runs from the virtual environment in .venv/, created by `make install`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test bench ui lint clean
+
+install: $(STAMP)
+
+# torch and torchvision are pinned as a pair; pip takes them from a local wheel cache where one exists.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" -e ".[dev]"
+	touch $(STAMP)
+
+run: install   ## the main job on the embedded default (ONNX Runtime on CPU)
+	$(PY) -m pipeline model=resnet50 compile.min_block_size=5
+
+test: install   ## pytest's exit 5 (no tests collected) is a failure, not a pass
+	$(PY) -m pytest -q; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+
+bench: install
+	$(PY) bench/run.py
+
+ui: install    ## MLflow UI over the pipeline's store, on 127.0.0.1
+	$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 \
+		--backend-store-uri sqlite:///$(abspath outputs/mlflow.db) \
+		--default-artifact-root $(abspath outputs/mlartifacts)
+
+lint: install
+	$(PY) -m ruff check pipeline stages tests bench
+
+clean:
+	rm -rf outputs/runs outputs/multirun outputs/cache

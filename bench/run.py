@@ -1,0 +1,116 @@
+"""Benchmark (not a test): ResNet-50, batch 1, on this machine's CPU.
+
+1. Engine speed. Eager PyTorch, the compiled module of our onnxruntime target, and a plain
+   hand-written ONNX Runtime session on the very same ONNX file, timed interleaved in one
+   process with one harness. Our engine must be no slower than the hand-written session
+   (ratio hand/ours >= 0.95).
+2. Orchestrator cost. A cold `python -m pipeline model=resnet50` in a subprocess, with
+   its own empty cache and MLflow store; the orchestrator's time is the wall time less
+   Python start-up plus `import torch` (measured alone) and the six stages' own work (their
+   manifests). It must stay under 10% of the run's wall time.
+
+    make bench            # or: .venv/bin/python bench/run.py [--iterations N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    return time.perf_counter() - t0, proc
+
+
+def orchestrator_cost(work: Path) -> dict[str, float]:
+    startup = min(timed([sys.executable, "-c", "import torch"])[0] for _ in range(3))
+    run_dir = work / "run"
+    wall, proc = timed([sys.executable, "-m", "pipeline", "model=resnet50", "compile.min_block_size=5",
+                        f"paths.outputs={work}", f"hydra.run.dir={run_dir}"])
+    if proc.returncode != 0:
+        sys.exit(f"pipeline run failed:\n{proc.stdout}\n{proc.stderr}")
+    stages = sum(json.loads((run_dir / s / "manifest.json").read_text())["wall_seconds"]
+                 for s in ("export", "lower", "partition", "convert", "build", "validate"))
+    orchestrator = wall - startup - stages
+    return {"wall_s": wall, "startup_and_import_torch_s": startup, "stages_s": stages,
+            "orchestrator_s": orchestrator, "orchestrator_fraction": orchestrator / wall,
+            "run_dir": str(run_dir)}
+
+
+def engine_speed(run_dir: Path, iterations: int) -> dict[str, dict]:
+    import onnxruntime as ort
+    import torch
+    from omegaconf import OmegaConf
+
+    import pipeline
+    from pipeline.models import build_model, sample_inputs
+    from pipeline.timing import measure
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    eager = build_model(cfg.model)
+    ours = pipeline.load(run_dir)
+    onnx_file = run_dir / "convert" / "accel_0.onnx"
+    hand = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    name = hand.get_inputs()[0].name
+    (x,) = sample_inputs(cfg.input, 1)[0]
+    x_np = x.numpy()
+
+    def run_eager():
+        with torch.no_grad():
+            eager(x)
+
+    def run_ours():
+        with torch.no_grad():
+            ours(x)
+
+    stats = measure({"eager": run_eager, "ours": run_ours, "hand_written_ort": lambda: hand.run(None, {name: x_np})},
+                    warmup=10, iterations=iterations, rounds=10, min_seconds=0.0, batch_size=1, cuda=False)
+    return {k: v.as_dict() for k, v in stats.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
+        cost = orchestrator_cost(Path(tmp))
+        speed = engine_speed(Path(cost["run_dir"]), args.iterations)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    table = Table(title="ResNet-50, batch 1, CPU: latency (ms), interleaved in one process")
+    for col in ("runner", "p50", "p90", "p99", "mean", "cv", "per s"):
+        table.add_column(col, justify="left" if col == "runner" else "right")
+    for runner, s in speed.items():
+        table.add_row(runner, f"{s['p50_ms']:.2f}", f"{s['p90_ms']:.2f}", f"{s['p99_ms']:.2f}",
+                      f"{s['mean_ms']:.2f}", f"{s['cv']:.1%}", f"{s['throughput_per_s']:.1f}")
+    console.print(table)
+    ratio = speed["hand_written_ort"]["p50_ms"] / speed["ours"]["p50_ms"]
+    speedup = speed["eager"]["p50_ms"] / speed["ours"]["p50_ms"]
+    console.print(f"ours vs hand-written ORT session (p50 ratio hand/ours): {ratio:.3f} "
+                  f"[{'OK' if ratio >= 0.95 else 'FAIL'}: must be >= 0.95]")
+    console.print(f"ours vs eager PyTorch: {speedup:.2f}x")
+    console.print(f"single run: wall {cost['wall_s']:.1f}s = start-up+import torch {cost['startup_and_import_torch_s']:.1f}s "
+                  f"+ stages {cost['stages_s']:.1f}s + orchestrator {cost['orchestrator_s']:.2f}s "
+                  f"({cost['orchestrator_fraction']:.1%}) "
+                  f"[{'OK' if cost['orchestrator_fraction'] < 0.10 else 'FAIL'}: must be < 10%]")
+    if ratio < 0.95 or cost["orchestrator_fraction"] >= 0.10:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
