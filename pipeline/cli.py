@@ -60,14 +60,22 @@ def print_summary(console: Console, result) -> None:
     console.print(
         f"partition: {m['num_accelerated_segments']:.0f} accelerated of {m['num_segments']:.0f} segments, "
         f"{m['accelerated_op_fraction']:.0%} of ops accelerated, engines {m['engine_bytes'] / 1e6:.1f} MB")
+    if not m.get("validated"):
+        console.print("[yellow]not validated[/]: the engines cannot run on this machine "
+                      f"(see {result.run_dir / 'validate' / 'report.json'})")
+    else:
+        _print_measurements(console, m)
+    console.print(f"artifacts: {result.run_dir}")
+    if result.tracking:
+        t = result.tracking
+        console.print(f"mlflow: run {t['run_id']} in experiment {t['experiment']!r} at {t['tracking_uri']} "
+                      "(make ui to browse)")
+
+
+def _print_measurements(console: Console, m: dict) -> None:
     top1 = f", top-1 agreement {m['top1_agreement']:.0%}" if "top1_agreement" in m else ""
     console.print(f"accuracy vs eager: max abs {m['max_abs_err']:.3g}, rel L2 {m['rel_l2_err']:.3g}, "
                   f"cosine {m['cosine_similarity']:.6f}{top1}")
     console.print(f"latency p50 {m['latency_p50_ms']:.3f} ms (p99 {m['latency_p99_ms']:.3f}) vs eager "
                   f"{m['eager_latency_p50_ms']:.3f} ms: speedup {m['speedup']:.2f}x, "
                   f"{m['throughput_per_s']:.1f}/s")
-    console.print(f"artifacts: {result.run_dir}")
-    if result.tracking:
-        t = result.tracking
-        console.print(f"mlflow: run {t['run_id']} in experiment {t['experiment']!r} at {t['tracking_uri']} "
-                      "(make ui to browse)")

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,7 +154,3 @@ def link_tree(src: Path, dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     os.rename(tmp, dst)
-
-
-def now() -> float:
-    return time.time()

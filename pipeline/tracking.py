@@ -76,7 +76,7 @@ class Tracker:
 
     def _open(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         try:
-            from mlflow.entities import Param, RunTag
+            from mlflow.entities import Param
             from mlflow.tracking import MlflowClient
 
             uri = tracking_uri(self.settings)
@@ -106,15 +106,15 @@ class Tracker:
         from mlflow.entities import Metric, RunTag
 
         client = self.client
-        stamp = int(result.wall_seconds * 1000)
         metrics = [Metric(k, float(v), 0, 0) for k, v in sorted(result.metrics.items())]
         tags = [RunTag(f"cache.{s.name}", "hit" if s.hit else "miss") for s in result.stages]
         tags += [RunTag("target.reason", result.target_reason[:5000]), RunTag("status", result.status)]
+        if "validated" in result.metrics:
+            tags.append(RunTag("validated", "true" if result.metrics["validated"] else "false"))
         if result.error:
             tags.append(RunTag("error", result.error[:5000]))
         for i in range(0, max(len(metrics), 1), 1000):
             client.log_batch(self.run_id, metrics=metrics[i:i + 1000], tags=tags if i == 0 else [])
-        del stamp
         if self.settings["log_artifacts"]:
             self._log_artifacts(run_dir)
         client.set_terminated(self.run_id, status=result.status)

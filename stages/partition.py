@@ -134,7 +134,7 @@ def run(ctx: StageContext) -> Metrics:
     in_blocks = {n for block in blocks for n in block}
     recipe = [{"name": f"{segments.ACCEL_PREFIX}{i}", "nodes": [n.name for n in block]}
               for i, block in enumerate(blocks)]
-    accel_ops = {r["name"]: segments.count_ops(block) for r, block in zip(recipe, blocks)}
+    accel_ops = {r["name"]: segments.count_ops(block) for r, block in zip(recipe, blocks, strict=False)}
 
     kept = []
     for node in gm.graph.nodes:

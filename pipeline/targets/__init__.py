@@ -42,6 +42,10 @@ class Target:
         """None if the target can execute here, else what is missing and how to get it."""
         return None
 
+    def can_execute(self) -> str | None:
+        """None if this machine can run the built engines, else why not (builds may still work)."""
+        return None
+
     def device(self) -> str:
         """Where inputs must live for this target's engines: 'cpu' or 'cuda'."""
         return "cpu"

@@ -74,7 +74,7 @@ class OnnxTarget(Target):
         except Exception as err:  # the exporter raises many types; the message is what matters
             raise CompileError(
                 f"ONNX export of segment {name} failed: {str(err).splitlines()[0]}",
-                f"keep the failing ops in PyTorch with compile.torch_executed_ops, or try target=eager.",
+                "keep the failing ops in PyTorch with compile.torch_executed_ops, or try target=eager.",
             ) from err
         outputs = module(*args)
         return {

@@ -47,7 +47,7 @@ class OrtEngine(torch.nn.Module):
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feeds = {name: a.detach().cpu().contiguous().numpy() for name, a in zip(self.input_names, args)}
+        feeds = {name: a.detach().cpu().contiguous().numpy() for name, a in zip(self.input_names, args, strict=False)}
         return tuple(torch.from_numpy(o) for o in self.session.run(self.output_names, feeds))
 
     def extra_repr(self) -> str:
