@@ -98,6 +98,22 @@ class OnnxRuntimeTargetConfig(TargetConfig):
 
 
 @dataclass
+class TensorRTTargetConfig(TargetConfig):
+    """TensorRT through its ONNX parser; builder settings come from `compile`."""
+
+    name: str = "tensorrt"
+    # auto | tensorrt | tensorrt_rtx; auto takes the full TensorRT where it is installed.
+    library: str = "auto"
+    # Timing cache file, read and updated by every build (full TensorRT only: any
+    # timing-cache call breaks TensorRT-RTX's CPU-only build).
+    timing_cache: str | None = None
+    # TensorRT-RTX only: GPUs to build for, e.g. ["8.6", "8.9", "12.0"]; [] is the library default.
+    compute_capabilities: list[str] = field(default_factory=list)
+    # ONNX opset for the exporter; None uses torch.onnx's default.
+    opset: int | None = None
+
+
+@dataclass
 class EagerTargetConfig(TargetConfig):
     """The reference: everything stays in PyTorch."""
 
@@ -174,6 +190,7 @@ class Config:
 TARGET_SCHEMAS: dict[str, type[TargetConfig]] = {
     "auto": AutoTargetConfig,
     "onnxruntime": OnnxRuntimeTargetConfig,
+    "tensorrt": TensorRTTargetConfig,
     "eager": EagerTargetConfig,
 }
 

@@ -17,13 +17,13 @@ from pipeline.errors import ConfigError, TargetUnavailable
 
 REGISTRY: dict[str, str] = {
     "onnxruntime": "pipeline.targets.onnxruntime:OnnxRuntimeTarget",
+    "tensorrt": "pipeline.targets.tensorrt:TensorRTTarget",
     "eager": "pipeline.targets.eager:EagerTarget",
 }
 
 # Install hints for targets this build cannot offer yet, so `auto` can say why it passed them over.
 NOT_BUILT: dict[str, tuple[str, str]] = {
     "torch_tensorrt": ("torch_tensorrt", "pip install torch-tensorrt (needs a CUDA GPU)"),
-    "tensorrt": ("tensorrt", "pip install tensorrt (needs a CUDA GPU)"),
 }
 
 
@@ -105,12 +105,17 @@ def resolve(target_cfg: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
         return name, target_cfg, f"target={name} was asked for"
     passed_over = []
     for candidate in target_cfg["prefer"]:
+        settings = None
         if candidate in REGISTRY:
-            reason = target_class(candidate).unavailable_reason()
+            cls = target_class(candidate)
+            reason = cls.unavailable_reason()
+            if reason is None:
+                # auto must pick a target whose engines can also execute here, not only build.
+                settings = OmegaConf.to_container(OmegaConf.structured(TARGET_SCHEMAS[candidate]))
+                reason = cls(settings).can_execute()
         else:
             reason = _not_built_reason(candidate)
         if reason is None:
-            settings = OmegaConf.to_container(OmegaConf.structured(TARGET_SCHEMAS[candidate]))
             why = "; ".join(passed_over) or "it is the first preference"
             return candidate, settings, f"target=auto chose {candidate} ({why})"
         passed_over.append(f"not {candidate}: {reason}")
