@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from pipeline import env, targets
-from pipeline.errors import CompileError
+from pipeline.errors import CompileError, PipelineError
 from pipeline.stage import StageContext
 from pipeline.store import Store, cache_key, link_tree, load_json, publish_folder, write_json
 
@@ -178,7 +178,13 @@ class Runner:
         finally:
             result.wall_seconds = time.perf_counter() - started
             self.write_run_files(result)
-            result.tracking = tracker.finish(result, self.run_dir)
+            try:
+                result.tracking = tracker.finish(result, self.run_dir)
+            except PipelineError as err:
+                if result.status == "FINISHED":
+                    raise
+                # The job's own error matters more; still say that tracking failed too.
+                self.console.print(f"[yellow]warning:[/] {err.one_line()}")
             write_json(self.run_dir / "run.json", result.as_dict())
         return result
 
@@ -194,3 +200,4 @@ class Runner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(self.config), self.run_dir / "config.yaml")
         write_json(self.run_dir / "run.json", result.as_dict())
+        (self.run_dir / "console.log").write_text(self.console.export_text(clear=False))

@@ -66,7 +66,7 @@ def measure(candidates: dict[str, Callable[[], object]], *, warmup: int, iterati
             on_progress: Callable[[int], None] | None = None) -> dict[str, LatencyStats]:
     """Latency of each candidate over at least `iterations` runs and `min_seconds` seconds."""
     rounds = max(1, min(rounds, iterations))
-    per_round = max(1, iterations // rounds)
+    per_round = -(-iterations // rounds)  # ceil: at least `iterations` samples
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for fn in candidates.values():
         _time_block(fn, warmup, cuda)

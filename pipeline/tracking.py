@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,8 @@ class Tracker:
         from mlflow.entities import Metric, RunTag
 
         client = self.client
-        metrics = [Metric(k, float(v), 0, 0) for k, v in sorted(result.metrics.items())]
+        now_ms = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now_ms, 0) for k, v in sorted(result.metrics.items())]
         tags = [RunTag(f"cache.{s.name}", "hit" if s.hit else "miss") for s in result.stages]
         tags += [RunTag("target.reason", result.target_reason[:5000]), RunTag("status", result.status)]
         if "validated" in result.metrics:

@@ -10,7 +10,7 @@ from pipeline.store import write_json
 NAME = "lower"
 VERSION = 1
 INPUTS = ("export",)
-READS = ("target", "compile.truncate_long_and_double")
+READS = ("target.name", "compile.truncate_long_and_double")
 
 
 def run(ctx: StageContext) -> Metrics:

@@ -23,7 +23,7 @@ from pipeline.store import write_json
 NAME = "partition"
 VERSION = 1
 INPUTS = ("lower",)
-READS = ("target", "compile.min_block_size", "compile.torch_executed_ops", "compile.require_full_compilation")
+READS = ("target.name", "compile.min_block_size", "compile.torch_executed_ops", "compile.require_full_compilation")
 
 
 def resolve_ops(names: list[str]) -> set[str]:

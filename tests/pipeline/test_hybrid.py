@@ -1,0 +1,176 @@
+"""pipeline.load: a run folder back into a callable module, in a fresh process; corrupt runs refuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from testkit import REPO, clean_env
+
+import pipeline
+from pipeline.errors import ArtifactError
+from pipeline.models import build_model
+from pipeline.store import read_manifest
+from pipeline.targets.onnxruntime import OrtEngine
+
+# Runs in a fresh interpreter: nothing of the test process (modules, registered custom ops).
+RELOAD = r"""
+import sys
+import torch
+
+assert "pipeline.zoo" not in sys.modules
+import pipeline
+from pipeline.targets.onnxruntime import OrtEngine
+
+data = torch.load(sys.argv[1])
+out = {}
+for name in data["order"]:
+    item = data[name]
+    zoo_before = "pipeline.zoo" in sys.modules
+    module = pipeline.load(item["run_dir"])
+    engines = {n: s.path for n, s in module.named_modules() if isinstance(s, OrtEngine)}
+    with torch.no_grad():
+        y = module(item["x"])
+    if isinstance(y, (tuple, list)):
+        y = y[0]
+    out[name] = {"y": y, "engines": engines, "zoo_before": zoo_before,
+                 "zoo_after": "pipeline.zoo" in sys.modules}
+torch.save(out, sys.argv[2])
+"""
+
+
+def reference(run_dir, seed: int):
+    """A seeded input and the eager model's output, built from the run's own config.yaml."""
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    x = torch.randn([cfg.input.batch_size, *cfg.input.shape], generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return x, build_model(cfg.model)(x)
+
+
+@pytest.fixture(scope="module")
+def reloaded(tiny_job, custom_op_job, resnet18_hybrid, tmp_path_factory):
+    """Load three runs in one fresh process (custom op first, before anything imports it)."""
+    tmp = tmp_path_factory.mktemp("reload")
+    jobs = {"custom_op": custom_op_job, "resnet18_hybrid": resnet18_hybrid, "tiny": tiny_job}
+    data, refs = {"order": list(jobs)}, {}
+    for i, (name, job) in enumerate(jobs.items()):
+        x, ref = reference(job.run_dir, seed=100 + i)
+        data[name] = {"run_dir": str(job.run_dir), "x": x}
+        refs[name] = ref
+    torch.save(data, tmp / "in.pt")
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(tmp / "in.pt"), str(tmp / "out.pt")],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return jobs, refs, torch.load(tmp / "out.pt")
+
+
+def assert_matches(got: torch.Tensor, ref: torch.Tensor):
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    rel = float((got.double() - ref.double()).norm() / ref.double().norm())
+    assert rel <= 1e-4, rel
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.slow  # the module fixture builds the ResNet-18 hybrid
+def test_reload_resnet18_hybrid_in_a_fresh_process(reloaded):
+    jobs, refs, out = reloaded
+    job, got = jobs["resnet18_hybrid"], out["resnet18_hybrid"]
+    n_accel = job.result.metrics["num_accelerated_segments"]
+    assert n_accel >= 2
+    assert sorted(got["engines"]) == sorted(f"accel_{i}" for i in range(int(n_accel)))
+    for path in got["engines"].values():  # sessions over the run's own engine files
+        assert os.path.dirname(path) == str(job.run_dir / "build") and path.endswith(".ort.onnx")
+    assert_matches(got["y"], refs["resnet18_hybrid"])
+
+
+@pytest.mark.slow  # the module fixture builds the ResNet-18 hybrid
+def test_reload_imports_the_custom_op_module(reloaded):
+    _, refs, out = reloaded
+    got = out["custom_op"]
+    assert got["zoo_before"] is False and got["zoo_after"] is True  # from export/imports.json
+    assert sorted(got["engines"]) == ["accel_0", "accel_1"]
+    assert_matches(got["y"], refs["custom_op"])
+
+
+@pytest.mark.slow  # the module fixture builds the ResNet-18 hybrid
+def test_reload_tiny(reloaded):
+    _, refs, out = reloaded
+    assert list(out["tiny"]["engines"]) == ["accel_0"]
+    assert_matches(out["tiny"]["y"], refs["tiny"])
+
+
+@pytest.mark.slow
+def test_load_an_eager_run(resnet18_eager):
+    module = pipeline.load(resnet18_eager.run_dir)
+    assert not any(isinstance(m, OrtEngine) for m in module.modules())
+    x, ref = reference(resnet18_eager.run_dir, seed=3)
+    with torch.no_grad():
+        y = module(x)
+    assert_matches(y[0] if isinstance(y, (tuple, list)) else y, ref)
+
+
+def test_load_in_process(tiny_job):
+    module = pipeline.load(tiny_job.run_dir)
+    assert isinstance(module.get_submodule("accel_0"), OrtEngine)
+    x, ref = reference(tiny_job.run_dir, seed=7)
+    with torch.no_grad():
+        y = module(x)
+    assert_matches(y[0] if isinstance(y, (tuple, list)) else y, ref)
+
+
+# --- 6b. corrupt or missing runs ----------------------------------------------------------
+
+@pytest.fixture
+def linked_run(tiny_job, tmp_path):
+    """A run folder that, like a real one, hard-links the cache's files."""
+    dst = tmp_path / "run"
+    shutil.copytree(tiny_job.run_dir, dst, copy_function=os.link)
+    assert os.path.samefile(dst / "build" / "accel_0.ort.onnx", tiny_job.run_dir / "build" / "accel_0.ort.onnx")
+    return dst
+
+
+@pytest.mark.parametrize("garbage", ["short", "same_size"])
+def test_load_refuses_a_corrupt_engine(tiny_job, linked_run, garbage):
+    pipeline.load(linked_run)  # whole before the damage
+    engine = linked_run / "build" / "accel_0.ort.onnx"
+    size = engine.stat().st_size
+    engine.unlink()  # a new file: the cache's copy behind the hard link stays intact
+    engine.write_bytes(b"garbage" if garbage == "short" else b"\x07" * size)
+    with pytest.raises(ArtifactError, match="build output"):
+        pipeline.load(linked_run)
+    key = tiny_job.record("build").key
+    assert read_manifest(tiny_job.cache / "build" / key) is not None
+
+
+def test_load_refuses_a_missing_stage(linked_run):
+    shutil.rmtree(linked_run / "partition")
+    with pytest.raises(ArtifactError, match="partition"):
+        pipeline.load(linked_run)
+
+
+def test_load_refuses_a_missing_engine_list(linked_run):
+    (linked_run / "build" / "engines.json").unlink()
+    with pytest.raises(ArtifactError):
+        pipeline.load(linked_run)
+
+
+def test_load_refuses_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(ArtifactError, match="is not a run folder"):
+        pipeline.load(tmp_path / "does-not-exist")
+    with pytest.raises(ArtifactError):
+        pipeline.load(tmp_path)  # exists, but holds no stage outputs
+
+
+def test_recorded_config_rebuilds_the_same_model(tiny_job):
+    """The reference above is honest: config.yaml rebuilds the weights export hashed."""
+    from pipeline.models import weights_digest
+
+    cfg = OmegaConf.load(tiny_job.run_dir / "config.yaml")
+    model_json = json.loads((tiny_job.run_dir / "export" / "model.json").read_text())
+    assert weights_digest(build_model(cfg.model)) == model_json["weights_sha256"]

@@ -1,0 +1,83 @@
+"""pipeline.timing: statistics on known numbers, and the interleaved measuring loop."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import pytest
+
+from pipeline.timing import LatencyStats, measure
+
+
+def test_from_samples_on_one_to_hundred():
+    samples = [float(i) for i in range(1, 101)]
+    s = LatencyStats.from_samples(samples, batch_size=4)
+    # Linear interpolation between order statistics: rank q*(n-1).
+    assert s.p50_ms == pytest.approx(50.5)
+    assert s.p90_ms == pytest.approx(90.1)
+    assert s.p99_ms == pytest.approx(99.01)
+    assert s.mean_ms == pytest.approx(50.5)
+    assert s.std_ms == pytest.approx(statistics.stdev(samples))  # sample std (n-1)
+    assert s.std_ms == pytest.approx(math.sqrt(100 * 101 / 12))
+    assert s.cv == pytest.approx(statistics.stdev(samples) / 50.5)
+    assert (s.min_ms, s.max_ms, s.iterations) == (1.0, 100.0, 100)
+    assert s.throughput_per_s == pytest.approx(4 * 1000.0 / 50.5)  # items per second at the mean
+
+
+def test_from_samples_small_set_and_order_independence():
+    samples = [9.0, 2.0, 5.0, 4.0, 7.0, 4.0, 5.0, 4.0]
+    s = LatencyStats.from_samples(samples, batch_size=1)
+    assert s.p50_ms == pytest.approx(4.5)
+    assert s.p90_ms == pytest.approx(7.6)  # rank 6.3 between 7 and 9
+    assert s.mean_ms == pytest.approx(5.0)
+    assert s.std_ms == pytest.approx(math.sqrt(32 / 7))
+    assert s.cv == pytest.approx(math.sqrt(32 / 7) / 5.0)
+    assert s.throughput_per_s == pytest.approx(200.0)
+    assert LatencyStats.from_samples(sorted(samples), batch_size=1) == s
+
+
+def test_from_samples_single_sample_has_no_spread():
+    s = LatencyStats.from_samples([3.0], batch_size=2)
+    assert (s.p50_ms, s.p90_ms, s.p99_ms, s.std_ms, s.cv) == (3.0, 3.0, 3.0, 0.0, 0.0)
+    assert s.throughput_per_s == pytest.approx(2000.0 / 3.0)
+
+
+def test_as_dict_has_every_field():
+    d = LatencyStats.from_samples([1.0, 2.0], batch_size=1).as_dict()
+    assert set(d) == {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms", "cv",
+                      "iterations", "throughput_per_s"}
+
+
+def test_measure_interleaves_candidates_in_rounds():
+    calls: list[str] = []
+    progress: list[int] = []
+    stats = measure({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                    warmup=2, iterations=6, rounds=3, min_seconds=0.0, batch_size=1, cuda=False,
+                    on_progress=progress.append)
+    assert calls[:4] == ["a", "a", "b", "b"]  # warm-up of each
+    assert calls[4:] == ["a", "a", "b", "b"] * 3  # A, B, A, B, ... in 3 rounds of 2
+    assert progress == [1, 2, 3]
+    assert stats["a"].iterations == stats["b"].iterations == 6
+
+
+def test_measure_times_each_call():
+    stats = measure({"sleep": lambda: time.sleep(0.004)}, warmup=0, iterations=4, rounds=2,
+                    min_seconds=0.0, batch_size=1, cuda=False)
+    assert 3.5 <= stats["sleep"].min_ms < 200
+
+
+def test_measure_keeps_going_until_min_seconds():
+    stats = measure({"sleep": lambda: time.sleep(0.005)}, warmup=0, iterations=2, rounds=2,
+                    min_seconds=0.06, batch_size=1, cuda=False)
+    s = stats["sleep"]
+    assert s.iterations > 2  # more than asked for, to fill min_seconds
+    assert s.mean_ms * s.iterations >= 60
+    assert s.min_ms * (s.iterations - 1) < 60  # and it stopped once the time was filled
+
+
+def test_measure_runs_at_least_the_requested_iterations():
+    stats = measure({"noop": lambda: None}, warmup=0, iterations=10, rounds=3, min_seconds=0.0,
+                    batch_size=1, cuda=False)
+    assert stats["noop"].iterations >= 10  # the docstring's promise; 9 are run

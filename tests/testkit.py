@@ -1,0 +1,149 @@
+"""Helpers shared by the test modules: compose the real config, run real jobs, read results.
+
+Everything here drives the real code paths (Hydra's compose API, pipeline.runner.Runner,
+the MLflow SQLite store, `python -m pipeline` in a subprocess); nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+STAGES = ("export", "lower", "partition", "convert", "build", "validate")
+# Environment that changes where runs are tracked or how errors print: never inherited.
+ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "HYDRA_FULL_ERROR", "PIPELINE_DEBUG")
+# The shrunk job every test starts from: a tiny model, small images, few timing iterations.
+SMALL = {"model": "tiny_cnn", "input": "image_64", "validate": "quick"}
+# ResNet-18 runs keep ONNX Runtime to one thread. With the default pools, the spinning threads
+# of the hybrid's 8 sessions take the cores from PyTorch: on 2 cores validate measured eager
+# ResNet-18 (64x64) at ~200 ms p50 instead of ~16 ms, and spent 3x longer doing it.
+ORT_1_THREAD = ("target=onnxruntime", "target.intra_op_num_threads=1")
+RESNET18 = ("model=resnet18", "validate.iterations=4", "validate.warmup=1")
+
+
+def overrides(outputs: Path, extra: tuple[str, ...] | list[str] = (), cache: Path | None = None) -> list[str]:
+    """SMALL, paths under `outputs` (and `cache`), then `extra`; a group in `extra` replaces SMALL's."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in extra}
+    out = [f"{k}={v}" for k, v in SMALL.items() if k not in given]
+    out.append(f"paths.outputs={outputs}")
+    if cache is not None:
+        out.append(f"paths.cache={cache}")
+    return out + list(extra)
+
+
+def compose(outputs: Path, *extra: str, cache: Path | None = None, raw: bool = False):
+    """The real config from conf/ through Hydra's compose API (raw: only `extra`)."""
+    import hydra
+
+    import pipeline.config  # noqa: F401  (registers the schemas)
+
+    ovs = list(extra) if raw else overrides(outputs, extra, cache)
+    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra.compose(config_name="config", overrides=ovs, return_hydra_config=False)
+
+
+@dataclass
+class Job:
+    outputs: Path
+    run_dir: Path
+    runner: Any
+    result: Any
+    console: Any
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.runner.config["paths"]["cache"])
+
+    @property
+    def log(self) -> str:
+        return self.console.export_text(clear=False)
+
+    def record(self, stage: str):
+        return next(s for s in self.result.stages if s.name == stage)
+
+    def json(self, rel: str) -> Any:
+        return json.loads((self.run_dir / rel).read_text())
+
+
+def make_runner(outputs: Path, *extra: str, cache: Path | None = None, run_dir: Path | None = None):
+    from rich.console import Console
+
+    from pipeline.runner import Runner
+
+    cfg = compose(outputs, *extra, cache=cache)
+    console = Console(file=io.StringIO(), record=True, width=200, soft_wrap=True, highlight=False)
+    run_dir = run_dir or outputs / "run"
+    return Runner(cfg, run_dir, console), console, run_dir
+
+
+def run_job(outputs: Path, *extra: str, cache: Path | None = None, run_dir: Path | None = None) -> Job:
+    """One job in this process, exactly as the CLI runs it (minus Hydra's run folder)."""
+    from pipeline.tracking import Tracker
+
+    runner, console, run_dir = make_runner(outputs, *extra, cache=cache, run_dir=run_dir)
+    result = runner.run(Tracker(runner.config["tracking"]))
+    return Job(outputs, run_dir, runner, result, console)
+
+
+# --- MLflow -------------------------------------------------------------------------------
+
+def mlflow_client(outputs: Path | None = None, uri: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri or f"sqlite:///{Path(outputs).resolve() / 'mlflow.db'}")
+
+
+def mlflow_runs(client, experiment: str = "pipeline") -> list:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id])
+
+
+def artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
+    out: set[str] = set()
+    for info in client.list_artifacts(run_id, path):
+        out |= artifact_paths(client, run_id, info.path) if info.is_dir else {info.path}
+    return out
+
+
+# --- the cache ----------------------------------------------------------------------------
+
+def half_written(cache: Path) -> list[Path]:
+    """Staging or trash folders left under paths.cache/<stage>/ (a finished job leaves none)."""
+    if not cache.exists():
+        return []
+    return sorted(p for p in cache.glob("*/.*") if p.is_dir() and p.name.startswith((".tmp-", ".trash-")))
+
+
+def cache_entries(cache: Path, stage: str) -> list[Path]:
+    folder = cache / stage
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.exists() else []
+
+
+# --- subprocesses -------------------------------------------------------------------------
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    env.update(extra)
+    return env
+
+
+def cli_command(tmp: Path, *extra: str, cache: Path | None = None) -> list[str]:
+    return [sys.executable, "-m", "pipeline", *overrides(tmp, extra, cache), f"hydra.run.dir={tmp}/run"]
+
+
+def run_cli(tmp: Path, *extra: str, cache: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(tmp, *extra, cache=cache), cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=timeout)
