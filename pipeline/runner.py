@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from pipeline import env, targets
-from pipeline.errors import CompileError, PipelineError
+from pipeline.errors import CompileError, ConfigError, PipelineError
 from pipeline.stage import StageContext
 from pipeline.store import Store, cache_key, link_tree, load_json, publish_folder, write_json
 
@@ -67,6 +67,23 @@ def select(config: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
     return subset
 
 
+def check_known_keys(container: dict[str, Any]) -> None:
+    """Reject keys the schema lacks: Hydra lets `+key=value` past the schema check."""
+    from omegaconf.errors import ConfigKeyError
+
+    from pipeline.config import TARGET_SCHEMAS, Config
+
+    target = container["target"]
+    try:
+        OmegaConf.merge(OmegaConf.structured(Config), {k: v for k, v in container.items() if k != "target"})
+        if target.get("name") in TARGET_SCHEMAS:
+            OmegaConf.merge(OmegaConf.structured(TARGET_SCHEMAS[target["name"]]), target)
+    except ConfigKeyError as err:
+        raise ConfigError(f"unknown setting: {str(err).splitlines()[0]}.",
+                          "check the spelling against `python -m pipeline --cfg job`; "
+                          "'+' only adds keys that the schema allows (e.g. model.kwargs).") from None
+
+
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in config.items():
@@ -83,6 +100,7 @@ class Runner:
         self.run_dir = run_dir
         container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         container.pop("hydra", None)
+        check_known_keys(container)
         self.requested = container["target"]["name"]
         name, settings, self.target_reason = targets.resolve(container["target"])
         container["target"] = settings

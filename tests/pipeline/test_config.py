@@ -109,3 +109,20 @@ def test_schema_rejects_a_typo_in_a_yaml_file(tmp_path):
         assert hydra.compose(config_name="config", overrides=["compile=default"]).compile.min_block_size == 5
         with pytest.raises((ConfigCompositionException, OmegaConfBaseException), match="min_block_sise"):
             hydra.compose(config_name="config", overrides=["compile=typo"])
+
+
+@pytest.mark.parametrize("override", ["+compile.min_block_sise=3", "+target.intra_op_threads=2"])
+def test_plus_override_cannot_smuggle_an_unknown_key_past_the_schema(tmp_path, override):
+    from testkit import make_runner
+
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown setting"):
+        make_runner(tmp_path, "target=onnxruntime", override)
+
+
+def test_plus_override_may_add_model_kwargs(tmp_path):
+    from testkit import make_runner
+
+    runner, _, _ = make_runner(tmp_path, "+model.kwargs.num_classes=5")
+    assert runner.config["model"]["kwargs"] == {"num_classes": 5}
