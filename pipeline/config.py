@@ -93,9 +93,10 @@ class OnnxRuntimeTargetConfig(TargetConfig):
     inter_op_num_threads: int = 0
     # sequential | parallel
     execution_mode: str = "sequential"
-    # Let idle worker threads spin (lower latency for one session alone, but they steal the
-    # cores from PyTorch ops and other engines of a hybrid program).
-    allow_spinning: bool = False
+    # Let idle worker threads spin: lower latency for one session alone, but they steal the
+    # cores from PyTorch ops and other engines of a hybrid program. None: spin only when the
+    # whole program is a single engine.
+    allow_spinning: bool | None = None
     # ONNX opset for the exporter; None uses torch.onnx's default.
     opset: int | None = None
 

@@ -20,7 +20,11 @@ def assemble(lower_dir: Path, partition_dir: Path, build_dir: Path):
     recipe = load_json(partition_dir / "recipe.json", "partition recipe")
     engines = load_json(build_dir / "engines.json", "engine list")
     gm = segments.fuse(programs.load(lower_dir).module(), recipe)
-    target = targets.target_class(engines["target"])(engines["settings"])
+    settings = dict(engines["settings"])
+    if "allow_spinning" in settings and settings["allow_spinning"] is None:
+        alone = len(segments.accelerated(gm)) == 1 and not any(segments.is_compute(n) for n in gm.graph.nodes)
+        settings["allow_spinning"] = alone
+    target = targets.target_class(engines["target"])(settings)
     built = {seg["name"]: seg for seg in engines["segments"]}
     for name, _ in segments.accelerated(gm):
         if name not in built:

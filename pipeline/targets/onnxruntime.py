@@ -32,7 +32,8 @@ def session_options(settings: dict[str, Any]):
     opts.log_severity_level = 3
     # Spinning worker threads keep burning cores after a call returns: with several engines
     # (or PyTorch ops between them) they starve the rest of the program.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings["allow_spinning"] else "0")
+    if settings.get("allow_spinning") is not None:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings["allow_spinning"] else "0")
     return opts
 
 
