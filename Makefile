@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench ui lint clean
+.PHONY: install run test bench ui cache lint clean
 
 install: $(STAMP)
 
@@ -29,6 +29,9 @@ ui: install    ## MLflow UI over the pipeline's store, on 127.0.0.1
 	$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 \
 		--backend-store-uri sqlite:///$(abspath outputs/mlflow.db) \
 		--default-artifact-root $(abspath outputs/mlartifacts)
+
+cache: install  ## what the stage cache holds; prune with $(PY) -m pipeline.cache prune --help
+	$(PY) -m pipeline.cache list
 
 lint: install
 	$(PY) -m ruff check pipeline stages tests bench

@@ -118,6 +118,51 @@ class TensorRTTargetConfig(TargetConfig):
 
 
 @dataclass
+class TorchTensorRTTargetConfig(TargetConfig):
+    """Torch-TensorRT's dynamo frontend; partitioning and builder settings also come from `compile`.
+
+    Names follow torch_tensorrt.dynamo.compile so settings carry across. Settings the
+    installed version does not honour are rejected, never dropped.
+    """
+
+    name: str = "torch_tensorrt"
+    # Honour the graph's dtypes; from 2.13 always on (networks are strongly typed).
+    use_explicit_typing: bool | None = None
+    # Before 2.13 only: the kernel precisions TensorRT may choose from, e.g. [float16, float32].
+    enabled_precisions: list[str] = field(default_factory=list)
+    # Let Torch-TensorRT run chosen layers of an fp32 model in a lower precision.
+    enable_autocast: bool = False
+    # float16 | bfloat16 (with enable_autocast)
+    autocast_low_precision_type: str | None = None
+    # Regexes of node names and op names (aten.softmax.int) kept in fp32 by autocast.
+    autocast_excluded_nodes: list[str] = field(default_factory=list)
+    autocast_excluded_ops: list[str] = field(default_factory=list)
+    autocast_max_output_threshold: float = 512.0
+    # false builds refittable engines (weights can be swapped without a rebuild).
+    immutable_weights: bool = True
+    # Torch-TensorRT's own engine cache (in addition to the pipeline's stage cache).
+    engine_cache_dir: str | None = None
+    engine_cache_size: int = 1 << 30
+    # Timing cache file (not used by TensorRT-RTX, which does not autotune).
+    timing_cache_path: str | None = None
+    use_fast_partitioner: bool = True
+    enable_experimental_decompositions: bool = False
+    hardware_compatible: bool = False
+    version_compatible: bool = False
+    # CUDA device index to build and run on.
+    gpu_id: int = 0
+
+
+@dataclass
+class InductorTargetConfig(TargetConfig):
+    """AOTInductor: the whole graph as one ahead-of-time compiled library (CPU)."""
+
+    name: str = "inductor"
+    # Benchmark kernel and GEMM template choices at build time: slower builds, maybe faster engines.
+    max_autotune: bool = False
+
+
+@dataclass
 class EagerTargetConfig(TargetConfig):
     """The reference: everything stays in PyTorch."""
 
@@ -195,6 +240,8 @@ TARGET_SCHEMAS: dict[str, type[TargetConfig]] = {
     "auto": AutoTargetConfig,
     "onnxruntime": OnnxRuntimeTargetConfig,
     "tensorrt": TensorRTTargetConfig,
+    "torch_tensorrt": TorchTensorRTTargetConfig,
+    "inductor": InductorTargetConfig,
     "eager": EagerTargetConfig,
 }
 

@@ -19,12 +19,13 @@ def assemble(lower_dir: Path, partition_dir: Path, build_dir: Path):
     """Fuse the lowered program by the recipe and swap each segment for its engine."""
     recipe = load_json(partition_dir / "recipe.json", "partition recipe")
     engines = load_json(build_dir / "engines.json", "engine list")
-    gm = segments.fuse(programs.load(lower_dir).module(), recipe)
+    target = targets.target_class(engines["target"])(dict(engines["settings"]))
+    gm = segments.fuse(target.graph_module(programs.load(lower_dir)), recipe)
     settings = dict(engines["settings"])
     if "allow_spinning" in settings and settings["allow_spinning"] is None:
         alone = len(segments.accelerated(gm)) == 1 and not any(segments.is_compute(n) for n in gm.graph.nodes)
         settings["allow_spinning"] = alone
-    target = targets.target_class(engines["target"])(settings)
+        target = targets.target_class(engines["target"])(settings)
     built = {seg["name"]: seg for seg in engines["segments"]}
     for name, _ in segments.accelerated(gm):
         if name not in built:
@@ -42,4 +43,8 @@ def load(run_dir: str | Path):
                             "pass the folder a pipeline run printed (outputs/runs/<date>/<time>).")
     for stage in RUN_STAGES:
         require_manifest(run_dir / stage, f"the {stage} output of this run")
+    engines = load_json(run_dir / "build" / "engines.json", "engine list")
+    if engines.get("package"):  # the target's own format of the whole program (torch_tensorrt.save)
+        target = targets.target_class(engines["target"])(dict(engines["settings"]))
+        return target.load_package(run_dir / "build" / engines["package"])
     return assemble(run_dir / "lower", run_dir / "partition", run_dir / "build")

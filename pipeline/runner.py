@@ -41,6 +41,8 @@ class JobResult:
     error: str | None = None
     stages: list[StageRecord] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    # Text results of stages (e.g. precision.achieved), logged as MLflow tags.
+    tags: dict[str, str] = field(default_factory=dict)
     wall_seconds: float = 0.0
     tracking: dict[str, str] = field(default_factory=dict)
 
@@ -49,7 +51,7 @@ class JobResult:
             "status": self.status, "error": self.error, "target": self.target,
             "target_reason": self.target_reason, "wall_seconds": self.wall_seconds,
             "stage_seconds": sum(s.seconds for s in self.stages),
-            "stages": [s.__dict__ for s in self.stages], "metrics": self.metrics,
+            "stages": [s.__dict__ for s in self.stages], "metrics": self.metrics, "tags": self.tags,
             "tracking": self.tracking,
         }
 
@@ -165,6 +167,7 @@ class Runner:
                       params=flatten(self.config), tags=self.tags())
         try:
             target = targets.make(self.target_name, self.config["target"])
+            target.configure(OmegaConf.create(self.config["compile"]))
             # Fail on a bad op name before any heavy work.
             from stages.partition import resolve_ops
             resolve_ops(self.config["compile"]["torch_executed_ops"])
@@ -175,13 +178,14 @@ class Runner:
                 keys[stage.NAME] = record.key
                 result.stages.append(record)
                 result.metrics.update({k: v for k, v in record.metrics.items() if isinstance(v, (int, float))})
+                result.tags.update({k: v for k, v in record.metrics.items() if isinstance(v, str)})
                 result.metrics[f"{stage.NAME}_seconds"] = record.seconds
                 self.console.print(f"[green]done[/] {stage.NAME:<9} {'cache hit' if record.hit else 'built':<9} "
                                    f"{record.seconds:6.2f}s")
             report = load_json(self.run_dir / "validate" / "report.json", "validation report")
             if not report["passed"]:
                 raise CompileError(
-                    f"accuracy check failed against eager PyTorch: {'; '.join(report['failures'])}.",
+                    f"validation failed: {'; '.join(report['failures'])}.",
                     f"see {self.run_dir / 'validate' / 'report.json'}; keep sensitive ops in PyTorch "
                     f"(compile.torch_executed_ops) or adjust validate.tolerances.{self.config['compile']['precision']}.",
                 )

@@ -111,6 +111,7 @@ class Tracker:
         metrics = [Metric(k, float(v), now_ms, 0) for k, v in sorted(result.metrics.items())]
         tags = [RunTag(f"cache.{s.name}", "hit" if s.hit else "miss") for s in result.stages]
         tags += [RunTag("target.reason", result.target_reason[:5000]), RunTag("status", result.status)]
+        tags += [RunTag(k, str(v)[:5000]) for k, v in sorted(result.tags.items())]
         if "validated" in result.metrics:
             tags.append(RunTag("validated", "true" if result.metrics["validated"] else "false"))
         if result.error:

@@ -16,7 +16,7 @@ READS = ("target", "compile.precision")
 
 def run(ctx: StageContext) -> Metrics:
     recipe = load_json(ctx.inputs["partition"] / "recipe.json", "partition recipe")
-    fused = segments.fuse(programs.load(ctx.inputs["lower"]).module(), recipe)
+    fused = segments.fuse(ctx.target.graph_module(programs.load(ctx.inputs["lower"])), recipe)
     example = torch.load(ctx.inputs["export"] / "example_inputs.pt")
     captured = segments.capture_inputs(fused, example)
     converted = []

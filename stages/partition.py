@@ -124,13 +124,18 @@ def run(ctx: StageContext) -> Metrics:
     cfg = ctx.config.compile
     executed = resolve_ops(list(cfg.torch_executed_ops))
     program = programs.load(ctx.inputs["lower"])
-    gm = program.module()
+    gm = ctx.target.graph_module(program)
     total = segments.count_ops(gm.graph.nodes)
     present = set(total)
     for name in sorted(executed):
         if name not in present and not any(n.startswith(name.rsplit(".", 1)[0] + ".") for n in present):
             ctx.warn(f"torch_executed_ops: {name} does not occur in this model")
-    blocks = propose(gm, ctx.target, executed, cfg.min_block_size, cfg.require_full_compilation)
+    own = ctx.target.partition(gm)
+    if own is None:
+        blocks = propose(gm, ctx.target, executed, cfg.min_block_size, cfg.require_full_compilation)
+    else:  # the target's partitioner applies min_block_size and torch_executed_ops itself
+        by_name = {n.name: n for n in gm.graph.nodes}
+        blocks = [[by_name[name] for name in block] for block in own]
     in_blocks = {n for block in blocks for n in block}
     recipe = [{"name": f"{segments.ACCEL_PREFIX}{i}", "nodes": [n.name for n in block]}
               for i, block in enumerate(blocks)]
@@ -154,7 +159,7 @@ def run(ctx: StageContext) -> Metrics:
             "remove those ops from compile.torch_executed_ops, or set compile.require_full_compilation=false.",
         )
 
-    fused = segments.fuse(program.module(), recipe)
+    fused = segments.fuse(ctx.target.graph_module(program), recipe)
     described = describe(fused, accel_ops)
     n_total = sum(total.values())
     n_accel = sum(sum(c.values()) for c in accel_ops.values())

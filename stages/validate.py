@@ -66,6 +66,29 @@ def gate(acc: dict[str, Any], tol: dict[str, Any]) -> list[str]:
     return failures
 
 
+FLOAT_PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float8_e4m3fn": "fp8"}
+
+
+def achieved_precision(engines: dict[str, Any], requested: str, target_cfg) -> tuple[str | None, list[str]]:
+    """The precisions the engines compute in (from their networks' tensor dtypes), and failures.
+
+    Strongly typed engines silently stay fp32 when the cast did not reach the graph (a
+    custom exporter, a model that casts back): asking for fp16 and getting fp32 is an error.
+    """
+    dtypes = {d for seg in engines["segments"] for d in seg.get("precision", [])}
+    if not any("precision" in seg for seg in engines["segments"]):
+        return None, []
+    names = sorted({FLOAT_PRECISIONS[d] for d in dtypes if d in FLOAT_PRECISIONS})
+    achieved = "+".join(names) or None
+    wanted = requested
+    if target_cfg.get("enable_autocast") and target_cfg.get("autocast_low_precision_type"):
+        wanted = FLOAT_PRECISIONS.get(str(target_cfg["autocast_low_precision_type"]), "fp16")
+    if wanted != "fp32" and wanted not in names:
+        return achieved, [f"asked for {wanted} but the engines compute in {achieved or 'no floating type'} "
+                          f"(tensor dtypes: {', '.join(sorted(dtypes))})"]
+    return achieved, []
+
+
 def run(ctx: StageContext) -> Metrics:
     cfg = ctx.config
     vcfg = cfg.validate
@@ -78,13 +101,17 @@ def run(ctx: StageContext) -> Metrics:
             "(its factory is not deterministic under model.seed).",
             "make the factory deterministic, or load fixed weights with model.weights.",
         )
+    engines = load_json(ctx.inputs["build"] / "engines.json", "engine list")
+    achieved, precision_failures = achieved_precision(engines, precision, cfg.target)
+    tags = {"precision.achieved": achieved} if achieved else {}
     not_here = ctx.target.can_execute()
     if not_here:
         ctx.warn(f"engines were built but cannot run here: {not_here}; accuracy and latency not measured")
-        write_json(ctx.out / "report.json", {"validated": False, "reason": not_here, "passed": True,
-                                             "failures": [], "precision": precision, "accuracy": None,
-                                             "latency": None, "warnings": list(ctx.notes)})
-        return {"validated": 0.0}
+        write_json(ctx.out / "report.json", {"validated": False, "reason": not_here,
+                                             "passed": not precision_failures, "failures": precision_failures,
+                                             "precision": precision, "precision_achieved": achieved,
+                                             "accuracy": None, "latency": None, "warnings": list(ctx.notes)})
+        return {"validated": 0.0, **tags}
     device = ctx.target.device()
     compiled = hybrid.assemble(ctx.inputs["lower"], ctx.inputs["partition"], ctx.inputs["build"]).to(device)
     batches = sample_inputs(cfg.input, vcfg.num_samples, seed_offset=1)
@@ -94,7 +121,7 @@ def run(ctx: StageContext) -> Metrics:
         got_out = [flat_outputs(compiled(*[a.to(device) for a in cast_inputs(b, precision)])) for b in batches]
     accuracy = compare(ref_out, got_out, classifier=cfg.model.task == "classification")
     tolerance = dict(vcfg.tolerances[precision])
-    failures = gate(accuracy, tolerance)
+    failures = precision_failures + gate(accuracy, tolerance)
 
     eager = reference.to(device=device, dtype=getattr(torch, PRECISION_DTYPES[precision]))
     timed_args = tuple(a.to(device) for a in cast_inputs(batches[0], precision))
@@ -121,6 +148,7 @@ def run(ctx: StageContext) -> Metrics:
         "passed": not failures,
         "failures": failures,
         "precision": precision,
+        "precision_achieved": achieved,
         "device": device,
         "num_samples": vcfg.num_samples,
         "accuracy": accuracy,
@@ -141,5 +169,6 @@ def run(ctx: StageContext) -> Metrics:
         "eager_latency_p50_ms": e.p50_ms, "eager_latency_p90_ms": e.p90_ms, "eager_latency_p99_ms": e.p99_ms,
         "eager_latency_mean_ms": e.mean_ms, "eager_latency_cv": e.cv, "eager_throughput_per_s": e.throughput_per_s,
         "speedup": speedup,
+        **tags,
     })
     return metrics

@@ -12,12 +12,13 @@ import json
 import pytest
 import torch
 from omegaconf import OmegaConf
-from testkit import compose
+from testkit import RESNET18, artifact_paths, compose, mlflow_client, mlflow_runs, run_job
 
 from pipeline import targets
 from pipeline.config import CompileConfig
 from pipeline.errors import CompileError, ConfigError, TargetUnavailable
 from pipeline.targets.tensorrt import TensorRTTarget
+from stages.validate import achieved_precision
 
 trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
 
@@ -168,3 +169,70 @@ def test_engines_cannot_run_here(fp32, tmp_path):
     with pytest.raises(TargetUnavailable, match="no CUDA GPU") as err:
         target.load_engine(built, tmp_path)
     assert "\n" not in err.value.one_line()
+
+
+# --- the whole pipeline with target=tensorrt ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trt_job(tmp_path_factory):
+    return run_job(tmp_path_factory.mktemp("trt-job"), "target=tensorrt")
+
+
+@no_gpu
+def test_pipeline_builds_engines_and_says_why_not_validated(trt_job):
+    job = trt_job
+    assert job.result.status == "FINISHED"
+    report = job.json("validate/report.json")
+    assert report["validated"] is False and "no CUDA GPU" in report["reason"]
+    assert report["accuracy"] is None and report["latency"] is None
+    assert report["precision_achieved"] == "fp32" and report["passed"]
+    assert "accuracy and latency not measured" in job.log
+    engines = job.json("build/engines.json")
+    assert engines["target"] == "tensorrt" and engines["segments"]
+    for seg in engines["segments"]:
+        assert (job.run_dir / "build" / seg["engine"]).stat().st_size > 0
+        network = json.loads((job.run_dir / "build" / seg["network"]).read_text())
+        assert network["layers"] and network["strongly_typed"]
+    converted = job.json("convert/segments.json")["segments"]
+    assert all(s["parser_support"]["supported"] for s in converted)
+
+
+@no_gpu
+def test_mlflow_run_carries_engines_and_not_validated(trt_job):
+    client = mlflow_client(trt_job.outputs)
+    (run,) = mlflow_runs(client)
+    assert run.info.status == "FINISHED"
+    tags, metrics = run.data.tags, run.data.metrics
+    assert tags["validated"] == "false" and tags["precision.achieved"] == "fp32"
+    assert metrics["num_engines"] == len(trt_job.json("build/engines.json")["segments"])
+    assert metrics["engine_bytes"] > 0 and metrics["build_seconds"] > 0
+    logged = artifact_paths(client, run.info.run_id, "build")
+    assert {"build/accel_0.plan", "build/accel_0.network.json", "build/engines.json"} <= logged
+
+
+def test_asking_fp16_and_getting_fp32_fails(trt_job):
+    """Real fp32 engines checked against an fp16 request: the message says what was built."""
+    engines = trt_job.json("build/engines.json")
+    achieved, failures = achieved_precision(engines, "fp16", {})
+    assert achieved == "fp32"
+    assert failures == [failures[0]] and "asked for fp16 but the engines compute in fp32" in failures[0]
+    assert achieved_precision(engines, "fp32", {}) == ("fp32", [])
+    autocast = {"enable_autocast": True, "autocast_low_precision_type": "float16"}
+    assert "asked for fp16" in achieved_precision(engines, "fp32", autocast)[1][0]
+    assert achieved_precision({"segments": [{"name": "accel_0"}]}, "fp16", {}) == (None, [])
+
+
+@no_gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_resnet18_engines(tmp_path, precision):
+    job = run_job(tmp_path, *RESNET18, "target=tensorrt", f"compile.precision={precision}")
+    assert job.result.status == "FINISHED"
+    assert job.result.tags["precision.achieved"] == precision
+    (seg,) = job.json("build/engines.json")["segments"]
+    assert (job.run_dir / "build" / seg["engine"]).stat().st_size > 5_000_000
+    network = json.loads((job.run_dir / "build" / seg["network"]).read_text())
+    dtype = {"fp32": "float32", "fp16": "float16"}[precision]
+    convs = [layer for layer in network["layers"] if layer["type"] == "LayerType.CONVOLUTION"]
+    assert len(convs) == 20 and all(c["precision"] == dtype for c in convs)
+    assert job.json("partition/report.json")["totals"]["accelerated_op_fraction"] == 1.0

@@ -18,14 +18,10 @@ from pipeline.errors import ConfigError, TargetUnavailable
 REGISTRY: dict[str, str] = {
     "onnxruntime": "pipeline.targets.onnxruntime:OnnxRuntimeTarget",
     "tensorrt": "pipeline.targets.tensorrt:TensorRTTarget",
+    "torch_tensorrt": "pipeline.targets.torch_tensorrt:TorchTensorRTTarget",
+    "inductor": "pipeline.targets.inductor:InductorTarget",
     "eager": "pipeline.targets.eager:EagerTarget",
 }
-
-# Install hints for targets this build cannot offer yet, so `auto` can say why it passed them over.
-NOT_BUILT: dict[str, tuple[str, str]] = {
-    "torch_tensorrt": ("torch_tensorrt", "pip install torch-tensorrt (needs a CUDA GPU)"),
-}
-
 
 class Target:
     """Base protocol with the defaults of a target that accelerates nothing."""
@@ -50,8 +46,19 @@ class Target:
         """Where inputs must live for this target's engines: 'cpu' or 'cuda'."""
         return "cpu"
 
+    def configure(self, compile_cfg) -> None:
+        """Check and translate this job's compile settings before any stage runs (errors here are the user's)."""
+
     def lower(self, program, compile_cfg):
         return program
+
+    def graph_module(self, program):
+        """The lowered program as the graph that partition, convert and the hybrid module share."""
+        return program.module()
+
+    def partition(self, gm) -> list[list[str]] | None:
+        """Node names of each accelerated block from the target's own partitioner; None: the pipeline's."""
+        return None
 
     def is_supported(self, node) -> bool:
         return False
@@ -68,6 +75,13 @@ class Target:
     def load_engine(self, segment: dict[str, Any], build_dir: Path):
         raise NotImplementedError
 
+    def package(self, gm, example_args: tuple, out: Path) -> str | None:
+        """Save the whole compiled program in the target's own format; the file name, or None."""
+        return None
+
+    def load_package(self, path: Path):
+        raise NotImplementedError
+
 
 def target_class(name: str) -> type[Target]:
     if name not in REGISTRY:
@@ -75,13 +89,6 @@ def target_class(name: str) -> type[Target]:
         raise ConfigError(f"unknown target {name!r}.", f"use target= one of {', '.join(known)}.")
     module_name, _, cls_name = REGISTRY[name].partition(":")
     return getattr(importlib.import_module(module_name), cls_name)
-
-
-def _not_built_reason(name: str) -> str:
-    module, hint = NOT_BUILT.get(name, (name, ""))
-    if importlib.util.find_spec(module) is None:
-        return f"{module} is not installed ({hint})"
-    return f"the {name} target is not part of this version of the pipeline"
 
 
 def make(name: str, settings: dict[str, Any]) -> Target:
@@ -114,7 +121,7 @@ def resolve(target_cfg: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
                 settings = OmegaConf.to_container(OmegaConf.structured(TARGET_SCHEMAS[candidate]))
                 reason = cls(settings).can_execute()
         else:
-            reason = _not_built_reason(candidate)
+            reason = f"no target named {candidate}"
         if reason is None:
             why = "; ".join(passed_over) or "it is the first preference"
             return candidate, settings, f"target=auto chose {candidate} ({why})"

@@ -209,7 +209,7 @@ BAD = {
                          CompileError, "require_full_compilation=true", "partition"),
     "unknown_factory": (["model._target_=pipeline.zoo.nope"], ConfigError, "cannot be imported", "export"),
     "accuracy": (["validate.tolerances.fp32.min_cosine_similarity=1.01"], CompileError,
-                 "accuracy check failed", None),
+                 "validation failed", None),
 }
 
 

@@ -1,0 +1,252 @@
+"""Torch-TensorRT's dynamo frontend, run phase by phase so every stage reports what it will do.
+
+The stages map onto the phases of `torch_tensorrt.dynamo.compile`: lower = its
+pre-export lowering and decomposition table (post-lowering passes run whenever the
+lowered program is loaded, as compile() runs them on `program.module()`); partition =
+its partitioner over its converter registry; convert = its interpreter, which builds
+the engine (TensorRT networks are built as they are defined, so this target's engine
+build time sits in convert); build = the engines as files plus the whole program
+saved with `torch_tensorrt.save`, which `pipeline.load` reloads.
+
+Our settings are translated into Torch-TensorRT's per installed version by a pure
+function, `translate`, so the rules are tested on machines without it: a setting the
+installed version silently ignores (`enabled_precisions` from 2.13) is rejected with
+what to use instead. Calls into Torch-TensorRT itself live in torch_tensorrt_phases.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+from pipeline.store import write_json
+from pipeline.targets import Target
+from pipeline.targets.onnx_export import value_info
+
+INSTALL = "pip install -e '.[torch-tensorrt]' (Linux x86-64, a CUDA GPU, NVIDIA's TensorRT wheels)"
+# The oldest release whose settings `translate` knows (the first with enable_autocast).
+OLDEST = (2, 11)
+# From 2.13 networks are strongly typed: these settings are gone (and were silently ignored).
+STRONGLY_TYPED = (2, 13)
+LOW_PRECISION = {"fp16": "float16", "bf16": "bfloat16", "float16": "float16", "bfloat16": "bfloat16"}
+FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float8_e4m3fn", "int8"}
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", text)
+    if not match:
+        raise ValueError(f"not a version: {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def installed_version() -> tuple[str, tuple[int, int], bool] | None:
+    """(version, (major, minor), is the TensorRT-RTX build) of the installed torch_tensorrt."""
+    for dist, rtx in (("torch-tensorrt", False), ("torch-tensorrt-rtx", True)):
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return version, parse_version(version), rtx
+    return None
+
+
+def _reject(what: str, fix: str) -> ConfigError:
+    return ConfigError(what, fix)
+
+
+def translate(compile_cfg: dict[str, Any], target_cfg: dict[str, Any], version: tuple[int, int],
+              rtx: bool = False) -> dict[str, Any]:
+    """Our compile/target config as CompilationSettings fields of torch_tensorrt `version`.
+
+    Values stay plain (op names, dtype names) so the result is JSON for the stage
+    manifests; torch_tensorrt_phases turns them into Torch-TensorRT objects.
+    """
+    label = f"torch-tensorrt {version[0]}.{version[1]}"
+    if version < OLDEST:
+        raise _reject(f"{label} is older than this pipeline supports ({OLDEST[0]}.{OLDEST[1]}).",
+                      f"upgrade: {INSTALL}.")
+    precision = getattr(compile_cfg["precision"], "value", str(compile_cfg["precision"]))
+    out: dict[str, Any] = {
+        "min_block_size": int(compile_cfg["min_block_size"]),
+        "torch_executed_ops": sorted(compile_cfg.get("torch_executed_ops") or []),
+        "require_full_compilation": bool(compile_cfg["require_full_compilation"]),
+        "optimization_level": int(compile_cfg["optimization_level"]),
+        "truncate_double": bool(compile_cfg["truncate_long_and_double"]),
+        "immutable_weights": bool(target_cfg["immutable_weights"]),
+        "use_fast_partitioner": bool(target_cfg["use_fast_partitioner"]),
+        "enable_experimental_decompositions": bool(target_cfg["enable_experimental_decompositions"]),
+        "hardware_compatible": bool(target_cfg["hardware_compatible"]),
+        "version_compatible": bool(target_cfg["version_compatible"]),
+        # Failing builds must fail the job, not fall back to PyTorch behind the report's back.
+        "pass_through_build_failures": True,
+    }
+    if int(compile_cfg["workspace_size"]) > 0:
+        out["workspace_size"] = int(compile_cfg["workspace_size"])
+
+    explicit, precisions = target_cfg.get("use_explicit_typing"), list(target_cfg.get("enabled_precisions") or [])
+    if version >= STRONGLY_TYPED:
+        if precisions:
+            raise _reject(f"target.enabled_precisions={precisions} is ignored by {label}: networks are strongly "
+                          "typed and take their precision from the graph.",
+                          "remove it and set compile.precision=fp16 (casts the model), or keep fp32 and set "
+                          "target.enable_autocast=true target.autocast_low_precision_type=float16.")
+        if explicit is False:
+            raise _reject(f"target.use_explicit_typing=false is not possible with {label}: every network is "
+                          "strongly typed.", "remove target.use_explicit_typing.")
+    else:
+        out["use_explicit_typing"] = True if explicit is None else bool(explicit)
+        if precisions:
+            unknown = [p for p in precisions if p not in FLOAT_DTYPES]
+            if unknown:
+                raise _reject(f"target.enabled_precisions has unknown dtypes {unknown}.",
+                              f"use names from {sorted(FLOAT_DTYPES)}.")
+            out["enabled_precisions"] = sorted(set(precisions))
+        else:
+            out["enabled_precisions"] = sorted({"float32", LOW_PRECISION.get(precision, "float32")})
+
+    low = target_cfg.get("autocast_low_precision_type")
+    if target_cfg["enable_autocast"]:
+        if precision != "fp32":
+            raise _reject(f"target.enable_autocast lowers an fp32 model, but compile.precision={precision} "
+                          "already casts it.", "set compile.precision=fp32, or target.enable_autocast=false.")
+        if low not in LOW_PRECISION:
+            raise _reject(f"target.enable_autocast=true needs target.autocast_low_precision_type, got {low!r}.",
+                          "set target.autocast_low_precision_type=float16 (or bfloat16).")
+        out.update({
+            "enable_autocast": True,
+            "autocast_low_precision_type": LOW_PRECISION[low],
+            "autocast_excluded_nodes": list(target_cfg["autocast_excluded_nodes"]),
+            "autocast_excluded_ops": sorted(target_cfg["autocast_excluded_ops"]),
+            "autocast_max_output_threshold": float(target_cfg["autocast_max_output_threshold"]),
+        })
+    elif low or target_cfg["autocast_excluded_nodes"] or target_cfg["autocast_excluded_ops"]:
+        raise _reject("target.autocast_* settings are set but target.enable_autocast is false.",
+                      "set target.enable_autocast=true, or remove the autocast settings.")
+
+    if target_cfg.get("timing_cache_path"):
+        if rtx:
+            raise _reject("target.timing_cache_path is not used by Torch-TensorRT for TensorRT-RTX "
+                          "(it does not autotune).", "remove target.timing_cache_path.")
+        out["timing_cache_path"] = str(target_cfg["timing_cache_path"])
+    if target_cfg.get("engine_cache_dir"):
+        out.update({"cache_built_engines": True, "reuse_cached_engines": True,
+                    "engine_cache_dir": str(target_cfg["engine_cache_dir"]),
+                    "engine_cache_size": int(target_cfg["engine_cache_size"])})
+    return out
+
+
+class TorchTensorRTTarget(Target):
+    name = "torch_tensorrt"
+    libraries = ("torch_tensorrt", "tensorrt", "tensorrt_rtx")
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        import torch
+
+        found = installed_version()
+        if found is None or importlib.util.find_spec("torch_tensorrt") is None:
+            return f"torch_tensorrt is not installed ({INSTALL})"
+        version, minor, _ = found
+        torch_minor = parse_version(torch.__version__)
+        if minor != torch_minor:
+            return (f"torch-tensorrt {version} is built for torch {minor[0]}.{minor[1]}, not {torch.__version__} "
+                    f"(pip install 'torch-tensorrt=={torch_minor[0]}.{torch_minor[1]}.*')")
+        if not torch.cuda.is_available():
+            return "no CUDA GPU (torch.cuda.is_available() is false); Torch-TensorRT builds and runs on the GPU"
+        try:
+            importlib.import_module("torch_tensorrt")
+        except Exception as err:  # a broken install raises anything from OSError to RuntimeError
+            return f"torch_tensorrt {version} does not import: {str(err).splitlines()[0]}"
+        return None
+
+    def __init__(self, settings: dict[str, Any]):
+        super().__init__(settings)
+        # Torch-TensorRT's names for this job's settings; engines.json keeps them for reloading.
+        self.values: dict[str, Any] | None = settings.get("translated")
+
+    def device(self) -> str:
+        return "cuda"
+
+    def configure(self, compile_cfg) -> None:
+        from omegaconf import OmegaConf
+
+        _, minor, rtx = installed_version()
+        plain = OmegaConf.to_container(compile_cfg, resolve=True) if OmegaConf.is_config(compile_cfg) else dict(compile_cfg)
+        self.values = translate(plain, self.settings, minor, rtx)
+        self.settings = {**self.settings, "translated": self.values}
+
+    @functools.cached_property
+    def _phases(self):
+        from pipeline.targets import torch_tensorrt_phases
+
+        return torch_tensorrt_phases
+
+    @functools.cached_property
+    def compilation_settings(self):
+        if self.values is None:
+            raise ConfigError("the torch_tensorrt target was used before its settings were translated.",
+                              "this is a bug in the pipeline: report it.")
+        return self._phases.compilation_settings(self.values)
+
+    def lower(self, program, compile_cfg):
+        return self._phases.lower(program, self.compilation_settings)
+
+    def graph_module(self, program):
+        return self._phases.post_lower(program.module(), self.compilation_settings)
+
+    def is_supported(self, node) -> bool:
+        return node.op == "call_function" and node in self._phases.converters(self.compilation_settings)
+
+    def unsupported_reason(self, node) -> str:
+        return "no converter in Torch-TensorRT's registry accepts this node"
+
+    def partition(self, gm) -> list[list[str]]:
+        blocks, _ = self._phases.partition(gm, self.compilation_settings)
+        return blocks
+
+    def convert(self, name: str, module, args: tuple, out: Path, compile_cfg) -> dict[str, Any]:
+        import torch
+
+        start = time.perf_counter()
+        result = self._phases.convert(module, self.compilation_settings, self.values)
+        seconds = time.perf_counter() - start
+        engine = out / f"{name}.engine"
+        engine.write_bytes(result.pop("engine"))
+        torch.save(result.pop("symbolic_shape_expressions"), out / f"{name}.shapes.pt")
+        outputs = module(*args)
+        return {"name": name, "engine": engine.name, "shapes": f"{name}.shapes.pt", "build_seconds": seconds,
+                "inputs": [value_info(a) for a in args], "outputs": [value_info(o) for o in outputs], **result}
+
+    def build(self, segment: dict[str, Any], convert_dir: Path, out: Path, compile_cfg) -> dict[str, Any]:
+        for key in ("engine", "shapes"):
+            os.link(convert_dir / segment[key], out / segment[key])
+        description = out / f"{segment['name']}.engine.json"
+        write_json(description, {"library": "torch_tensorrt", "settings": self.values,
+                                 "input_names": segment["input_names"], "output_names": segment["output_names"],
+                                 "inputs": segment["inputs"], "outputs": segment["outputs"]})
+        # Strongly typed: the engine computes in the dtypes its bindings carry.
+        io = {t["dtype"] for t in segment["inputs"] + segment["outputs"]}
+        return {**segment, "network": description.name, "precision": sorted(io & FLOAT_DTYPES)}
+
+    def load_engine(self, segment: dict[str, Any], build_dir: Path):
+        import torch
+
+        meta = dict(segment)
+        meta["symbolic_shape_expressions"] = torch.load(build_dir / segment["shapes"], weights_only=False)
+        return self._phases.engine_module((build_dir / segment["engine"]).read_bytes(), meta,
+                                          self.compilation_settings, segment["name"])
+
+    def package(self, gm, example_args: tuple, out: Path) -> str:
+        path = out / "program.ep"
+        self._phases.save(gm, path, example_args)
+        return path.name
+
+    def load_package(self, path: Path):
+        return self._phases.load(path)
