@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench ui cache lint clean
+.PHONY: install run test bench bench-sweep ui cache lint clean
 
 install: $(STAMP)
 
@@ -22,8 +22,12 @@ test: install   ## pytest's exit 5 (no tests collected) is a failure, not a pass
 	$(PY) -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
-bench: install
+bench: install   ## engine speed vs hand-written ORT, orchestrator cost, then the six-job sweep
 	$(PY) bench/run.py
+	$(PY) bench/sweep.py
+
+bench-sweep: install
+	$(PY) bench/sweep.py
 
 ui: install    ## MLflow UI over the pipeline's store, on 127.0.0.1
 	$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 \

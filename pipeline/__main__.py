@@ -1,7 +1,7 @@
 """Entry point: `python -m pipeline [overrides]` (one build) or `-m` (a sweep).
 
 Kept thin: Hydra composes and checks the config, the runner does the work, and the
-value returned is the metric a sweeper optimises (p50 latency).
+value returned is the metric a sweeper optimises (p50 latency; NaN for a failed job).
 """
 
 import hydra
@@ -16,5 +16,19 @@ def main(cfg) -> float | None:
     return run_job(cfg)
 
 
+def entry() -> None:
+    """Run Hydra; after a sweep, finish its summary (even if Hydra failed) and exit 1 if a job failed."""
+    import sys
+
+    from pipeline import sweep
+
+    try:
+        main()
+    finally:
+        failed = sweep.finalize() if sweep.STATE else 0
+    if failed:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -23,24 +23,38 @@ def job_dir() -> tuple[Path, bool]:
 
 
 def run_job(cfg: DictConfig) -> float | None:
+    """One job; in a sweep a failure is recorded and returned as NaN so the sweep goes on."""
+    from pipeline import sweep
     from pipeline.runner import Runner
     from pipeline.tracking import Tracker
 
     console = Console(record=True, highlight=False, soft_wrap=True)
     run_dir, in_sweep = job_dir()
+    context = sweep.job_context(run_dir) if in_sweep else None
     debug = cfg.verbose or os.environ.get("PIPELINE_DEBUG") == "1"
     try:
-        runner = Runner(cfg, run_dir, console)
+        runner = Runner(cfg, run_dir, console, sweep=context)
         result = runner.run(Tracker(runner.config["tracking"]))
-    except PipelineError as err:
-        console.print(f"[red]error:[/] {err.one_line()}", soft_wrap=True)
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:
+        if not isinstance(err, PipelineError) and not in_sweep:
+            raise  # a bug: the traceback is the useful message
+        line = err.one_line() if isinstance(err, PipelineError) else f"{type(err).__name__}: {err}".splitlines()[0]
+        console.print(f"[red]error:[/] {line}", soft_wrap=True)
         _save_log(console, run_dir)
-        if debug or in_sweep:
-            raise  # in a sweep Hydra records the job as failed and goes on with the others
+        if debug:
+            raise
+        if in_sweep:
+            if not (run_dir / "run.json").is_file():  # failed before the runner could record it
+                from pipeline.store import write_json
+
+                write_json(run_dir / "run.json", {"status": "FAILED", "error": line, "target": None, "metrics": {}})
+            return sweep.failed_value()
         sys.exit(err.exit_code)
     print_summary(console, result)
     _save_log(console, run_dir)
-    return result.metrics.get("latency_p50_ms")
+    return result.metrics.get("latency_p50_ms", sweep.failed_value() if in_sweep else None)
 
 
 def _save_log(console: Console, run_dir: Path) -> None:

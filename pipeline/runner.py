@@ -97,9 +97,11 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Runner:
-    def __init__(self, cfg: DictConfig, run_dir: Path, console: Console):
+    def __init__(self, cfg: DictConfig, run_dir: Path, console: Console, sweep: dict[str, Any] | None = None):
         self.console = console
         self.run_dir = run_dir
+        # The sweep this job is one of (pipeline.sweep.job_context), or None for a single run.
+        self.sweep = sweep
         container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         container.pop("hydra", None)
         check_known_keys(container)
@@ -163,8 +165,10 @@ class Runner:
         result = JobResult(run_dir=self.run_dir, target=self.target_name, target_reason=self.target_reason)
         started = time.perf_counter()
         self.console.print(f"[bold]target[/]: {self.target_reason}")
-        tracker.start(run_name=f"{self.config['model']['name']}-{self.target_name}",
-                      params=flatten(self.config), tags=self.tags())
+        name = f"{self.config['model']['name']}-{self.target_name}"
+        if self.sweep:
+            name = f"{name}-{self.sweep['id']}-{self.sweep['job']}"
+        tracker.start(run_name=name, params=flatten(self.config), tags=self.tags())
         try:
             target = targets.make(self.target_name, self.config["target"])
             target.configure(OmegaConf.create(self.config["compile"]))
@@ -210,9 +214,19 @@ class Runner:
             write_json(self.run_dir / "run.json", result.as_dict())
         return result
 
+    def sweep_tags(self) -> dict[str, str]:
+        if not self.sweep:
+            return {}
+        tags = {"sweep.id": self.sweep["id"], "sweep.job": str(self.sweep["job"]),
+                "sweep.overrides": self.sweep["overrides"]}
+        if self.sweep.get("parent"):
+            tags["mlflow.parentRunId"] = self.sweep["parent"]["run_id"]
+        return tags
+
     def tags(self) -> dict[str, str]:
         info = env.device_info()
         tags = {"target": self.target_name, "target.requested": self.requested,
+                **self.sweep_tags(),
                 "model": self.config["model"]["name"], "device": info["device"],
                 "compute_capability": info["compute_capability"]}
         tags.update({f"lib.{k}": v for k, v in env.libraries().items()})

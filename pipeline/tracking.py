@@ -5,11 +5,17 @@ MLflow and opening its store cost seconds; it is always closed explicitly with t
 real status (FINISHED, FAILED with the error as a tag, or KILLED). The default store is a
 SQLite file under outputs/ with artifacts beside it; MLFLOW_TRACKING_URI and
 MLFLOW_EXPERIMENT_NAME override both.
+
+A sweep is one parent run, created with its store and experiment in the launching
+process before any worker starts (SQLite stores race when many processes create them),
+and one child run per job. Parallel jobs share one SQLite file, so every store call
+retries while SQLite says the database is locked.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import threading
 import time
@@ -39,6 +45,44 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+# Statuses MLflow records for runs; a job's JobResult.status is one of them.
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+
+class RetryingClient:
+    """An MlflowClient whose calls wait out SQLite's 'database is locked' from parallel writers."""
+
+    def __init__(self, client, attempts: int = 12):
+        self._client = client
+        self._attempts = attempts
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        def call(*args, **kwargs):
+            for attempt in range(self._attempts):
+                try:
+                    return method(*args, **kwargs)
+                except Exception as err:
+                    if "locked" not in str(err) or attempt == self._attempts - 1:
+                        raise
+                    time.sleep(min(0.05 * 2 ** attempt, 2.0) * (0.5 + random.random()))
+            raise AssertionError("unreachable")
+
+        return call
+
+
+def make_client(settings: dict[str, Any]) -> RetryingClient:
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(settings)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return RetryingClient(MlflowClient(uri))
 
 
 def open_experiment(client, settings: dict[str, Any]) -> str:
@@ -78,12 +122,8 @@ class Tracker:
     def _open(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         try:
             from mlflow.entities import Param
-            from mlflow.tracking import MlflowClient
 
-            uri = tracking_uri(self.settings)
-            if uri.startswith("sqlite:///"):
-                Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self.client = MlflowClient(uri)
+            self.client = make_client(self.settings)
             self.experiment_id = open_experiment(self.client, self.settings)
             commit = git_commit()
             if commit:
@@ -132,3 +172,95 @@ class Tracker:
                     seen.add(path)
                     rel = path.relative_to(run_dir).parent.as_posix()
                     self.client.log_artifact(self.run_id, str(path), None if rel == "." else rel)
+
+
+# --- sweeps -------------------------------------------------------------------------------
+
+def start_parent(settings: dict[str, Any], sweep_id: str, params: dict[str, Any]) -> dict[str, str]:
+    """Create the store, the experiment and the sweep's parent run (in the launching process)."""
+    from mlflow.entities import Param
+
+    client = make_client(settings)
+    experiment_id = open_experiment(client, settings)
+    tags = {"sweep.id": sweep_id, "sweep.role": "parent"}
+    commit = git_commit()
+    if commit:
+        tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
+    run = client.create_run(experiment_id, run_name=f"sweep-{sweep_id}", tags=tags)
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    return {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri(settings),
+            "experiment": experiment_name(settings)}
+
+
+def finish_parent(settings: dict[str, Any], run_id: str, status: str, metrics: dict[str, float],
+                  tags: dict[str, str], files: list[Path]) -> None:
+    from mlflow.entities import Metric, RunTag
+
+    client = make_client(settings)
+    now_ms = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now_ms, 0) for k, v in sorted(metrics.items())],
+                     tags=[RunTag(k, str(v)[:5000]) for k, v in sorted(tags.items())])
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status=status)
+
+
+def close_orphans(settings: dict[str, Any], sweep_id: str, reason: str) -> list[str]:
+    """Children of the sweep still RUNNING after the sweep ended: their worker died. Mark them FAILED."""
+    from mlflow.entities import RunTag
+
+    client = make_client(settings)
+    closed = []
+    for run in _search(client, settings, f"tags.`sweep.id` = '{sweep_id}' and attributes.status = 'RUNNING'"):
+        if run.data.tags.get("sweep.role") == "parent":
+            continue
+        client.log_batch(run.info.run_id, tags=[RunTag("error", reason), RunTag("status", "FAILED")])
+        client.set_terminated(run.info.run_id, status="FAILED")
+        closed.append(run.info.run_id)
+    return closed
+
+
+def _search(client, settings: dict[str, Any], filter_string: str, experiment: str | None = None) -> list:
+    exp = client.get_experiment_by_name(experiment or experiment_name(settings))
+    if exp is None:
+        return []
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000,
+                                  page_token=token, order_by=["attributes.start_time ASC"])
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def job_record(run) -> dict[str, Any]:
+    """An MLflow run as the comparison reads it (the same shape sweep.job_record gives from run.json)."""
+    tags = run.data.tags
+    job = tags.get("sweep.job")
+    return {"job": int(job) if job is not None and job.isdigit() else None,
+            "name": run.info.run_name, "run_id": run.info.run_id,
+            "overrides": tags.get("sweep.overrides", ""), "target": tags.get("target", ""),
+            "status": run.info.status, "error": tags.get("error"), "metrics": dict(run.data.metrics),
+            "tags": dict(tags)}
+
+
+def load_jobs(settings: dict[str, Any], sweep_id: str | None = None,
+              experiment: str | None = None) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(parent record or None, job records): a sweep by id, the latest sweep ('latest'), or every run."""
+    client = make_client(settings)
+    if sweep_id == "latest":
+        parents = _search(client, settings, "tags.`sweep.role` = 'parent'", experiment)
+        if not parents:
+            return None, []
+        sweep_id = parents[-1].data.tags["sweep.id"]
+    if sweep_id is None:
+        runs = _search(client, settings, "", experiment)
+        return None, [job_record(r) for r in runs if r.data.tags.get("sweep.role") != "parent"]
+    runs = _search(client, settings, f"tags.`sweep.id` = '{sweep_id}'", experiment)
+    parent = next((job_record(r) for r in runs if r.data.tags.get("sweep.role") == "parent"), None)
+    jobs = sorted((job_record(r) for r in runs if r.data.tags.get("sweep.role") != "parent"),
+                  key=lambda j: (j["job"] is None, j["job"] or 0))
+    return parent, jobs

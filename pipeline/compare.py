@@ -1,0 +1,285 @@
+"""`python -m pipeline.compare`: the jobs of a sweep side by side, as a table, files and plots.
+
+A sweep is run to choose a configuration, so the comparison puts every job in one row,
+failed ones included (why a configuration failed is part of the answer), and marks the
+Pareto front of latency against accuracy error: the only jobs worth choosing between.
+Jobs whose engines cannot run on this machine (validated=0) say "n/m" instead of "-", so
+"not measured here" is never read as "failed".
+
+The inputs are job records (pipeline.tracking.job_record, or the sweep's own from run
+folders), so the same code serves the end of a sweep and the command line. matplotlib is
+imported only to plot, and mlflow only by pipeline.tracking: the table stays quick.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+Job = dict[str, Any]
+
+STAGES = ("export", "lower", "partition", "convert", "build", "validate")
+# Table column -> (metric, format); columns without a metric come from the record itself.
+METRIC_COLUMNS = {
+    "accel ops": ("accelerated_op_fraction", lambda v: f"{v:.1%}"),
+    "engines": ("num_engines", lambda v: f"{v:.0f}"),
+    "build s": ("build_seconds", lambda v: f"{v:.2f}"),
+    "p50 ms": ("latency_p50_ms", lambda v: f"{v:.3f}"),
+    "p99 ms": ("latency_p99_ms", lambda v: f"{v:.3f}"),
+    "speedup": ("speedup", lambda v: f"{v:.2f}x"),
+    "rel L2": ("rel_l2_err", lambda v: f"{v:.2e}"),
+    "cosine": ("cosine_similarity", lambda v: f"{v:.6f}"),
+    "top-1": ("top1_agreement", lambda v: f"{v:.0%}"),
+}
+# Measured by validate: "n/m" rather than "-" when the engines could not run here.
+MEASURED = ("p50 ms", "p99 ms", "speedup", "rel L2", "cosine", "top-1")
+COLUMNS = ("job", "overrides", "target", "status", *METRIC_COLUMNS, "error")
+NOT_MEASURED = "n/m: not measured (the engines cannot run on this machine)"
+FRONT_NOTE = "*: on the Pareto front (no other job has both lower p50 latency and lower rel L2 error)"
+STATUS_STYLES = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan"}
+
+
+def labels(jobs: list[Job]) -> list[str]:
+    """Sweep job numbers; positions when they are missing or repeat (every run of an experiment)."""
+    numbers = [j.get("job") for j in jobs]
+    if None not in numbers and len(set(numbers)) == len(numbers):
+        return [str(n) for n in numbers]
+    return [str(i) for i in range(len(jobs))]
+
+
+def _value(job: Job, metric: str) -> float | None:
+    value = (job.get("metrics") or {}).get(metric)
+    return None if value is None else float(value)
+
+
+def _point(job: Job) -> tuple[float, float] | None:
+    """(latency p50, rel L2 error) of a finished job that measured both; NaN errors are no measurement."""
+    x, y = _value(job, "latency_p50_ms"), _value(job, "rel_l2_err")
+    if job.get("status") != "FINISHED" or x is None or y is None or not math.isfinite(x + y):
+        return None
+    return x, y
+
+
+def short_error(error: str | None, limit: int = 80) -> str:
+    """The problem without its fix, on one line: a table cell, not the full story (that is in the CSV)."""
+    if not error:
+        return "-"
+    text = " ".join(error.split()).split(" Fix: ")[0]
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def varying_overrides(jobs: list[Job]) -> list[str]:
+    """Each job's overrides less those every job shares: what tells the rows apart."""
+    tokens = [(j.get("overrides") or "").split() for j in jobs]
+    common = set.intersection(*map(set, tokens)) if len(jobs) > 1 and all(tokens) else set()
+    return [" ".join(t for t in ts if t not in common) for ts in tokens]
+
+
+def rows(jobs: list[Job]) -> list[dict[str, str]]:
+    out = []
+    for label, job, overrides in zip(labels(jobs), jobs, varying_overrides(jobs), strict=True):
+        not_measured = _value(job, "validated") == 0
+        # Single runs carry no sweep overrides; their name (model-target) tells them apart.
+        row = {"job": label, "overrides": overrides or job.get("name") or "-",
+               "target": job.get("target") or "-", "status": job.get("status") or "-"}
+        for column, (metric, fmt) in METRIC_COLUMNS.items():
+            value = _value(job, metric)
+            row[column] = "n/m" if value is None and not_measured and column in MEASURED else (
+                "-" if value is None else fmt(value))
+        row["error"] = short_error(job.get("error"))
+        out.append(row)
+    return out
+
+
+def pareto_front(jobs: list[Job]) -> list[Job]:
+    """Measured jobs no other beats on both latency and error, fastest first (the plot's step line)."""
+    points = [(*_point(j), j) for j in jobs if _point(j)]
+    front = [(x, y, j) for x, y, j in points
+             if not any(a <= x and b <= y and (a < x or b < y) for a, b, _ in points)]
+    return [j for _, _, j in sorted(front, key=lambda p: (p[0], p[1]))]
+
+
+def table(jobs: list[Job], title: str) -> Table:
+    front = {id(j) for j in pareto_front(jobs)}
+    out = Table(title=title, title_justify="left", caption=f"{FRONT_NOTE}\n{NOT_MEASURED}",
+                caption_justify="left")
+    out.add_column("")
+    for column in COLUMNS:
+        out.add_column(column, justify="right" if column in METRIC_COLUMNS or column == "job" else "left",
+                       overflow="fold")
+    for job, row in zip(jobs, rows(jobs), strict=True):
+        cells = [Text(row[c], style=STATUS_STYLES.get(row[c], "")) if c == "status" else row[c] for c in COLUMNS]
+        on_front = id(job) in front
+        out.add_row("*" if on_front else "", *cells, style="bold" if on_front else None)
+    return out
+
+
+def markdown(jobs: list[Job], title: str) -> str:
+    front = {id(j) for j in pareto_front(jobs)}
+
+    def line(cells) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    lines = [f"## {title}", "", line(("", *COLUMNS)), line(["---"] * (len(COLUMNS) + 1))]
+    for job, row in zip(jobs, rows(jobs), strict=True):
+        lines.append(line(("*" if id(job) in front else "", *(row[c] for c in COLUMNS))))
+    return "\n".join([*lines, "", FRONT_NOTE, "", NOT_MEASURED, ""])
+
+
+def write_csv(jobs: list[Job], path: Path) -> Path:
+    """Raw values under metric names, for pandas or a spreadsheet; every metric any job has."""
+    first = [metric for metric, _ in METRIC_COLUMNS.values()] + ["validated", "accuracy_passed"]
+    first += [f"{s}_seconds" for s in STAGES if f"{s}_seconds" not in first]
+    seen = {k for j in jobs for k in (j.get("metrics") or {})}
+    metrics = list(dict.fromkeys(first)) + sorted(seen - set(first))
+    front = {id(j) for j in pareto_front(jobs)}
+    fields = ["job", "name", "run_id", "overrides", "target", "status", "pareto_front", *metrics, "error"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for label, job in zip(labels(jobs), jobs, strict=True):
+            values = job.get("metrics") or {}
+            writer.writerow({**{k: job.get(k) or "" for k in fields[1:6] + ["error"]}, "job": label,
+                             "pareto_front": int(id(job) in front),
+                             **{m: repr(float(values[m])) if m in values else "" for m in metrics}})
+    return Path(path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, and no GUI toolkit imported
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return Path(path)
+
+
+def plot_pareto(jobs: list[Job], path: Path, title: str = "latency against accuracy error") -> Path:
+    plt = _pyplot()
+    names = dict(zip(map(id, jobs), labels(jobs), strict=True))
+    measured = [j for j in jobs if _point(j)]
+    failed = sum(j.get("status") != "FINISHED" for j in jobs)
+    unmeasured = len(jobs) - len(measured) - failed
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    targets = sorted({j.get("target") or "?" for j in measured})
+    colours = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(targets)}
+    for target in targets:
+        xs, ys = zip(*(_point(j) for j in measured if (j.get("target") or "?") == target), strict=True)
+        ax.scatter(xs, ys, color=colours[target], label=target, zorder=3)
+    for j in measured:
+        ax.annotate(names[id(j)], _point(j), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    front = pareto_front(jobs)
+    if front:
+        xs, ys = zip(*map(_point, front), strict=True)
+        ax.step(xs, ys, where="post", color="grey", linestyle="--", zorder=2)
+        ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="black", label="Pareto front", zorder=4)
+    positive = [_point(j)[1] for j in measured if _point(j)[1] > 0]
+    if len(positive) >= 2 and max(positive) >= 100 * min(positive):
+        # Exact results (eager: error 0) have no place on a log axis; symlog keeps them at 0.
+        exact = len(positive) < len(measured)
+        ax.set_yscale("symlog" if exact else "log", **({"linthresh": min(positive)} if exact else {}))
+    if measured:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no job was measured", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="latency p50 (ms)", ylabel="rel L2 error vs eager PyTorch")
+    ax.set_title(f"{title}\n{len(jobs) - len(measured)} of {len(jobs)} jobs left out ({failed} failed, "
+                 f"{unmeasured} not measured)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_stage_times(jobs: list[Job], path: Path, title: str = "stage times") -> Path:
+    plt = _pyplot()
+    names = [f"{label} {j.get('target') or ''}" + ("" if j.get("status") == "FINISHED" else f" ({j.get('status')})")
+             for label, j in zip(labels(jobs), jobs, strict=True)]
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.35 * max(len(jobs), 1)))
+    left = [0.0] * len(jobs)
+    for stage in STAGES:
+        widths = [_value(j, f"{stage}_seconds") or 0.0 for j in jobs]
+        ax.barh(range(len(jobs)), widths, left=left, label=stage)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    ax.set_yticks(range(len(jobs)), names, fontsize=8)
+    ax.invert_yaxis()  # job 0 on top, as in the table
+    ax.set_xlabel("seconds (cache hits take almost none)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, ncols=len(STAGES), loc="upper center", bbox_to_anchor=(0.5, -0.15 - 1 / (len(jobs) + 4)))
+    return _save(fig, path)
+
+
+def write_report(jobs: list[Job], out_dir: Path, title: str) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.md").write_text(markdown(jobs, title))
+    return [out_dir / "comparison.md", write_csv(jobs, out_dir / "comparison.csv"),
+            plot_pareto(jobs, out_dir / "pareto.png", f"{title}: latency against accuracy error"),
+            plot_stage_times(jobs, out_dir / "stage_times.png", f"{title}: stage times")]
+
+
+# --- command line -------------------------------------------------------------------------
+
+def fail(what: str, fix: str) -> NoReturn:
+    print(f"error: {what} — {fix}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipeline.cache import Parser
+    from pipeline.config import PathsConfig, TrackingConfig
+    from pipeline.tracking import experiment_name, load_jobs, tracking_uri
+
+    store, artifacts = (p.replace("${paths.outputs}", PathsConfig.outputs)
+                        for p in (TrackingConfig.store, TrackingConfig.artifacts))
+    cli = Parser(prog="python -m pipeline.compare", description="Compare the jobs of a sweep, or every run.")
+    cli.add_argument("--sweep", metavar="ID|latest", help="one sweep's jobs, or the newest sweep's (default: every run)")
+    cli.add_argument("--experiment", help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME or pipeline)")
+    cli.add_argument("--store", help=f"the MLflow SQLite file (default: MLFLOW_TRACKING_URI or {store})")
+    cli.add_argument("--out", type=Path, metavar="DIR", help="also write comparison.md, .csv and plots there")
+    args = cli.parse_args(argv)
+    if args.store:  # an explicit flag beats the environment
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    settings = {"store": args.store or store, "experiment": TrackingConfig.experiment, "artifacts": artifacts}
+    uri, experiment = tracking_uri(settings), args.experiment or experiment_name(settings)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        fail(f"no MLflow store at {uri.removeprefix('sqlite:///')}",
+             "run a job first, or pass --store PATH (or set MLFLOW_TRACKING_URI)")
+    try:
+        parent, jobs = load_jobs(settings, args.sweep, experiment)
+    except Exception as err:  # a store MLflow cannot read: say so in one line, like every other error
+        if os.environ.get("PIPELINE_DEBUG") == "1":
+            raise
+        fail(f"could not read the MLflow store at {uri}: {' '.join(str(err).split())[:300]}",
+             "check --store or MLFLOW_TRACKING_URI (PIPELINE_DEBUG=1 shows the traceback)")
+    sweep_id = parent["tags"].get("sweep.id") if parent else args.sweep
+    where = f"in experiment {experiment!r} at {uri}"
+    if not jobs and args.sweep and parent is None:
+        fail(f"no sweep {'at all' if args.sweep == 'latest' else repr(args.sweep)} {where}",
+             "pass a sweep.id tag shown in the MLflow UI (make ui), or leave out --sweep to compare every run")
+    if not jobs:
+        fail(f"sweep {sweep_id!r} has no jobs {where}" if sweep_id else f"no runs {where}",
+             "run a job first, or pass --experiment NAME / --store PATH")
+    title = f"sweep {sweep_id}" if sweep_id else f"every run of experiment {experiment!r}"
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(table(jobs, title))
+    if parent:
+        console.print(f"parent run: {parent['run_id']} ({parent['status']})")
+    if args.out:
+        console.print("report: " + ", ".join(map(str, write_report(jobs, args.out, title))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Sweeps as users run them (`python -m pipeline -m ...`): parent and child runs, a failing job
+that does not stop the others, the end-of-sweep comparison, parallel joblib workers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from testkit import (
+    REPO,
+    cache_entries,
+    clean_env,
+    half_written,
+    mlflow_client,
+    mlflow_runs,
+    overrides,
+)
+
+from pipeline.store import read_manifest
+
+
+def run_sweep(tmp: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipeline", "-m", *overrides(tmp, extra, tmp / "cache"), f"hydra.sweep.dir={tmp}/sweep"]
+    return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def children_and_parent(tmp: Path):
+    runs = mlflow_runs(mlflow_client(tmp))
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    children = sorted((r for r in runs if r.data.tags.get("sweep.role") != "parent"),
+                      key=lambda r: int(r.data.tags["sweep.job"]))
+    return parents, children
+
+
+@pytest.fixture(scope="module")
+def failing_sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    proc = run_sweep(tmp, "compile.torch_executed_ops=[aten.relu.default]",
+                     "compile.require_full_compilation=false,true")
+    return tmp, proc
+
+
+def test_failing_job_does_not_stop_the_sweep_and_the_exit_says_so(failing_sweep):
+    tmp, proc = failing_sweep
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out
+    assert "2 jobs, 1 failed" in out
+    assert "require_full_compilation=true but" in out  # the failed job's own message, in the summary
+    runs = [json.loads((tmp / "sweep" / str(i) / "run.json").read_text()) for i in (0, 1)]
+    assert [r["status"] for r in runs] == ["FINISHED", "FAILED"]
+
+
+def test_one_parent_with_a_finished_and_a_failed_child(failing_sweep):
+    tmp, _ = failing_sweep
+    (parent,), children = children_and_parent(tmp)
+    assert [c.info.status for c in children] == ["FINISHED", "FAILED"]
+    sweep_id = parent.data.tags["sweep.id"]
+    for job, child in enumerate(children):
+        tags = child.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["sweep.id"] == sweep_id and tags["sweep.job"] == str(job)
+        assert f"require_full_compilation={'false' if job == 0 else 'true'}" in tags["sweep.overrides"].lower()
+        assert child.info.run_name.endswith(f"{sweep_id}-{job}")
+    assert "require_full_compilation=true but" in children[1].data.tags["error"]
+    client = mlflow_client(tmp)
+    assert "console.log" in {a.path for a in client.list_artifacts(children[1].info.run_id)}
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["jobs.total"] == "2" and parent.data.tags["jobs.failed"] == "1"
+    assert parent.data.tags["best.job"] == "0"
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.md", "comparison.csv", "pareto.png", "stage_times.png"} <= logged
+
+
+def test_report_files_in_the_sweep_folder(failing_sweep):
+    tmp, _ = failing_sweep
+    report = tmp / "sweep" / "compare"
+    md = (report / "comparison.md").read_text()
+    assert "FINISHED" in md and "FAILED" in md
+    assert (report / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    info = json.loads((tmp / "sweep" / "sweep.json").read_text())
+    assert info["jobs"] == 2 and info["failed"] == 1
+
+
+def test_jobs_share_export_and_lower(failing_sweep):
+    tmp, _ = failing_sweep
+    cache = tmp / "cache"
+    assert len(cache_entries(cache, "export")) == 1 and len(cache_entries(cache, "lower")) == 1
+    assert half_written(cache) == []
+
+
+def test_four_parallel_joblib_jobs_all_land(tmp_path):
+    proc = run_sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
+                     "compile.min_block_size=1,2,3,4")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "database is locked" not in out
+    (parent,), children = children_and_parent(tmp_path)
+    assert [c.info.status for c in children] == ["FINISHED"] * 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert parent.info.status == "FINISHED" and parent.data.tags["jobs.failed"] == "0"
+    cache = tmp_path / "cache"
+    assert len(cache_entries(cache, "export")) == 1 and half_written(cache) == []
+    for stage in ("export", "lower", "partition", "convert", "build"):
+        for entry in cache_entries(cache, stage):
+            assert read_manifest(entry) is not None, entry
