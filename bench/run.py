@@ -54,7 +54,8 @@ def engine_speed(run_dir: Path, iterations: int) -> dict[str, dict]:
     from omegaconf import OmegaConf
 
     import pipeline
-    from pipeline.models import build_model, sample_inputs
+    from pipeline import shapes
+    from pipeline.models import build_model
     from pipeline.timing import measure
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -63,7 +64,7 @@ def engine_speed(run_dir: Path, iterations: int) -> dict[str, dict]:
     onnx_file = run_dir / "convert" / "accel_0.onnx"
     hand = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     name = hand.get_inputs()[0].name
-    (x,) = sample_inputs(cfg.input, 1)[0]
+    (x,) = shapes.make(cfg.input, shapes.corners(cfg.input)["opt"], 1)[0].args
     x_np = x.numpy()
 
     def run_eager():

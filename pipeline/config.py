@@ -40,13 +40,32 @@ class ModelConfig:
 
 
 @dataclass
-class InputConfig:
-    """One tensor input. `shape` excludes the batch dimension, which is `batch_size`."""
+class TensorSpec:
+    """One model input, by name, as torch_tensorrt.Input describes it."""
 
     name: str = "x"
-    shape: list[int] = field(default_factory=lambda: [3, 224, 224])
+    # Each size is an int (static) or the name of a dimension in input.dims (dynamic; inputs
+    # naming the same dimension share it, e.g. batch and sequence).
+    shape: list[Any] = field(default_factory=lambda: [1, 3, 224, 224])
     dtype: str = "float32"
-    batch_size: int = 1
+    # Integer inputs draw values from [low, high): token ids up to the vocabulary, masks 1..2 (all ones).
+    low: int = 0
+    high: int = 2
+    # Passed as forward(name=...) instead of by position.
+    keyword: bool = False
+
+
+@dataclass
+class InputConfig:
+    """The model's inputs: static shapes, or dynamic dimensions with min/opt/max."""
+
+    name: str = "image_224"
+    tensors: list[TensorSpec] = field(default_factory=lambda: [TensorSpec()])
+    # name -> {min, opt, max} (checked by pipeline.shapes); add one with +input.dims.batch={min:1,opt:8,max:32}.
+    dims: dict[str, Any] = field(default_factory=dict)
+    # More TensorRT optimization profiles, each giving min/opt/max for some dims (the others keep
+    # input.dims); the first profile is always input.dims.
+    extra_profiles: list[dict[str, Any]] = field(default_factory=list)
     # Seed of the sample data used for export, validation and latency.
     seed: int = 0
 
@@ -189,8 +208,13 @@ def _default_tolerances() -> dict[str, Tolerance]:
 
 @dataclass
 class ValidateConfig:
-    # Seeded input batches compared against eager PyTorch.
+    # Seeded input batches compared against eager PyTorch at the opt shape.
     num_samples: int = 8
+    # Dynamic inputs: batches checked at the min and max shapes and at each random shape between.
+    corner_samples: int = 2
+    random_shapes: int = 2
+    # Dynamic inputs: latency also at the min and max shapes (always at opt).
+    latency_at_corners: bool = False
     warmup: int = 10
     # Timed iterations per target, split into `rounds` interleaved blocks (eager, compiled, ...)
     # so drift of clocks or load affects both alike.

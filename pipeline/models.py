@@ -27,7 +27,7 @@ def torch_dtype(name: str):
 
     if name not in DTYPES:
         raise ConfigError(
-            f"input.dtype={name!r} is not a known dtype.",
+            f"dtype {name!r} (input.tensors[].dtype) is not a known dtype.",
             f"use one of {', '.join(sorted(set(DTYPES)))}.",
         )
     return getattr(torch, DTYPES[name])
@@ -88,25 +88,3 @@ def weights_digest(model) -> str:
         if t.numel():
             h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def sample_inputs(input_cfg: DictConfig, count: int, seed_offset: int = 0) -> list[tuple]:
-    """`count` seeded input batches: normal for floats, small non-negative ints otherwise."""
-    import torch
-
-    dtype = torch_dtype(input_cfg.dtype)
-    shape = [int(input_cfg.batch_size), *[int(d) for d in input_cfg.shape]]
-    if any(d <= 0 for d in shape):
-        raise ConfigError(
-            f"input shape {shape} has a non-positive dimension.",
-            "set input.shape and input.batch_size to positive sizes.",
-        )
-    gen = torch.Generator().manual_seed(int(input_cfg.seed) + seed_offset)
-    batches = []
-    for _ in range(count):
-        if dtype.is_floating_point:
-            x = torch.randn(shape, generator=gen).to(dtype)
-        else:
-            x = torch.randint(0, 2, shape, generator=gen).to(dtype)
-        batches.append((x,))
-    return batches

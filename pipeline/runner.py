@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from pipeline import env, targets
+from pipeline import env, shapes, targets
 from pipeline.errors import CompileError, ConfigError, PipelineError
 from pipeline.stage import StageContext
 from pipeline.store import Store, cache_key, link_tree, load_json, publish_folder, write_json
@@ -172,9 +172,10 @@ class Runner:
         try:
             target = targets.make(self.target_name, self.config["target"])
             target.configure(OmegaConf.create(self.config["compile"]))
-            # Fail on a bad op name before any heavy work.
+            # Fail on a bad op name or input spec before any heavy work.
             from stages.partition import resolve_ops
             resolve_ops(self.config["compile"]["torch_executed_ops"])
+            shapes.check(OmegaConf.create(self.config["input"]))
             fingerprint = env.fingerprint()
             keys: dict[str, str] = {}
             for stage in ORDER:

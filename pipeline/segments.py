@@ -114,8 +114,8 @@ def _del_attr(gm, target: str) -> None:
         delattr(owner, attr)
 
 
-def capture_inputs(gm, example_args: tuple) -> dict[str, tuple]:
-    """Run the fused program once and record the real inputs each accelerated segment gets."""
+def capture_inputs(gm, sample) -> dict[str, tuple]:
+    """Run the fused program once on `sample` (a shapes.Sample) and record each accelerated segment's inputs."""
     import torch
 
     captured: dict[str, tuple] = {}
@@ -126,8 +126,44 @@ def capture_inputs(gm, example_args: tuple) -> dict[str, tuple]:
         handles.append(gm.get_submodule(name).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            gm(*example_args)
+            sample(gm)
     finally:
         for h in handles:
             h.remove()
     return captured
+
+
+def input_profiles(captured: dict[str, dict[str, tuple]], name: str) -> list[dict[str, list]]:
+    """Shapes of segment `name`'s inputs at each corner of each profile, from captures at those corners.
+
+    Captures are keyed like export's samples: 'min'/'opt'/'max' for the first profile and
+    'p<i>-min'... for extra ones. Running the whole program at the corners gives every
+    segment's true min/opt/max, however its shapes derive from the model's inputs.
+    """
+    def shapes_at(key: str) -> list:
+        return [list(a.shape) if hasattr(a, "shape") else None for a in captured[key][name]]
+
+    if "min" not in captured:
+        opt = shapes_at("opt")
+        return [{"min": opt, "opt": opt, "max": opt}]
+    out = [{c: shapes_at(c) for c in ("min", "opt", "max")}]
+    extra = sorted({k.split("-")[0] for k in captured if k.startswith("p")})
+    for p in extra:
+        out.append({c: shapes_at(f"{p}-{c}") for c in ("min", "opt", "max")})
+    return out
+
+
+def dynamic_dims(profiles: list[dict[str, list]] | None) -> tuple | None:
+    """torch.export dynamic_shapes for a segment: Dim.DYNAMIC where any profile's min and max differ."""
+    import torch
+
+    if not profiles:
+        return None
+    specs = []
+    for i, opt in enumerate(profiles[0]["opt"]):
+        if opt is None:
+            specs.append(None)
+            continue
+        varying = {d for p in profiles for d in range(len(opt)) if p["min"][i][d] != p["max"][i][d]}
+        specs.append({d: torch.export.Dim.DYNAMIC for d in sorted(varying)} or None)
+    return tuple(specs) if any(specs) else None

@@ -10,6 +10,7 @@ from pipeline import hybrid
 from pipeline.stage import Metrics, StageContext
 from pipeline.store import load_json, write_json
 from pipeline.targets import Target
+from stages.export import load_example
 
 NAME = "build"
 VERSION = 2
@@ -28,12 +29,10 @@ def run(ctx: StageContext) -> Metrics:
     listing = {"target": ctx.target.name, "settings": ctx.target.settings, "segments": engines}
     write_json(ctx.out / ENGINES, listing)
     if type(ctx.target).package is not Target.package:
-        import torch
-
         with ctx.console.status(f"saving the compiled program for {ctx.target.name}"):
             gm = hybrid.assemble(ctx.inputs["lower"], ctx.inputs["partition"], ctx.out)
-            example = torch.load(ctx.inputs["export"] / "example_inputs.pt")
-            listing["package"] = ctx.target.package(gm, tuple(a.to(ctx.target.device()) for a in example), ctx.out)
+            example = load_example(ctx.inputs["export"])["opt"].to(ctx.target.device())
+            listing["package"] = ctx.target.package(gm, example, ctx.out)
         write_json(ctx.out / ENGINES, listing)
     engine_bytes = sum(p.stat().st_size for p in ctx.out.iterdir() if p.name != ENGINES)
     metrics = {"num_engines": len(engines), "engine_bytes": engine_bytes}

@@ -1,15 +1,19 @@
-"""Convert: each accelerated segment to the target's IR (ONNX for the ONNX-based targets)."""
+"""Convert: each accelerated segment to the target's IR (ONNX for the ONNX-based targets).
+
+For dynamic inputs the program runs at every corner export traced (min, opt, max, extra
+profiles) so each segment knows its own input shapes there: they become its dynamic axes
+and its TensorRT optimization profiles.
+"""
 
 from __future__ import annotations
-
-import torch
 
 from pipeline import programs, segments
 from pipeline.stage import Metrics, StageContext
 from pipeline.store import load_json, write_json
+from stages.export import load_example
 
 NAME = "convert"
-VERSION = 1
+VERSION = 2
 INPUTS = ("export", "lower", "partition")
 READS = ("target", "compile.precision")
 
@@ -17,13 +21,14 @@ READS = ("target", "compile.precision")
 def run(ctx: StageContext) -> Metrics:
     recipe = load_json(ctx.inputs["partition"] / "recipe.json", "partition recipe")
     fused = segments.fuse(ctx.target.graph_module(programs.load(ctx.inputs["lower"])), recipe)
-    example = torch.load(ctx.inputs["export"] / "example_inputs.pt")
-    captured = segments.capture_inputs(fused, example)
+    captured = {key: segments.capture_inputs(fused, sample)
+                for key, sample in load_example(ctx.inputs["export"]).items()}
     converted = []
     for name, _ in segments.accelerated(fused):
         with ctx.console.status(f"converting {name} for {ctx.target.name}"):
-            converted.append(ctx.target.convert(name, fused.get_submodule(name), captured[name],
-                                                ctx.out, ctx.config.compile))
+            converted.append(ctx.target.convert(name, fused.get_submodule(name), captured["opt"][name],
+                                                ctx.out, ctx.config.compile,
+                                                profiles=segments.input_profiles(captured, name)))
     write_json(ctx.out / "segments.json", {"target": ctx.target.name, "segments": converted})
     size = sum(p.stat().st_size for p in ctx.out.iterdir())
     return {"num_converted_segments": len(converted), "converted_bytes": size}

@@ -1,55 +1,149 @@
-"""Export: the model, cast to the requested precision, through torch.export."""
+"""Export: the model, cast to the requested precision, through torch.export.
+
+Dynamic dimensions of the input spec become torch.export Dims, traced at the opt sizes;
+the model runs eagerly at every corner first, so a shape it rejects fails in one line
+before anything is built, and a dimension the model specialises is named.
+"""
 
 from __future__ import annotations
 
-from pipeline import programs
+from pipeline import programs, shapes
 from pipeline.errors import ConfigError
-from pipeline.models import build_model, sample_inputs, weights_digest
+from pipeline.models import build_model, torch_dtype, weights_digest
 from pipeline.stage import Metrics, StageContext
 from pipeline.store import write_json
 
 NAME = "export"
-VERSION = 1
+VERSION = 2
 INPUTS: tuple[str, ...] = ()
 READS = ("model", "input", "compile.precision")
 
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+EXAMPLE = "example_inputs.pt"
 
 
-def cast_inputs(args: tuple, precision: str) -> tuple:
+def caster(precision: str):
     """Floating inputs follow the model's precision; integer inputs (token ids) never do."""
     import torch
 
     dtype = getattr(torch, PRECISION_DTYPES[precision])
-    return tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
+    return lambda t: t.to(dtype) if t.is_floating_point() else t
+
+
+def load_example(export_dir) -> dict[str, shapes.Sample]:
+    """The samples export traced with: 'opt', and 'min'/'max' (and 'p<i>-<corner>') for dynamic inputs."""
+    import torch
+
+    saved = torch.load(export_dir / EXAMPLE)
+    return {name: shapes.Sample(tuple(s["args"]), dict(s["kwargs"]), dict(s["dims"])) for name, s in saved.items()}
+
+
+def _describe(sample: shapes.Sample) -> str:
+    tensors = [*sample.args, *sample.kwargs.values()]
+    return ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors)
+
+
+def _probe(model, sample: shapes.Sample, cfg, where: str) -> None:
+    """Run eager once at these sizes: a shape the model rejects fails here, in one line."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            sample(model)
+    except Exception as err:  # the model's own complaint is the most useful message
+        raise ConfigError(
+            f"input {cfg.input.name} at {where} ({_describe(sample)}) does not fit model "
+            f"{cfg.model.name}: {str(err).splitlines()[0]}",
+            "set input.tensors (shapes, dtypes, keyword) and input.dims to what the model takes, "
+            "e.g. input=image_224 or input=text_dynamic.",
+        ) from None
+
+
+def _export(model, sample: shapes.Sample, cfg):
+    import torch
+
+    dynamic = shapes.dynamic_shapes(model, cfg.input, sample)
+    try:
+        return torch.export.export(model, sample.args, kwargs=sample.kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception as err:
+        text = str(err)
+        if dynamic and ("Constraints violated" in text or "specializ" in text or "Dim" in type(err).__name__
+                        or "ConstraintViolation" in type(err).__name__):
+            detail = next((line.strip() for line in text.splitlines() if "specializ" in line or "must" in line),
+                          text.splitlines()[0])
+            raise ConfigError(
+                f"model {cfg.model.name} does not keep input dimension(s) {', '.join(cfg.input.dims)} dynamic: {detail}",
+                "make that dimension static in input.tensors (a number instead of its name), or narrow its "
+                "min/max in input.dims to what the model supports.",
+            ) from None
+        raise
+
+
+def _flat(out) -> list:
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _flat(item)]
+    if isinstance(out, dict):
+        return _flat(list(out.values()))
+    return [out] if hasattr(out, "shape") else []
+
+
+def _check_corners(program, model, examples: dict[str, shapes.Sample], cfg) -> None:
+    """The traced program must agree with eager at every corner, not only where it was traced.
+
+    torch.export assumes dynamic sizes are not 0 or 1 while tracing, so a model that
+    branches on `batch == 1` exports without complaint and is wrong at batch 1; one
+    eager/exported comparison per corner catches it here, before anything is built.
+    """
+    import torch
+
+    module = program.module()
+    for name, sample in examples.items():
+        if name == "opt":
+            continue
+        where = f"{name} ({shapes.label(sample.dims)})"
+        try:
+            with torch.no_grad():
+                got, ref = _flat(sample(module)), _flat(sample(model))
+            bad = next((f"output {i} differs from eager" for i, (g, r) in enumerate(zip(got, ref, strict=True))
+                        if g.shape != r.shape or not torch.allclose(g.double(), r.double(), rtol=1e-2, atol=1e-3)),
+                       None)
+        except Exception as err:  # guard failures and shape errors of the traced program
+            bad = str(err).splitlines()[0]
+        if bad:
+            raise ConfigError(
+                f"model {cfg.model.name} does not keep input dimension(s) {', '.join(cfg.input.dims)} dynamic: "
+                f"the exported program, traced at opt, is wrong at {where}: {bad}",
+                "make that dimension static in input.tensors (a number instead of its name), or narrow its "
+                "min/max in input.dims to sizes the model treats alike.",
+            )
 
 
 def run(ctx: StageContext) -> Metrics:
     import torch
 
     cfg = ctx.config
+    shapes.check(cfg.input)
     precision = cfg.compile.precision
     model = build_model(cfg.model)
     digest = weights_digest(model)
     model = model.to(getattr(torch, PRECISION_DTYPES[precision]))
-    args = cast_inputs(sample_inputs(cfg.input, 1)[0], precision)
-    shape = list(args[0].shape)
-    try:
-        with torch.no_grad():
-            model(*args)
-    except Exception as err:  # the model's own complaint is the most useful message
-        raise ConfigError(
-            f"input {cfg.input.name} of shape {shape} ({cfg.input.dtype}) does not fit model "
-            f"{cfg.model.name}: {str(err).splitlines()[0]}",
-            "set input.shape (without the batch dimension) and input.dtype to what the model takes, "
-            "e.g. input.shape=[3,224,224].",
-        ) from None
+    cast = caster(precision)
+    examples = {"opt": shapes.make(cfg.input, shapes.corners(cfg.input)["opt"], 1)[0].to("cpu", cast)}
+    if shapes.is_dynamic(cfg.input):
+        for p, profile in enumerate(shapes.profiles(cfg.input)):
+            for corner in ("min", "max") if p == 0 else shapes.CORNERS:
+                name = corner if p == 0 else f"p{p}-{corner}"
+                examples[name] = shapes.make(cfg.input, profile[corner], 1)[0].to("cpu", cast)
+    for name, sample in examples.items():
+        _probe(model, sample, cfg, f"{name} ({shapes.label(sample.dims)})")
     with ctx.console.status(f"torch.export of {cfg.model.name}"):
-        program = torch.export.export(model, args, strict=False)
+        program = _export(model, examples["opt"], cfg)
+        _check_corners(program, model, examples, cfg)
     factory_module = cfg.model._target_.rpartition(".")[0]
     programs.save(program, ctx.out, imports=[factory_module])
-    torch.save(args, ctx.out / "example_inputs.pt")
-    outputs = program.module()(*args)
+    torch.save({k: {"args": s.args, "kwargs": s.kwargs, "dims": s.dims} for k, s in examples.items()},
+               ctx.out / EXAMPLE)
+    outputs = examples["opt"](program.module())
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     write_json(ctx.out / "model.json", {
         "name": cfg.model.name,
@@ -57,9 +151,11 @@ def run(ctx: StageContext) -> Metrics:
         "weights_sha256": digest,
         "precision": precision,
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "inputs": [{"name": cfg.input.name, "shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch.")}
-                   for a in args],
-        "outputs": [{"shape": list(o.shape), "dtype": str(o.dtype).removeprefix("torch.")} for o in outputs],
+        "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": str(cast(torch.empty(0, dtype=torch_dtype(t.dtype))).dtype).removeprefix("torch."),
+                    "keyword": bool(t.keyword)} for t in cfg.input.tensors],
+        "dims": {name: dict(d) for name, d in cfg.input.dims.items()},
+        "outputs": [{"shape": list(o.shape), "dtype": str(o.dtype).removeprefix("torch.")} for o in outputs
+                    if isinstance(o, torch.Tensor)],
     })
     return {"num_parameters": sum(p.numel() for p in model.parameters()),
             "program_bytes": (ctx.out / programs.PROGRAM).stat().st_size}

@@ -1,5 +1,10 @@
 """Validate: accuracy against eager PyTorch and latency of both on one harness.
 
+Dynamic inputs are checked at opt, min, max and a few random sizes between (engines that
+only work at their profile's corners are a classic failure); every figure is reported
+per shape as well as over all of them, and latency is timed at opt (and at min and max
+with validate.latency_at_corners).
+
 The reference is the eager model rebuilt from its config at fp32; export's weight hash
 proves it is the model that was compiled. Latency compares the compiled module with the
 eager model at the same precision on the same device, interleaved in one process.
@@ -11,16 +16,16 @@ from typing import Any
 
 import torch
 
-from pipeline import hybrid
+from pipeline import hybrid, shapes
 from pipeline.errors import ArtifactError
-from pipeline.models import build_model, sample_inputs, weights_digest
+from pipeline.models import build_model, weights_digest
 from pipeline.stage import Metrics, StageContext
 from pipeline.store import load_json, write_json
 from pipeline.timing import measure
-from stages.export import PRECISION_DTYPES, cast_inputs
+from stages.export import PRECISION_DTYPES, caster
 
 NAME = "validate"
-VERSION = 1
+VERSION = 2
 INPUTS = ("export", "lower", "partition", "build")
 READS = ("model", "input", "compile.precision", "validate", "target")
 
@@ -114,35 +119,53 @@ def run(ctx: StageContext) -> Metrics:
         return {"validated": 0.0, **tags}
     device = ctx.target.device()
     compiled = hybrid.assemble(ctx.inputs["lower"], ctx.inputs["partition"], ctx.inputs["build"]).to(device)
-    batches = sample_inputs(cfg.input, vcfg.num_samples, seed_offset=1)
-
-    with torch.no_grad(), ctx.console.status("checking accuracy against eager PyTorch"):
-        ref_out = [flat_outputs(reference(*b)) for b in batches]
-        got_out = [flat_outputs(compiled(*[a.to(device) for a in cast_inputs(b, precision)])) for b in batches]
-    accuracy = compare(ref_out, got_out, classifier=cfg.model.task == "classification")
+    cast = caster(precision)
     tolerance = dict(vcfg.tolerances[precision])
-    failures = precision_failures + gate(accuracy, tolerance)
+    classifier = cfg.model.task == "classification"
+
+    checks = shape_checks(cfg.input, vcfg)
+    per_shape, ref_all, got_all = [], [], []
+    failures = list(precision_failures)
+    with torch.no_grad(), ctx.console.status("checking accuracy against eager PyTorch") as status:
+        for i, (name, dims, count) in enumerate(checks):
+            status.update(f"checking accuracy against eager PyTorch at {name} ({shapes.label(dims)})")
+            batches = shapes.make(cfg.input, dims, count, seed_offset=1 + 1000 * i)
+            ref = [flat_outputs(b(reference)) for b in batches]
+            got = [flat_outputs(b.to(device, cast)(compiled)) for b in batches]
+            acc = compare(ref, got, classifier)
+            shape_failures = gate(acc, tolerance)
+            failures += [f"at {name} ({shapes.label(dims)}): {f}" if len(checks) > 1 else f for f in shape_failures]
+            per_shape.append({"name": name, "dims": dims, "samples": count, "accuracy": acc,
+                              "passed": not shape_failures})
+            ref_all += ref
+            got_all += got
+    accuracy = compare(ref_all, got_all, classifier)  # over every shape: the worst case counts
 
     eager = reference.to(device=device, dtype=getattr(torch, PRECISION_DTYPES[precision]))
-    timed_args = tuple(a.to(device) for a in cast_inputs(batches[0], precision))
     cuda = device == "cuda"
+    timed = [c for c in checks if c[0] == "opt" or (vcfg.latency_at_corners and c[0] in ("min", "max"))]
+    latency: dict[str, Any] = {}
+    for name, dims, _ in timed:
+        sample = shapes.make(cfg.input, dims, 1, seed_offset=1)[0].to(device, cast)
 
-    def call(module):
-        def fn():
-            with torch.no_grad():
-                module(*timed_args)
-        return fn
+        def call(module, sample=sample):
+            def fn():
+                with torch.no_grad():
+                    sample(module)
+            return fn
 
-    with ctx.console.status("timing eager and compiled (interleaved)") as status:
-        stats = measure({"eager": call(eager), "compiled": call(compiled)}, warmup=vcfg.warmup,
-                        iterations=vcfg.iterations, rounds=vcfg.rounds, min_seconds=vcfg.min_seconds,
-                        batch_size=int(cfg.input.batch_size), cuda=cuda,
-                        on_progress=lambda r: status.update(f"timing eager and compiled: round {r}"))
-    for name, s in stats.items():
-        if s.cv > vcfg.cv_warn_threshold:
-            ctx.warn(f"{name} latency varies too much to trust: coefficient of variation {s.cv:.1%} "
-                     f"> {vcfg.cv_warn_threshold:.0%}; quiet the machine or raise validate.iterations")
-    speedup = stats["eager"].p50_ms / stats["compiled"].p50_ms
+        with ctx.console.status(f"timing eager and compiled at {name} (interleaved)") as status:
+            stats = measure({"eager": call(eager), "compiled": call(compiled)}, warmup=vcfg.warmup,
+                            iterations=vcfg.iterations, rounds=vcfg.rounds, min_seconds=vcfg.min_seconds,
+                            batch_size=shapes.batch_size(cfg.input, dims), cuda=cuda,
+                            on_progress=lambda r, n=name: status.update(f"timing eager and compiled at {n}: round {r}"))
+        for who, st in stats.items():
+            if st.cv > vcfg.cv_warn_threshold:
+                ctx.warn(f"{who} latency at {name} varies too much to trust: coefficient of variation {st.cv:.1%} "
+                         f"> {vcfg.cv_warn_threshold:.0%}; quiet the machine or raise validate.iterations")
+        latency[name] = {"dims": dims, "compiled": stats["compiled"].as_dict(), "eager": stats["eager"].as_dict(),
+                         "speedup": stats["eager"].p50_ms / stats["compiled"].p50_ms}
+    opt = latency["opt"]
     report = {
         "validated": True,
         "passed": not failures,
@@ -150,25 +173,46 @@ def run(ctx: StageContext) -> Metrics:
         "precision": precision,
         "precision_achieved": achieved,
         "device": device,
-        "num_samples": vcfg.num_samples,
+        "num_samples": sum(c[2] for c in checks),
         "accuracy": accuracy,
+        "shapes": per_shape,
         "tolerance": tolerance,
-        "latency": {"compiled": stats["compiled"].as_dict(), "eager": stats["eager"].as_dict(),
-                    "speedup": speedup, "method": "cuda events" if cuda else "perf_counter, per iteration"},
+        "latency": {**latency["opt"], "method": "cuda events" if cuda else "perf_counter, per iteration",
+                    "at": latency},
         "warnings": list(ctx.notes),
     }
     write_json(ctx.out / "report.json", report)
-    c, e = stats["compiled"], stats["eager"]
+    c, e = opt["compiled"], opt["eager"]
     metrics = {k: v for k, v in accuracy.items() if k != "finite"}
+    if len(per_shape) > 1:  # each figure named by the shape it belongs to
+        for entry in per_shape:
+            metrics.update({f"{k}.{entry['name']}": v for k, v in entry["accuracy"].items() if k != "finite"})
     metrics.update({
         "validated": 1.0,
         "accuracy_passed": float(not failures),
-        "latency_p50_ms": c.p50_ms, "latency_p90_ms": c.p90_ms, "latency_p99_ms": c.p99_ms,
-        "latency_mean_ms": c.mean_ms, "latency_std_ms": c.std_ms, "latency_cv": c.cv,
-        "throughput_per_s": c.throughput_per_s,
-        "eager_latency_p50_ms": e.p50_ms, "eager_latency_p90_ms": e.p90_ms, "eager_latency_p99_ms": e.p99_ms,
-        "eager_latency_mean_ms": e.mean_ms, "eager_latency_cv": e.cv, "eager_throughput_per_s": e.throughput_per_s,
-        "speedup": speedup,
+        "latency_p50_ms": c["p50_ms"], "latency_p90_ms": c["p90_ms"], "latency_p99_ms": c["p99_ms"],
+        "latency_mean_ms": c["mean_ms"], "latency_std_ms": c["std_ms"], "latency_cv": c["cv"],
+        "throughput_per_s": c["throughput_per_s"],
+        "eager_latency_p50_ms": e["p50_ms"], "eager_latency_p90_ms": e["p90_ms"], "eager_latency_p99_ms": e["p99_ms"],
+        "eager_latency_mean_ms": e["mean_ms"], "eager_latency_cv": e["cv"], "eager_throughput_per_s": e["throughput_per_s"],
+        "speedup": opt["speedup"],
         **tags,
     })
+    for name, entry in latency.items():
+        if name != "opt":
+            metrics.update({f"latency_p50_ms.{name}": entry["compiled"]["p50_ms"],
+                            f"eager_latency_p50_ms.{name}": entry["eager"]["p50_ms"],
+                            f"speedup.{name}": entry["speedup"]})
     return metrics
+
+
+def shape_checks(input_cfg, vcfg) -> list[tuple[str, dict[str, int], int]]:
+    """(name, dims, samples) to check: opt; for dynamic inputs also min, max and random sizes between."""
+    corners = shapes.corners(input_cfg)
+    checks = [("opt", corners["opt"], int(vcfg.num_samples))]
+    if shapes.is_dynamic(input_cfg):
+        n = int(vcfg.corner_samples)
+        checks += [("min", corners["min"], n), ("max", corners["max"], n)]
+        for i, dims in enumerate(shapes.random_dims(input_cfg, int(vcfg.random_shapes), int(input_cfg.seed) + 7)):
+            checks.append((f"random{i}", dims, n))
+    return checks

@@ -63,7 +63,7 @@ def test_whole_graph_is_one_segment_that_validates(inductor_job):
 
 def test_reload_in_a_fresh_process(inductor_job, tmp_path):
     cfg = OmegaConf.load(inductor_job.run_dir / "config.yaml")
-    x = torch.randn([cfg.input.batch_size, *cfg.input.shape], generator=torch.Generator().manual_seed(5))
+    x = torch.randn(list(cfg.input.tensors[0].shape), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref = build_model(cfg.model)(x)
     torch.save(x, tmp_path / "x.pt")

@@ -147,3 +147,20 @@ def cli_command(tmp: Path, *extra: str, cache: Path | None = None) -> list[str]:
 def run_cli(tmp: Path, *extra: str, cache: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command(tmp, *extra, cache=cache), cwd=REPO, env=clean_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+# --- models for input-spec tests ----------------------------------------------------------
+
+def batch_branch_net():
+    """Runs at every batch size, but takes another path for batch 1: torch.export must specialise it."""
+    import torch
+
+    class BatchBranch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(x) * 2 if x.shape[0] == 1 else self.fc(x)
+
+    return BatchBranch()

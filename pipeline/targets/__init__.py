@@ -66,7 +66,9 @@ class Target:
     def unsupported_reason(self, node) -> str:
         return f"no {self.name} implementation"
 
-    def convert(self, name: str, module, args: tuple, out: Path, compile_cfg) -> dict[str, Any]:
+    def convert(self, name: str, module, args: tuple, out: Path, compile_cfg,
+                profiles: list[dict[str, list]] | None = None) -> dict[str, Any]:
+        """Convert one segment traced with `args` (opt sizes); `profiles`: its input shapes at min/opt/max."""
         raise NotImplementedError
 
     def build(self, segment: dict[str, Any], convert_dir: Path, out: Path, compile_cfg) -> dict[str, Any]:
@@ -75,7 +77,7 @@ class Target:
     def load_engine(self, segment: dict[str, Any], build_dir: Path):
         raise NotImplementedError
 
-    def package(self, gm, example_args: tuple, out: Path) -> str | None:
+    def package(self, gm, example, out: Path) -> str | None:
         """Save the whole compiled program in the target's own format; the file name, or None."""
         return None
 

@@ -63,11 +63,14 @@ class InductorTarget(Target):
     def is_supported(self, node) -> bool:
         return node.op == "call_function"
 
-    def convert(self, name: str, module, args: tuple, out: Path, compile_cfg) -> dict[str, Any]:
+    def convert(self, name: str, module, args: tuple, out: Path, compile_cfg,
+                profiles: list[dict[str, list]] | None = None) -> dict[str, Any]:
+        from pipeline.segments import dynamic_dims
+
         path = out / f"{name}.program.pt2"
         try:
             with torch.no_grad():
-                program = torch.export.export(module, args, strict=False)
+                program = torch.export.export(module, args, dynamic_shapes=dynamic_dims(profiles), strict=False)
             torch.export.save(program, path)
         except Exception as err:  # torch.export raises many types; the message is what matters
             raise CompileError(
@@ -76,7 +79,7 @@ class InductorTarget(Target):
             ) from err
         with torch.no_grad():
             outputs = module(*args)
-        return {"name": name, "program": path.name,
+        return {"name": name, "program": path.name, "profiles": profiles or [],
                 "inputs": [value_info(a) for a in args], "outputs": [value_info(o) for o in outputs]}
 
     def build(self, segment: dict[str, Any], convert_dir: Path, out: Path, compile_cfg) -> dict[str, Any]:

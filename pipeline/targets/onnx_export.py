@@ -57,8 +57,11 @@ class OnnxTarget(Target):
     def unsupported_reason(self, node) -> str:
         return "no ONNX conversion for this op in torch.onnx"
 
-    def convert(self, name: str, module, args: tuple, out: Path, compile_cfg) -> dict[str, Any]:
+    def convert(self, name: str, module, args: tuple, out: Path, compile_cfg,
+                profiles: list[dict[str, list]] | None = None) -> dict[str, Any]:
         import torch
+
+        from pipeline.segments import dynamic_dims
 
         module.eval()
         weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
@@ -66,7 +69,7 @@ class OnnxTarget(Target):
         try:
             with torch.no_grad():
                 program = torch.onnx.export(
-                    module, args, dynamo=True, verbose=False, optimize=True,
+                    module, args, dynamo=True, verbose=False, optimize=True, dynamic_shapes=dynamic_dims(profiles),
                     opset_version=self.settings.get("opset"),
                     external_data=weight_bytes > EXTERNAL_DATA_BYTES,
                 )
@@ -82,4 +85,5 @@ class OnnxTarget(Target):
             "onnx": path.name,
             "inputs": [value_info(a) for a in args],
             "outputs": [value_info(o) for o in outputs],
+            "profiles": profiles or [],
         }

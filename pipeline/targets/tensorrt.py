@@ -136,12 +136,33 @@ class TensorRTEngine(torch.nn.Module):
         self.dtypes = {n: getattr(torch, dtype_name(self.engine.get_tensor_dtype(n))) for n in names}
         # TensorRT synchronises around every launch on the legacy default stream: use our own then.
         self.stream = torch.cuda.Stream(self.device)
+        # (min, max) per input per optimization profile, to pick the profile a call's shapes fit.
+        self.profiles = [[tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(n, p))[::2]
+                          for n in self.input_names] for p in range(self.engine.num_optimization_profiles)]
+        self.profile = 0
+
+    def _select_profile(self, shapes: list[tuple[int, ...]], stream) -> None:
+        def fits(profile) -> bool:
+            return all(len(s) == len(lo) and all(a <= d <= b for d, a, b in zip(s, lo, hi, strict=True))
+                       for s, (lo, hi) in zip(shapes, profile, strict=True))
+
+        if fits(self.profiles[self.profile]):
+            return
+        for index, profile in enumerate(self.profiles):
+            if fits(profile):
+                self.context.set_optimization_profile_async(index, stream.cuda_stream)
+                self.profile = index
+                return
+        raise ValueError(f"{self.path}: input shapes {shapes} fit none of the engine's optimization profiles "
+                         f"{self.profiles}; widen input.dims (or add input.extra_profiles) and rebuild")
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(args) != len(self.input_names):
             raise ValueError(f"{self.path} takes {len(self.input_names)} inputs, got {len(args)}")
         current = torch.cuda.current_stream(self.device)
         stream = self.stream if current.cuda_stream == 0 else current
+        if len(self.profiles) > 1:
+            self._select_profile([tuple(a.shape) for a in args], stream)
         feeds = []  # referenced until the launch is queued; later work on `current` waits for it
         for name, arg in zip(self.input_names, args, strict=True):
             tensor = arg.detach().to(device=self.device, dtype=self.dtypes[name]).contiguous()
@@ -230,8 +251,9 @@ class TensorRTTarget(OnnxTarget):
         return {"library": self.library, "supported": bool(supported), "num_nodes": len(origins),
                 "subgraphs": subgraphs, "unsupported_nodes": parser_errors(parser, origins)}
 
-    def convert(self, name: str, module, args: tuple, out: Path, compile_cfg) -> dict[str, Any]:
-        entry = super().convert(name, module, args, out, compile_cfg)
+    def convert(self, name: str, module, args: tuple, out: Path, compile_cfg,
+                profiles: list[dict[str, list]] | None = None) -> dict[str, Any]:
+        entry = super().convert(name, module, args, out, compile_cfg, profiles)
         entry["parser_support"] = self.parser_support(out / entry["onnx"])
         return entry
 
@@ -299,11 +321,13 @@ class TensorRTTarget(OnnxTarget):
             raise ArtifactError(f"{onnx_path.name} has {network.num_inputs} inputs but segment {name} lists "
                                 f"{len(segment['inputs'])}.", "run the pipeline again to rebuild the convert output.")
         config = self._builder_config(trt, builder, compile_cfg)
-        profile = builder.create_optimization_profile()
-        for i, spec in enumerate(segment["inputs"]):
-            shape = tuple(spec["shape"])
-            profile.set_shape(network.get_input(i).name, shape, shape, shape)
-        config.add_optimization_profile(profile)
+        # One optimization profile per input-spec profile: the segment's own shapes at min/opt/max.
+        static = [{c: [spec["shape"] for spec in segment["inputs"]] for c in ("min", "opt", "max")}]
+        for corners in segment.get("profiles") or static:
+            profile = builder.create_optimization_profile()
+            for i in range(network.num_inputs):
+                profile.set_shape(network.get_input(i).name, *(tuple(corners[c][i]) for c in ("min", "opt", "max")))
+            config.add_optimization_profile(profile)
         timing_cache = self._set_timing_cache(config)
 
         plan = builder.build_serialized_network(network, config)
@@ -346,6 +370,7 @@ class TensorRTTarget(OnnxTarget):
         return {**segment, "engine": engine_file.name, "network": network_file.name,
                 "library": self.library, "library_version": trt.__version__, "precision": dtypes,
                 "num_layers": len(described), "input_names": input_names, "output_names": output_names,
+                "num_profiles": config.num_optimization_profiles,
                 "layers": self._write_layer_information(trt, plan, out / f"{name}.layers.json")}
 
     def _write_layer_information(self, trt, plan, path: Path) -> str | None:

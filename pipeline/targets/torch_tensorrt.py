@@ -211,7 +211,9 @@ class TorchTensorRTTarget(Target):
         blocks, _ = self._phases.partition(gm, self.compilation_settings)
         return blocks
 
-    def convert(self, name: str, module, args: tuple, out: Path, compile_cfg) -> dict[str, Any]:
+    def convert(self, name: str, module, args: tuple, out: Path, compile_cfg,
+                profiles: list[dict[str, list]] | None = None) -> dict[str, Any]:
+        # Torch-TensorRT reads min/opt/max from the lowered program's symbolic shapes itself.
         import torch
 
         start = time.perf_counter()
@@ -243,9 +245,9 @@ class TorchTensorRTTarget(Target):
         return self._phases.engine_module((build_dir / segment["engine"]).read_bytes(), meta,
                                           self.compilation_settings, segment["name"])
 
-    def package(self, gm, example_args: tuple, out: Path) -> str:
+    def package(self, gm, example, out: Path) -> str:
         path = out / "program.ep"
-        self._phases.save(gm, path, example_args)
+        self._phases.save(gm, path, example.args, example.kwargs)
         return path.name
 
     def load_package(self, path: Path):

@@ -132,10 +132,12 @@ def engine_module(engine: bytes, meta: dict[str, Any], settings, name: str):
     )
 
 
-def save(gm, path: Path, example_args: tuple) -> None:
+def save(gm, path: Path, args: tuple, kwargs: dict[str, Any]) -> None:
+    """retrace=True keeps the symbolic (min/max) shapes the engines were built with."""
     import torch_tensorrt
 
-    torch_tensorrt.save(gm, str(path), output_format="exported_program", arg_inputs=list(example_args))
+    torch_tensorrt.save(gm, str(path), output_format="exported_program", arg_inputs=list(args),
+                        kwarg_inputs=kwargs or None, retrace=True)
 
 
 def load(path: Path):

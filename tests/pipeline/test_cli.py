@@ -38,7 +38,7 @@ CASES = {
     "unknown_model": Case(("model=nope",), 1, ("Could not find 'model/nope'", "tiny_cnn"), "compose"),
     "unknown_target": Case(("target=nope",), 1, ("Could not find 'target/nope'", "onnxruntime"), "compose"),
     "unknown_target_name": Case(("target.name=nope",), 2, ("unknown target 'nope'",), "early"),
-    "input_shape": Case(("target=onnxruntime", "input.shape=[5,64,64]"), 2,
+    "input_shape": Case(("target=onnxruntime", "input.tensors.0.shape=[1,5,64,64]"), 2,
                         ("does not fit model tiny_cnn", "[1, 5, 64, 64]"), "run"),
     "unknown_op": Case(("target=onnxruntime", "compile.torch_executed_ops=[aten.reluu.default]"), 2,
                        ("'aten.reluu.default'", "not an operator"), "run"),

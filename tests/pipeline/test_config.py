@@ -19,8 +19,10 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 def test_conf_has_the_documented_options():
     assert {"tiny_cnn", "custom_op_net", "resnet18", "resnet50", "mobilenet_v3_small",
-            "efficientnet_b0", "vit_b_16"} <= set(MODELS)
-    assert {"auto", "onnxruntime", "eager"} <= set(TARGETS)
+            "efficientnet_b0", "vit_b_16", "bert_tiny", "bert_base", "data_dependent_net"} <= set(MODELS)
+    assert {"auto", "onnxruntime", "eager", "tensorrt", "torch_tensorrt", "inductor"} <= set(TARGETS)
+    assert {"image_224", "image_64", "image_dynamic_batch", "text_dynamic"} <= {
+        p.stem for p in (CONF / "input").glob("*.yaml")}
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -30,7 +32,8 @@ def test_every_model_composes(tmp_path, model):
     module, _, attr = cfg.model._target_.rpartition(".")
     assert callable(getattr(importlib.import_module(module), attr))  # resolvable, not built
     assert cfg.model.weights is None  # seeded random weights: no download in tests or CI
-    assert OmegaConf.to_container(cfg.model.kwargs) == {}
+    kwargs = OmegaConf.to_container(cfg.model.kwargs)
+    assert "weights" not in kwargs and "pretrained" not in kwargs
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -42,27 +45,31 @@ def test_every_target_composes(tmp_path, target):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(tmp_path, experiment):
     cfg = compose(tmp_path, f"experiment={experiment}", raw=True)
-    assert cfg.model.name and cfg.input.shape
+    assert cfg.model.name and cfg.input.tensors[0].shape
 
 
 def test_experiments_pin_their_combination(tmp_path):
     smoke = compose(tmp_path, "experiment=smoke", raw=True)
-    assert (smoke.model.name, list(smoke.input.shape), smoke.validate.iterations) == ("tiny_cnn", [3, 64, 64], 10)
+    assert (smoke.model.name, list(smoke.input.tensors[0].shape), smoke.validate.iterations) == (
+        "tiny_cnn", [1, 3, 64, 64], 10)
     r50 = compose(tmp_path, "experiment=resnet50_onnxruntime", raw=True)
-    assert (r50.model.name, r50.target.name, list(r50.input.shape)) == ("resnet50", "onnxruntime", [3, 224, 224])
+    assert (r50.model.name, r50.target.name, list(r50.input.tensors[0].shape)) == (
+        "resnet50", "onnxruntime", [1, 3, 224, 224])
 
 
 def test_defaults_and_typed_values(tmp_path):
     cfg = compose(tmp_path, raw=True)
     assert cfg.model.name == "resnet18" and cfg.target.name == "auto"
-    assert list(cfg.input.shape) == [3, 224, 224] and cfg.input.batch_size == 1
+    assert list(cfg.input.tensors[0].shape) == [1, 3, 224, 224] and dict(cfg.input.dims) == {}
     assert cfg.compile.min_block_size == 5 and list(cfg.compile.torch_executed_ops) == []
     assert cfg.compile.require_full_compilation is False
     assert cfg.validate.tolerances.fp32.rel_l2_err == pytest.approx(1e-3)
-    typed = compose(tmp_path, "compile.min_block_size=7", "compile.precision=fp16", "input.shape=[3,32,32]")
+    typed = compose(tmp_path, "compile.min_block_size=7", "compile.precision=fp16",
+                    "input.tensors.0.shape=[batch,3,32,32]", "+input.dims.batch={min:1,opt:2,max:4}")
     assert typed.compile.min_block_size == 7 and isinstance(typed.compile.min_block_size, int)
     assert str(typed.compile.precision.value) == "fp16"
-    assert list(typed.input.shape) == [3, 32, 32]
+    assert list(typed.input.tensors[0].shape) == ["batch", 3, 32, 32]
+    assert (typed.input.dims.batch.min, typed.input.dims.batch.opt, typed.input.dims.batch.max) == (1, 2, 4)
 
 
 def test_everything_written_follows_paths_outputs(tmp_path):
@@ -75,7 +82,8 @@ def test_everything_written_follows_paths_outputs(tmp_path):
 
 def test_shrunk_config(tmp_path):
     cfg = compose(tmp_path)
-    assert (cfg.model.name, list(cfg.input.shape), cfg.validate.num_samples) == ("tiny_cnn", [3, 64, 64], 2)
+    assert (cfg.model.name, list(cfg.input.tensors[0].shape), cfg.validate.num_samples) == (
+        "tiny_cnn", [1, 3, 64, 64], 2)
 
 
 @pytest.mark.parametrize("override", [
@@ -84,7 +92,8 @@ def test_shrunk_config(tmp_path):
     "validate.iterations=1.5",           # float for an int
     "compile.precision=fp64",            # not a Precision
     "compile.torch_executed_ops=aten.add.Tensor",  # a string for a list
-    "input.shape=abc",
+    "input.tensors.0.shape=abc",
+    "input.dims.batch.min=x",
     "model=nope",                        # unknown config group option
     "target=nope",
 ])

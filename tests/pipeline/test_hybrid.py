@@ -48,7 +48,7 @@ torch.save(out, sys.argv[2])
 def reference(run_dir, seed: int):
     """A seeded input and the eager model's output, built from the run's own config.yaml."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    x = torch.randn([cfg.input.batch_size, *cfg.input.shape], generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(list(cfg.input.tensors[0].shape), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return x, build_model(cfg.model)(x)
 

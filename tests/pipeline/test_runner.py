@@ -203,7 +203,7 @@ def test_corrupt_cache_entry_is_rebuilt(tiny_job, tmp_path, damage):
 # --- 5. bad input in process: FAILED run, nothing half-written ---------------------------
 
 BAD = {
-    "input_shape": (["input.shape=[5,64,64]"], ConfigError, "does not fit model tiny_cnn", "export"),
+    "input_shape": (["input.tensors.0.shape=[1,5,64,64]"], ConfigError, "does not fit model tiny_cnn", "export"),
     "unknown_op": (["compile.torch_executed_ops=[aten.reluu.default]"], ConfigError, "aten.reluu.default", None),
     "full_compilation": (["compile.require_full_compilation=true", "compile.torch_executed_ops=[aten.relu.default]"],
                          CompileError, "require_full_compilation=true", "partition"),

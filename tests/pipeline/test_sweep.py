@@ -107,3 +107,16 @@ def test_four_parallel_joblib_jobs_all_land(tmp_path):
     for stage in ("export", "lower", "partition", "convert", "build"):
         for entry in cache_entries(cache, stage):
             assert read_manifest(entry) is not None, entry
+
+
+def test_autotune_goes_on_past_failed_trials_and_tags_the_best(tmp_path):
+    proc = run_sweep(tmp_path, "sweep=autotune_smoke")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out  # failed trials are part of a search; it fails only if none worked
+    (parent,), children = children_and_parent(tmp_path)
+    statuses = [c.info.status for c in children]
+    assert len(children) == 6 and "FAILED" in statuses and "FINISHED" in statuses
+    assert parent.info.status == "FINISHED"
+    best = parent.data.tags["best.params"]
+    assert "compile.require_full_compilation=False" in best or "compile.require_full_compilation=false" in best
+    assert "autotune best" in out and (tmp_path / "sweep" / "optimization_results.yaml").is_file()

@@ -39,7 +39,7 @@ def test_params_are_the_flattened_config(tracked):
     assert p["compile.min_block_size"] == "5"
     assert p["compile.require_full_compilation"] == "False"
     assert p["target.name"] == "onnxruntime"
-    assert p["input.shape"] == "[3, 64, 64]"
+    assert p["input.tensors"].startswith("[{'name': 'x', 'shape': [1, 3, 64, 64]")
     assert p["validate.iterations"] == "10"
     assert p["validate.tolerances.fp32.rel_l2_err"] == "0.001"
 

@@ -1,0 +1,87 @@
+"""Dynamic shapes end to end: input specs, checked corners, dynamic ONNX and TensorRT profiles."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from testkit import run_job
+
+from pipeline.errors import ConfigError
+
+# tiny_cnn on small images with batch 1..6 (opt 3): seconds per job.
+DYN_CNN = ("input=image_dynamic_batch", "input.tensors.0.shape=[batch,3,32,32]",
+           "input.dims.batch.opt=3", "input.dims.batch.max=6")
+
+
+@pytest.fixture(scope="module")
+def cnn_job(tmp_path_factory):
+    return run_job(tmp_path_factory.mktemp("dyn-cnn"), *DYN_CNN, "target=onnxruntime",
+                   "validate.latency_at_corners=true")
+
+
+def test_accuracy_is_checked_at_every_corner_and_between(cnn_job):
+    assert cnn_job.result.status == "FINISHED"
+    report = cnn_job.json("validate/report.json")
+    checked = {s["name"]: s["dims"] for s in report["shapes"]}
+    assert checked["min"] == {"batch": 1} and checked["opt"] == {"batch": 3} and checked["max"] == {"batch": 6}
+    randoms = [d["batch"] for n, d in checked.items() if n.startswith("random")]
+    assert len(randoms) == 2 and all(1 <= b <= 6 for b in randoms)
+    assert all(s["passed"] and s["accuracy"]["rel_l2_err"] < 1e-4 for s in report["shapes"])
+    metrics = cnn_job.result.metrics
+    for name in ("min", "opt", "max", "random0"):
+        assert f"rel_l2_err.{name}" in metrics and f"cosine_similarity.{name}" in metrics
+    assert set(report["latency"]["at"]) == {"min", "opt", "max"}
+    assert "latency_p50_ms.min" in metrics and "latency_p50_ms.max" in metrics
+    assert report["latency"]["dims"] == {"batch": 3}
+
+
+def test_one_onnx_file_serves_every_batch(cnn_job):
+    (segment,) = cnn_job.json("convert/segments.json")["segments"]
+    assert segment["profiles"] == [{"min": [[1, 3, 32, 32]], "opt": [[3, 3, 32, 32]], "max": [[6, 3, 32, 32]]}]
+    model = onnx.load(str(cnn_job.run_dir / "convert" / segment["onnx"]), load_external_data=False)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 32, 32]
+    exported = cnn_job.json("export/model.json")
+    assert exported["inputs"][0]["shape"] == ["batch", 3, 32, 32]
+    assert exported["dims"] == {"batch": {"min": 1, "opt": 3, "max": 6}}
+
+
+def test_tensorrt_rtx_builds_one_profile_per_spec(tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
+    job = run_job(tmp_path, *DYN_CNN, "target=tensorrt",
+                  "+input.extra_profiles=[{batch:{min:8,opt:12,max:16}}]")
+    assert job.result.status == "FINISHED"
+    (segment,) = job.json("build/engines.json")["segments"]
+    assert segment["num_profiles"] == 2
+    assert [p["max"][0][0] for p in segment["profiles"]] == [6, 16]
+    network = json.loads((job.run_dir / "build" / segment["network"]).read_text())
+    assert network["inputs"][0]["shape"][0] == -1  # the batch stays dynamic in the engine
+    assert (job.run_dir / "build" / segment["engine"]).stat().st_size > 0
+
+
+BAD_SPECS = {
+    "min_above_opt": (("input.dims.batch.min=4",), "min > opt"),
+    "opt_above_max": (("input.dims.batch.opt=9",), "opt > max"),
+    "unknown_dim": (("input.tensors.0.shape=[batches,3,32,32]",), "names dimension 'batches'"),
+    "unused_dim": (("input.tensors.0.shape=[2,3,32,32]",), "input.dims.batch is not used"),
+    "not_a_dim": (("~input.dims.batch.max",), "is not a dynamic dimension"),
+    "model_rejects": (("input.tensors.0.shape=[batch,5,32,32]",), "does not fit model tiny_cnn"),
+    "specialised": (("model._target_=testkit.batch_branch_net", "input.tensors.0.shape=[batch,8]"),
+                    "does not keep input dimension(s) batch dynamic"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_invalid_specs_fail_in_one_line_before_building(tmp_path, case):
+    extra, message = BAD_SPECS[case]
+    job = None
+    with pytest.raises(ConfigError) as err:
+        job = run_job(tmp_path, *DYN_CNN, "target=onnxruntime", *extra)
+    assert job is None
+    line = err.value.one_line()
+    assert message in line and "\n" not in line
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["status"] == "FAILED"
+    assert [s["name"] for s in run["stages"]] == []  # nothing was built or published
