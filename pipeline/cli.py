@@ -50,11 +50,17 @@ def run_job(cfg: DictConfig) -> float | None:
                 from pipeline.store import write_json
 
                 write_json(run_dir / "run.json", {"status": "FAILED", "error": line, "target": None, "metrics": {}})
+            if sweep.is_search():
+                raise  # the Optuna sweeper marks the trial failed (max_failure_rate lets the search go on)
             return sweep.failed_value()
         sys.exit(err.exit_code)
     print_summary(console, result)
     _save_log(console, run_dir)
-    return result.metrics.get("latency_p50_ms", sweep.failed_value() if in_sweep else None)
+    latency = result.metrics.get("latency_p50_ms")
+    if latency is None and in_sweep and sweep.is_search():
+        raise PipelineError("the engines could not run here, so there is no latency to optimise.",
+                            "search with targets whose engines run on this machine.")
+    return latency if latency is not None or not in_sweep else sweep.failed_value()
 
 
 def _save_log(console: Console, run_dir: Path) -> None:

@@ -5,9 +5,10 @@ parent run before any worker starts (parallel workers creating a SQLite store at
 race) and writes `<sweep dir>/sweep.json`, which each job finds from its own folder:
 that works for every launcher (basic, joblib, submitit, ray) that shares a file system.
 
-Failure isolation does not rely on Hydra: a failed job returns NaN instead of raising
-(Hydra would re-raise the first failure after the batch and skip on_multirun_end, and an
-Optuna trial returning NaN is marked failed while the search goes on). The end of the
+Failure isolation does not rely on Hydra: in a grid sweep a failed job returns NaN
+instead of raising (Hydra would re-raise the first failure after the batch and skip
+on_multirun_end). In an Optuna search a failed trial raises, which the Optuna sweeper
+records as a failed trial and, with max_failure_rate=1, goes on. The end of the
 sweep reads every job's run.json, so a worker that died is still a row; `finalize` runs
 from on_multirun_end or, if Hydra itself failed, from the entry point.
 """
@@ -80,8 +81,15 @@ def job_context(run_dir: Path) -> dict[str, Any] | None:
 
 
 def failed_value() -> float:
-    """What a failed job returns to the sweeper: NaN marks an Optuna trial failed, and goes on."""
+    """What a failed job of a grid sweep returns (Hydra's basic sweeper ignores it; NaN is no latency)."""
     return math.nan
+
+
+def is_search() -> bool:
+    """Whether this job is a trial of an Optuna search, whose failures must raise to be marked failed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return "optuna" in str(OmegaConf.select(HydraConfig.get(), "sweeper._target_", default=""))
 
 
 def disk_records(sweep_dir: Path) -> list[dict[str, Any]]:
