@@ -114,6 +114,8 @@ class Runner:
 
     def run_stage(self, stage, keys: dict[str, str], target, fingerprint: dict) -> StageRecord:
         subset = select(self.config, stage.READS)
+        for attr in getattr(stage, "TARGET_KEYS", ()):  # what the target object says, not its config
+            subset.setdefault("target", {})[attr] = getattr(target, attr)
         key = cache_key({"stage": stage.NAME, "version": stage.VERSION, "config": subset,
                          "inputs": {up: keys[up] for up in stage.INPUTS}, "env": fingerprint})
         started = time.perf_counter()

@@ -18,14 +18,59 @@ from pipeline.errors import ArtifactError
 ACCEL_PREFIX = "accel_"
 
 
+def assertions() -> set:
+    """Runtime checks torch.export adds (dtype asserts of .to(), ranges of data-dependent sizes).
+
+    torch.onnx erases the same set before converting (remove_assertion_nodes in its _fx_passes).
+    """
+    import torch
+
+    aten = torch.ops.aten
+    return {aten._assert_async.default, aten._assert_async.msg, aten._assert_scalar.default,
+            aten._assert_tensor_metadata.default, aten.sym_constrain_range_for_size.default,
+            aten.sym_constrain_range.default}
+
+
+def is_symbolic(node) -> bool:
+    """A size computation (aten.sym_size.int, operator.mul on SymInts...): yields a number, not a tensor."""
+    import torch
+
+    return node.op == "call_function" and isinstance(
+        node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+
+
 def is_compute(node) -> bool:
-    """An operator call that counts toward block sizes (tuple indexing does not)."""
-    return node.op == "call_function" and node.target is not operator.getitem
+    """An operator call that counts toward block sizes (tuple indexing, sizes and checks do not)."""
+    return (node.op == "call_function" and node.target is not operator.getitem
+            and not is_symbolic(node) and node.target not in assertions())
 
 
 def op_name(node) -> str:
     """Post-decomposition name as users write it in torch_executed_ops: aten.relu.default."""
-    return str(node.target).removeprefix("torch.ops.")
+    import torch
+
+    if isinstance(node.target, torch._ops.OpOverload):
+        return str(node.target).removeprefix("torch.ops.")
+    module = getattr(node.target, "__module__", None) or ""
+    return f"{module.removeprefix('_')}.{getattr(node.target, '__name__', node.target)}".lstrip(".")
+
+
+def localize_sizes(graph) -> None:
+    """Give every user of a size computation its own copy, placed just before it.
+
+    Each segment then derives the sizes it needs from its own tensor inputs: no SymInt
+    crosses a segment boundary (engines take tensors only), and blocks keep the graph
+    order of their real ops.
+    """
+    for node in reversed(list(graph.nodes)):
+        if not is_symbolic(node) or not node.users:
+            continue
+        for user in list(node.users):
+            with graph.inserting_before(user):
+                copy = graph.node_copy(node)
+            copy.meta = dict(node.meta)
+            user.replace_input_with(node, copy)
+        graph.erase_node(node)
 
 
 def count_ops(nodes) -> Counter:

@@ -60,11 +60,18 @@ def _probe(model, sample: shapes.Sample, cfg, where: str) -> None:
 
 
 def _export(model, sample: shapes.Sample, cfg):
+    import contextlib
+
     import torch
+    from torch.fx.experimental import _config as fx_config
 
     dynamic = shapes.dynamic_shapes(model, cfg.input, sample)
+    # Size-oblivious tracing (as torch.onnx does) keeps a dimension dynamic even when opt is 1.
+    oblivious = fx_config.patch(backed_size_oblivious=True) if dynamic else contextlib.nullcontext()
     try:
-        return torch.export.export(model, sample.args, kwargs=sample.kwargs, dynamic_shapes=dynamic, strict=False)
+        with oblivious:
+            return torch.export.export(model, sample.args, kwargs=sample.kwargs, dynamic_shapes=dynamic,
+                                       strict=False)
     except Exception as err:
         text = str(err)
         if dynamic and ("Constraints violated" in text or "specializ" in text or "Dim" in type(err).__name__

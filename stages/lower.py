@@ -8,9 +8,11 @@ from pipeline.stage import Metrics, StageContext
 from pipeline.store import write_json
 
 NAME = "lower"
-VERSION = 1
+VERSION = 2
 INPUTS = ("export",)
-READS = ("target.name", "compile.truncate_long_and_double")
+READS = ("compile.truncate_long_and_double",)
+# Not target.name: targets that lower alike (onnxruntime, tensorrt) share the lowered program.
+TARGET_KEYS = ("lowering",)
 
 
 def run(ctx: StageContext) -> Metrics:

@@ -85,3 +85,47 @@ def test_invalid_specs_fail_in_one_line_before_building(tmp_path, case):
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["status"] == "FAILED"
     assert [s["name"] for s in run["stages"]] == []  # nothing was built or published
+
+
+# --- transformers and data-dependent fallback --------------------------------------------
+
+# bert_tiny over batch 1..3 and sequence 8..24: the whole encoder, seconds per corner.
+TEXT = ("model=bert_tiny", "input=text_dynamic", "input.dims.batch.opt=2", "input.dims.batch.max=3",
+        "input.dims.seq.opt=16", "input.dims.seq.max=24", "target=onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def bert_job(tmp_path_factory):
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    return run_job(tmp_path_factory.mktemp("bert"), *TEXT)
+
+
+def test_bert_tiny_keyword_integer_inputs_at_every_corner(bert_job):
+    assert bert_job.result.status == "FINISHED"
+    exported = bert_job.json("export/model.json")
+    assert [(i["name"], i["shape"], i["dtype"], i["keyword"]) for i in exported["inputs"]] == [
+        ("input_ids", ["batch", "seq"], "int64", True), ("attention_mask", ["batch", "seq"], "int64", True)]
+    partition = bert_job.json("partition/report.json")["totals"]
+    assert partition["accelerated_segments"] == 1 and partition["torch_ops"] == 0
+    report = bert_job.json("validate/report.json")
+    checked = {s["name"]: s for s in report["shapes"]}
+    assert checked["min"]["dims"] == {"batch": 1, "seq": 8} and checked["max"]["dims"] == {"batch": 3, "seq": 24}
+    assert all(s["passed"] and s["accuracy"]["max_abs_err"] < 1e-3 for s in report["shapes"])
+    (segment,) = bert_job.json("convert/segments.json")["segments"]
+    model = onnx.load(str(bert_job.run_dir / "convert" / segment["onnx"]), load_external_data=False)
+    for value in model.graph.input:
+        assert all(d.dim_param for d in value.type.tensor_type.shape.dim)  # batch and sequence stay dynamic
+
+
+def test_data_dependent_op_falls_back_between_accelerated_blocks(tmp_path):
+    job = run_job(tmp_path, "model=data_dependent_net", "compile.min_block_size=1", "target=onnxruntime")
+    assert job.result.status == "FINISHED"
+    report = job.json("partition/report.json")
+    kinds = [s["kind"] for s in report["segments"]]
+    assert kinds == ["accelerated", "torch", "accelerated"]
+    kept = report["kept_in_torch"]
+    assert set(kept) == {"aten.masked_select.default", "aten.median.default"}
+    assert all("unsupported by onnxruntime" in reason for v in kept.values() for reason in v["reasons"])
+    assert 0 < report["totals"]["accelerated_op_fraction"] < 1
+    assert job.result.metrics["num_accelerated_segments"] == 2
+    assert job.json("validate/report.json")["passed"]

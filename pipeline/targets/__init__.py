@@ -29,6 +29,9 @@ class Target:
     name = "base"
     # Libraries whose versions change this target's artifacts (go into cache keys and tags).
     libraries: tuple[str, ...] = ()
+    # What `lower` does, for the lower stage's cache key: targets that lower alike share the
+    # lowered program (onnxruntime and tensorrt both lower as torch.onnx does).
+    lowering: Any = "none"
 
     def __init__(self, settings: dict[str, Any]):
         self.settings = settings

@@ -42,17 +42,33 @@ def value_info(value) -> dict[str, Any]:
 class OnnxTarget(Target):
     """Lower, support and convert through torch.onnx; subclasses build and load engines."""
 
+    lowering = "torch.onnx decompositions, export checks dropped, sizes localised"
+
     def lower(self, program, compile_cfg):
-        return program.run_decompositions(decomposition_table())
+        from pipeline.segments import assertions, localize_sizes
+
+        program = program.run_decompositions(decomposition_table())
+        # torch.onnx drops export's runtime checks before converting; drop them here too, with
+        # the size arithmetic that fed them, so they neither split segments nor pull a
+        # data-dependent tensor into an accelerated segment just to read its length.
+        graph = program.graph_module.graph
+        checks = assertions()
+        for node in list(graph.nodes):
+            if node.op == "call_function" and node.target in checks:
+                graph.erase_node(node)
+        graph.eliminate_dead_code()
+        localize_sizes(graph)
+        program.graph_module.recompile()
+        return program
 
     def is_supported(self, node) -> bool:
-        import torch
-
         if node.op != "call_function":
             return False
         if node.target is operator.getitem:
             return True
-        return isinstance(node.target, torch._ops.OpOverload) and registry().is_registered(node.target)
+        # OpOverloads, and the size arithmetic torch.onnx also converts (operator.mul,
+        # operator.floordiv, torch.sym_float, ... on SymInts).
+        return registry().is_registered(node.target)
 
     def unsupported_reason(self, node) -> str:
         return "no ONNX conversion for this op in torch.onnx"

@@ -182,6 +182,13 @@ class TorchTensorRTTarget(Target):
         self.values = translate(plain, self.settings, minor, rtx)
         self.settings = {**self.settings, "translated": self.values}
 
+    @property
+    def lowering(self) -> dict[str, Any]:
+        """Torch-TensorRT's lowering reads these settings (decompositions, autocast)."""
+        keys = ("enable_experimental_decompositions", "enable_autocast", "autocast_low_precision_type",
+                "autocast_excluded_nodes", "autocast_excluded_ops", "autocast_max_output_threshold")
+        return {"torch_tensorrt": {k: v for k, v in (self.values or {}).items() if k in keys}}
+
     @functools.cached_property
     def _phases(self):
         from pipeline.targets import torch_tensorrt_phases

@@ -23,6 +23,7 @@ from testkit import (
 )
 
 import stages
+from pipeline import targets
 from pipeline.errors import CompileError, ConfigError
 from pipeline.runner import select
 from pipeline.store import read_manifest
@@ -59,7 +60,10 @@ def test_every_stage_folder_has_a_true_manifest(tiny_job, stage):
     record = tiny_job.record(stage)
     assert (manifest["stage"], manifest["version"], manifest["key"]) == (stage, module.VERSION, record.key)
     assert manifest["inputs"] == {up: tiny_job.record(up).key for up in module.INPUTS}
-    assert manifest["config"] == select(tiny_job.runner.config, module.READS)
+    expected = select(tiny_job.runner.config, module.READS)
+    for attr in getattr(module, "TARGET_KEYS", ()):
+        expected.setdefault("target", {})[attr] = getattr(targets.make("onnxruntime", {}), attr)
+    assert manifest["config"] == expected
     assert manifest["env"]["libraries"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert manifest["env"]["libraries"]["onnxruntime"] == ort.__version__
     assert {"python", "device", "compute_capability"} <= set(manifest["env"])
@@ -172,6 +176,13 @@ def test_changing_a_partition_setting_keeps_export_and_lower(tiny_job, tmp_path)
     # Everything is supported, so full compilation succeeds with one engine.
     assert report["totals"]["accelerated_segments"] == 1 and report["kept_nodes"] == []
     assert job.result.status == "FINISHED"
+
+
+def test_targets_that_lower_alike_share_the_lowered_program(tiny_job, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed")
+    job = run_job(tmp_path, "target=tensorrt", cache=tiny_job.cache)
+    assert job.record("export").hit and job.record("lower").hit  # lowered once for onnxruntime
+    assert not job.record("partition").hit  # but partitioned for tensorrt
 
 
 # --- 6a. a corrupt cache entry is a miss and is rebuilt ---------------------------------
