@@ -15,6 +15,22 @@ from pipeline.store import load_json, require_manifest
 RUN_STAGES = ("export", "lower", "partition", "build")
 
 
+def truncating(engine):
+    """An engine built with truncate_long_and_double takes float64 inputs as float32 (Torch-TensorRT's casts)."""
+    import torch
+
+    class TruncatingEngine(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return self.inner(*(a.to(torch.float32) if isinstance(a, torch.Tensor) and a.dtype == torch.float64
+                                else a for a in args))
+
+    return TruncatingEngine(engine)
+
+
 def assemble(lower_dir: Path, partition_dir: Path, build_dir: Path):
     """Fuse the lowered program by the recipe and swap each segment for its engine."""
     recipe = load_json(partition_dir / "recipe.json", "partition recipe")
@@ -31,7 +47,8 @@ def assemble(lower_dir: Path, partition_dir: Path, build_dir: Path):
         if name not in built:
             raise ArtifactError(f"{build_dir} has no engine for segment {name}.",
                                 "the build and partition outputs are out of step: run the pipeline again.")
-        setattr(gm, name, target.load_engine(built[name], build_dir))
+        engine = target.load_engine(built[name], build_dir)
+        setattr(gm, name, truncating(engine) if built[name].get("truncated_double") else engine)
     return gm  # exported programs are already in eval mode (and refuse .eval())
 
 

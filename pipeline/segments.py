@@ -212,3 +212,29 @@ def dynamic_dims(profiles: list[dict[str, list]] | None) -> tuple | None:
         varying = {d for p in profiles for d in range(len(opt)) if p["min"][i][d] != p["max"][i][d]}
         specs.append({d: torch.export.Dim.DYNAMIC for d in sorted(varying)} or None)
     return tuple(specs) if any(specs) else None
+
+
+def truncate_double(module, args: tuple) -> tuple:
+    """Torch-TensorRT's truncate_double for one segment: float64 weights, constants and inputs become float32.
+
+    Engines rarely compute in float64 (TensorRT not at all); the hybrid module casts the
+    segment's float64 inputs on the way in (TruncatingEngine), as Torch-TensorRT does.
+    """
+    import torch
+
+    for name, tensor in [*module.named_parameters(recurse=True), *module.named_buffers(recurse=True)]:
+        if tensor.dtype == torch.float64:
+            owner, _, attr = name.rpartition(".")
+            holder = module.get_submodule(owner) if owner else module
+            value = tensor.detach().to(torch.float32)
+            if isinstance(tensor, torch.nn.Parameter):
+                setattr(holder, attr, torch.nn.Parameter(value, requires_grad=False))
+            else:
+                holder.register_buffer(attr, value)
+    for node in module.graph.nodes:
+        if node.kwargs.get("dtype") == torch.float64:
+            node.kwargs = {**node.kwargs, "dtype": torch.float32}
+        node.args = tuple(torch.float32 if a == torch.float64 else a for a in node.args)
+    module.recompile()
+    return tuple(a.to(torch.float32) if isinstance(a, torch.Tensor) and a.dtype == torch.float64 else a
+                 for a in args)

@@ -103,7 +103,7 @@ def bert(
     return BertEncoder(BertModel(config, add_pooling_layer=True))
 
 
-class DataDependentNet(nn.Module):
+class DataDependentNet(CustomOpNet):
     """A CNN with a data-dependent op in the middle, for fallback around it.
 
     The stem's positive activations are gathered with `masked_select` (output length
@@ -115,17 +115,6 @@ class DataDependentNet(nn.Module):
     data. (torch.export also emits size assertions on the unbacked length, which a
     partitioner must drop or keep in PyTorch, never put in an accelerated block.)
     """
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-        )
-        self.head = nn.Sequential(
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.stem(x)

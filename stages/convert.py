@@ -13,9 +13,9 @@ from pipeline.store import load_json, write_json
 from stages.export import load_example
 
 NAME = "convert"
-VERSION = 2
+VERSION = 3
 INPUTS = ("export", "lower", "partition")
-READS = ("target", "compile.precision")
+READS = ("target", "compile.precision", "compile.truncate_long_and_double")
 
 
 def run(ctx: StageContext) -> Metrics:
@@ -24,11 +24,15 @@ def run(ctx: StageContext) -> Metrics:
     captured = {key: segments.capture_inputs(fused, sample)
                 for key, sample in load_example(ctx.inputs["export"]).items()}
     converted = []
+    truncate = ctx.config.compile.truncate_long_and_double and ctx.target.name != "torch_tensorrt"
     for name, _ in segments.accelerated(fused):
+        module, args = fused.get_submodule(name), captured["opt"][name]
+        if truncate:  # Torch-TensorRT truncates inside its own converters
+            args = segments.truncate_double(module, args)
         with ctx.console.status(f"converting {name} for {ctx.target.name}"):
-            converted.append(ctx.target.convert(name, fused.get_submodule(name), captured["opt"][name],
-                                                ctx.out, ctx.config.compile,
-                                                profiles=segments.input_profiles(captured, name)))
+            entry = ctx.target.convert(name, module, args, ctx.out, ctx.config.compile,
+                                       profiles=segments.input_profiles(captured, name))
+        converted.append({**entry, "truncated_double": bool(truncate)})
     write_json(ctx.out / "segments.json", {"target": ctx.target.name, "segments": converted})
     size = sum(p.stat().st_size for p in ctx.out.iterdir())
     return {"num_converted_segments": len(converted), "converted_bytes": size}

@@ -30,6 +30,13 @@ def caster(precision: str):
     return lambda t: t.to(dtype) if t.is_floating_point() else t
 
 
+def cast_model(model, precision: str):
+    """fp16/bf16 cast the model; fp32 leaves it as built (a model that computes in float64 stays so)."""
+    import torch
+
+    return model if precision == "fp32" else model.to(getattr(torch, PRECISION_DTYPES[precision]))
+
+
 def load_example(export_dir) -> dict[str, shapes.Sample]:
     """The samples export traced with: 'opt', and 'min'/'max' (and 'p<i>-<corner>') for dynamic inputs."""
     import torch
@@ -133,7 +140,7 @@ def run(ctx: StageContext) -> Metrics:
     precision = cfg.compile.precision
     model = build_model(cfg.model)
     digest = weights_digest(model)
-    model = model.to(getattr(torch, PRECISION_DTYPES[precision]))
+    model = cast_model(model, precision)
     cast = caster(precision)
     examples = {"opt": shapes.make(cfg.input, shapes.corners(cfg.input)["opt"], 1)[0].to("cpu", cast)}
     if shapes.is_dynamic(cfg.input):

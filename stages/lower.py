@@ -10,7 +10,7 @@ from pipeline.store import write_json
 NAME = "lower"
 VERSION = 2
 INPUTS = ("export",)
-READS = ("compile.truncate_long_and_double",)
+READS: tuple[str, ...] = ()
 # Not target.name: targets that lower alike (onnxruntime, tensorrt) share the lowered program.
 TARGET_KEYS = ("lowering",)
 
@@ -19,7 +19,7 @@ def run(ctx: StageContext) -> Metrics:
     program = programs.load(ctx.inputs["export"])
     before = count_ops(program.graph.nodes)
     with ctx.console.status(f"lowering for {ctx.target.name}"):
-        lowered = ctx.target.lower(program, ctx.config.compile)
+        lowered = ctx.target.lower(program)
     after = count_ops(lowered.graph.nodes)
     programs.save(lowered, ctx.out, imports=programs.imports_of(ctx.inputs["export"]))
     write_json(ctx.out / "ops.json", {"before": dict(sorted(before.items())), "after": dict(sorted(after.items()))})

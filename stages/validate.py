@@ -22,7 +22,7 @@ from pipeline.models import build_model, weights_digest
 from pipeline.stage import Metrics, StageContext
 from pipeline.store import load_json, write_json
 from pipeline.timing import measure
-from stages.export import PRECISION_DTYPES, caster
+from stages.export import cast_model, caster
 
 NAME = "validate"
 VERSION = 2
@@ -141,7 +141,7 @@ def run(ctx: StageContext) -> Metrics:
             got_all += got
     accuracy = compare(ref_all, got_all, classifier)  # over every shape: the worst case counts
 
-    eager = reference.to(device=device, dtype=getattr(torch, PRECISION_DTYPES[precision]))
+    eager = cast_model(reference, precision).to(device)
     cuda = device == "cuda"
     timed = [c for c in checks if c[0] == "opt" or (vcfg.latency_at_corners and c[0] in ("min", "max"))]
     latency: dict[str, Any] = {}

@@ -57,7 +57,7 @@ def test_data_dependent_net_keeps_its_data_dependent_op_in_pytorch(tmp_path):
 
     program = torch.export.export(model, (x,), strict=False)
     target = OnnxRuntimeTarget({})
-    gm = target.graph_module(target.lower(program, None))
+    gm = target.graph_module(target.lower(program))
     by_op = {}
     for node in gm.graph.nodes:
         if node.op == "call_function":

@@ -164,3 +164,18 @@ def batch_branch_net():
             return self.fc(x) * 2 if x.shape[0] == 1 else self.fc(x)
 
     return BatchBranch()
+
+
+def double_net():
+    """Computes in float64 inside (weights and a cast): what truncate_long_and_double is for."""
+    import torch
+
+    class DoubleNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4).double()
+
+        def forward(self, x):
+            return torch.relu(self.fc(x.double())).float() + 1
+
+    return DoubleNet()

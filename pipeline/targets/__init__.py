@@ -52,7 +52,7 @@ class Target:
     def configure(self, compile_cfg) -> None:
         """Check and translate this job's compile settings before any stage runs (errors here are the user's)."""
 
-    def lower(self, program, compile_cfg):
+    def lower(self, program):
         return program
 
     def graph_module(self, program):

@@ -44,7 +44,7 @@ class OnnxTarget(Target):
 
     lowering = "torch.onnx decompositions, export checks dropped, sizes localised"
 
-    def lower(self, program, compile_cfg):
+    def lower(self, program):
         from pipeline.segments import assertions, localize_sizes
 
         program = program.run_decompositions(decomposition_table())

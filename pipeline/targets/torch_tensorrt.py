@@ -202,7 +202,7 @@ class TorchTensorRTTarget(Target):
                               "this is a bug in the pipeline: report it.")
         return self._phases.compilation_settings(self.values)
 
-    def lower(self, program, compile_cfg):
+    def lower(self, program):
         return self._phases.lower(program, self.compilation_settings)
 
     def graph_module(self, program):
