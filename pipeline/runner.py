@@ -19,7 +19,15 @@ from rich.console import Console
 from pipeline import env, shapes, targets
 from pipeline.errors import CompileError, ConfigError, PipelineError
 from pipeline.stage import StageContext
-from pipeline.store import Store, cache_key, link_tree, load_json, publish_folder, write_json
+from pipeline.store import (
+    MANIFEST,
+    Store,
+    cache_key,
+    link_tree,
+    load_json,
+    publish_folder,
+    write_json,
+)
 
 
 @dataclass
@@ -112,12 +120,29 @@ class Runner:
         self.target_name = name
         self.store = Store(Path(container["paths"]["cache"]).resolve())
 
+    def input_identities(self, stage, keys: dict[str, str]) -> dict[str, Any]:
+        """Upstream keys, or for inputs a stage reads only a few files of (CONTENT), those files' hashes.
+
+        Convert reads nothing of partition but its recipe: sweeps over min_block_size that end
+        in the same split then share convert and build, not only export and lower.
+        """
+        identities: dict[str, Any] = {}
+        for up in stage.INPUTS:
+            files = getattr(stage, "CONTENT", {}).get(up)
+            if files is None:
+                identities[up] = keys[up]
+                continue
+            manifest = load_json(self.run_dir / up / MANIFEST, f"the {up} manifest")
+            digests = {f["path"]: f["sha256"] for f in manifest["files"]}
+            identities[up] = {name: digests[name] for name in files}
+        return identities
+
     def run_stage(self, stage, keys: dict[str, str], target, fingerprint: dict) -> StageRecord:
         subset = select(self.config, stage.READS)
         for attr in getattr(stage, "TARGET_KEYS", ()):  # what the target object says, not its config
             subset.setdefault("target", {})[attr] = getattr(target, attr)
         key = cache_key({"stage": stage.NAME, "version": stage.VERSION, "config": subset,
-                         "inputs": {up: keys[up] for up in stage.INPUTS}, "env": fingerprint})
+                         "inputs": self.input_identities(stage, keys), "env": fingerprint})
         started = time.perf_counter()
         if stage.NAME == "validate" and not self.config["validate"]["cache"]:
             # Measurements are of this moment on this machine: by default never reused.

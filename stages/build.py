@@ -15,6 +15,8 @@ from stages.export import load_example
 NAME = "build"
 VERSION = 2
 INPUTS = ("export", "lower", "partition", "convert")
+# Of partition only the recipe matters (for the packaged program).
+CONTENT = {"partition": ("recipe.json",)}
 READS = ("target", "compile.optimization_level", "compile.workspace_size", "compile.precision")
 
 ENGINES = "engines.json"

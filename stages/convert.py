@@ -15,6 +15,8 @@ from stages.export import load_example
 NAME = "convert"
 VERSION = 3
 INPUTS = ("export", "lower", "partition")
+# Of partition only the recipe matters: equal splits share this stage across min_block_size values.
+CONTENT = {"partition": ("recipe.json",)}
 READS = ("target", "compile.precision", "compile.truncate_long_and_double")
 
 

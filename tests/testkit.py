@@ -179,3 +179,15 @@ def double_net():
             return torch.relu(self.fc(x.double())).float() + 1
 
     return DoubleNet()
+
+
+def tiny_or_dying(die: bool = False):
+    """tiny_cnn, or a process killed while building it: a worker lost mid-sweep (out of memory, preempted)."""
+    import os
+    import signal
+
+    from pipeline.zoo import tiny_cnn
+
+    if die:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return tiny_cnn()

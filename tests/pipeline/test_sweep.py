@@ -24,7 +24,9 @@ from pipeline.store import read_manifest
 
 def run_sweep(tmp: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "pipeline", "-m", *overrides(tmp, extra, tmp / "cache"), f"hydra.sweep.dir={tmp}/sweep"]
-    return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    # testkit's models (tests/) must import in the job processes too.
+    env = clean_env(PYTHONPATH=str(REPO / "tests"))
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def children_and_parent(tmp: Path):
@@ -120,3 +122,15 @@ def test_autotune_goes_on_past_failed_trials_and_tags_the_best(tmp_path):
     best = parent.data.tags["best.params"]
     assert "compile.require_full_compilation=False" in best or "compile.require_full_compilation=false" in best
     assert "autotune best" in out and (tmp_path / "sweep" / "optimization_results.yaml").is_file()
+
+
+def test_a_killed_worker_is_a_failed_row_and_the_sweep_still_reports(tmp_path):
+    proc = run_sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                     "model._target_=testkit.tiny_or_dying", "+model.kwargs.die=false,true")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "2 jobs, 1 failed" in out or "2 jobs, 2 failed" in out, out[-3000:]
+    assert "worker stopped before it recorded a result" in out
+    (parent,), children = children_and_parent(tmp_path)
+    assert parent.info.status == "FAILED"
+    assert all(c.info.status != "RUNNING" for c in children)
