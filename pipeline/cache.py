@@ -4,8 +4,9 @@ Removing is safe beside running jobs: an entry is removed under the same per-key
 the store's builders hold, is checked again under it (an entry rebuilt or used since the
 scan is kept), and is renamed aside before it is deleted, so a job sees the whole entry
 or none and rebuilds a missing one. Folders left by interrupted publishes are removed
-only under their key's lock too, so the staging folder of a live build never is. Readers
-take no lock: a job that found an entry just before it is removed fails while linking it.
+only under their key's lock too, so the staging folder of a live build never is. Jobs
+read an entry under the same lock, shared, so an entry is never removed between a job
+finding it and linking it into its run folder.
 
 "Last used" is the ctime of an entry's manifest: every run that uses an entry hard-links
 its files into the run folder, which sets the ctime (removing such a run folder does

@@ -153,7 +153,12 @@ class Runner:
                                      final=self.run_dir / stage.NAME)
             return StageRecord(stage.NAME, key, False, manifest["wall_seconds"], manifest["metrics"],
                                manifest["notes"])
-        manifest = self.store.lookup(stage.NAME, key)
+        # Readers share the key's lock, so `python -m pipeline.cache prune` never removes an
+        # entry between a job finding it and linking it into its run folder.
+        with self.store.lock(stage.NAME, key, shared=True):
+            manifest = self.store.lookup(stage.NAME, key)
+            if manifest is not None:
+                link_tree(self.store.entry(stage.NAME, key), self.run_dir / stage.NAME)
         hit = manifest is not None
         if not hit:
             with self.store.lock(stage.NAME, key):
@@ -163,7 +168,7 @@ class Runner:
                     manifest = self._execute(stage, key, subset, keys, target, fingerprint,
                                              self.store.staging(stage.NAME, key),
                                              final=self.store.entry(stage.NAME, key))
-        link_tree(self.store.entry(stage.NAME, key), self.run_dir / stage.NAME)
+                link_tree(self.store.entry(stage.NAME, key), self.run_dir / stage.NAME)
         seconds = time.perf_counter() - started if hit else manifest["wall_seconds"]
         return StageRecord(stage.NAME, key, hit, seconds, manifest["metrics"], manifest["notes"])
 

@@ -107,12 +107,12 @@ class Store:
         return read_manifest(folder) if folder.exists() else None
 
     @contextlib.contextmanager
-    def lock(self, stage: str, key: str) -> Iterator[None]:
-        """Serialise builders of one key; other keys proceed in parallel."""
+    def lock(self, stage: str, key: str, shared: bool = False) -> Iterator[None]:
+        """Serialise builders (and pruners) of one key; readers share it; other keys proceed in parallel."""
         lock_dir = self.root / stage
         lock_dir.mkdir(parents=True, exist_ok=True)
         with open(lock_dir / f".{key}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             try:
                 yield
             finally:
