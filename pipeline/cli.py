@@ -57,10 +57,12 @@ def run_job(cfg: DictConfig) -> float | None:
     print_summary(console, result)
     _save_log(console, run_dir)
     latency = result.metrics.get("latency_p50_ms")
-    if latency is None and in_sweep and sweep.is_search():
-        raise PipelineError("the engines could not run here, so there is no latency to optimise.",
-                            "search with targets whose engines run on this machine.")
-    return latency if latency is not None or not in_sweep else sweep.failed_value()
+    if latency is None and in_sweep:
+        if sweep.is_search():
+            raise PipelineError("the engines could not run here, so there is no latency to optimise.",
+                                "search with targets whose engines run on this machine.")
+        return sweep.failed_value()
+    return latency
 
 
 def _save_log(console: Console, run_dir: Path) -> None:

@@ -37,11 +37,9 @@ def assemble(lower_dir: Path, partition_dir: Path, build_dir: Path):
     engines = load_json(build_dir / "engines.json", "engine list")
     target = targets.target_class(engines["target"])(dict(engines["settings"]))
     gm = segments.fuse(target.graph_module(programs.load(lower_dir)), recipe)
-    settings = dict(engines["settings"])
-    if "allow_spinning" in settings and settings["allow_spinning"] is None:
-        alone = len(segments.accelerated(gm)) == 1 and not any(segments.is_compute(n) for n in gm.graph.nodes)
-        settings["allow_spinning"] = alone
-        target = targets.target_class(engines["target"])(settings)
+    if target.settings.get("allow_spinning", False) is None:  # auto: spin only for a lone engine
+        target.settings["allow_spinning"] = (len(segments.accelerated(gm)) == 1
+                                             and not any(segments.is_compute(n) for n in gm.graph.nodes))
     built = {seg["name"]: seg for seg in engines["segments"]}
     for name, _ in segments.accelerated(gm):
         if name not in built:

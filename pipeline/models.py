@@ -88,3 +88,16 @@ def weights_digest(model) -> str:
         if t.numel():
             h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def flat_outputs(out) -> list:
+    """Every tensor of a model's output (tensor, tuple, list or dict, nested), in order."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in flat_outputs(item)]
+    return []

@@ -38,32 +38,29 @@ class Sample:
         return module(*self.args, **self.kwargs)
 
 
-def _bad(what: str, fix: str) -> ConfigError:
-    return ConfigError(what, fix)
-
 
 def _check_dim(where: str, dim) -> None:
     keys = sorted(dim.keys()) if hasattr(dim, "keys") else None
     if keys != ["max", "min", "opt"] or not all(isinstance(dim[k], int) and not isinstance(dim[k], bool) for k in keys):
-        raise _bad(f"{where}={dim!r} is not a dynamic dimension.",
-                   f"give it integer min, opt and max: {where}={{min: 1, opt: 8, max: 32}}.")
+        raise ConfigError(f"{where}={dim!r} is not a dynamic dimension.",
+                          f"give it integer min, opt and max: {where}={{min: 1, opt: 8, max: 32}}.")
     lo, opt, hi = int(dim["min"]), int(dim["opt"]), int(dim["max"])
     if lo < 1:
-        raise _bad(f"{where}.min={lo}: sizes start at 1.", f"set {where}.min to 1 or more.")
+        raise ConfigError(f"{where}.min={lo}: sizes start at 1.", f"set {where}.min to 1 or more.")
     if not lo <= opt <= hi:
         rule = "min > opt" if lo > opt else "opt > max"
-        raise _bad(f"{where} has {rule} (min={lo}, opt={opt}, max={hi}).",
-                   f"order them so that {where}.min <= opt <= max.")
+        raise ConfigError(f"{where} has {rule} (min={lo}, opt={opt}, max={hi}).",
+                          f"order them so that {where}.min <= opt <= max.")
 
 
 def check(input_cfg) -> None:
     """Every rule an input spec must follow, as one-line errors, before anything is built."""
     tensors, dims = list(input_cfg.tensors), dict(input_cfg.dims)
     if not tensors:
-        raise _bad("input.tensors is empty.", "describe at least one input, e.g. input=image_224.")
+        raise ConfigError("input.tensors is empty.", "describe at least one input, e.g. input=image_224.")
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
-        raise _bad(f"input.tensors repeats a name: {names}.", "give every input its own name.")
+        raise ConfigError(f"input.tensors repeats a name: {names}.", "give every input its own name.")
     for name, dim in dims.items():
         _check_dim(f"input.dims.{name}", dim)
     used = set()
@@ -72,24 +69,24 @@ def check(input_cfg) -> None:
         for size in t.shape:
             if isinstance(size, str):
                 if size not in dims:
-                    raise _bad(f"input.tensors[{i}] ({t.name}) names dimension {size!r}, which input.dims lacks.",
-                               f"add input.dims.{size}={{min: 1, opt: 8, max: 32}}, or give a number.")
+                    raise ConfigError(f"input.tensors[{i}] ({t.name}) names dimension {size!r}, which input.dims lacks.",
+                                      f"add input.dims.{size}={{min: 1, opt: 8, max: 32}}, or give a number.")
                 used.add(size)
             elif not isinstance(size, int) or isinstance(size, bool) or size < 1:
-                raise _bad(f"input.tensors[{i}] ({t.name}) has size {size!r} in shape {list(t.shape)}.",
-                           "use positive integers, or names of dimensions in input.dims.")
+                raise ConfigError(f"input.tensors[{i}] ({t.name}) has size {size!r} in shape {list(t.shape)}.",
+                                  "use positive integers, or names of dimensions in input.dims.")
         if not torch_dtype(t.dtype).is_floating_point and t.low >= t.high:
-            raise _bad(f"input.tensors[{i}] ({t.name}) draws integers from [{t.low}, {t.high}), which is empty.",
+            raise ConfigError(f"input.tensors[{i}] ({t.name}) draws integers from [{t.low}, {t.high}), which is empty.",
                        f"set input.tensors[{i}].high above low (e.g. the vocabulary size).")
     unused = sorted(set(dims) - used)
     if unused:
-        raise _bad(f"input.dims.{unused[0]} is not used by any input's shape.",
-                   f"name it in a shape (e.g. [{unused[0]}, 3, 224, 224]) or remove it.")
+        raise ConfigError(f"input.dims.{unused[0]} is not used by any input's shape.",
+                          f"name it in a shape (e.g. [{unused[0]}, 3, 224, 224]) or remove it.")
     for p, profile in enumerate(input_cfg.extra_profiles):
         for name, dim in profile.items():
             if name not in dims:
-                raise _bad(f"input.extra_profiles[{p}] sets {name!r}, which is not in input.dims.",
-                           f"use the dimensions of input.dims: {', '.join(dims) or 'none'}.")
+                raise ConfigError(f"input.extra_profiles[{p}] sets {name!r}, which is not in input.dims.",
+                                  f"use the dimensions of input.dims: {', '.join(dims) or 'none'}.")
             _check_dim(f"input.extra_profiles[{p}].{name}", dim)
 
 

@@ -36,8 +36,6 @@ def _settings(config: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(config.tracking, resolve=True)
 
 
-def _is_autotune(config: DictConfig) -> bool:
-    return "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
 
 
 class SweepCallback(Callback):
@@ -51,7 +49,7 @@ class SweepCallback(Callback):
         sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         overrides = list(config.hydra.overrides.task)
         info: dict[str, Any] = {"id": sweep_id, "dir": str(sweep_dir), "started": time.time(),
-                                "overrides": overrides, "autotune": _is_autotune(config), "parent": None}
+                                "overrides": overrides, "autotune": is_search(config.hydra), "parent": None}
         if config.tracking.enabled:
             params = {"sweep.overrides": " ".join(overrides),
                       "sweep.sweeper": OmegaConf.select(config, "hydra.sweeper._target_", default=""),
@@ -85,11 +83,13 @@ def failed_value() -> float:
     return math.nan
 
 
-def is_search() -> bool:
-    """Whether this job is a trial of an Optuna search, whose failures must raise to be marked failed."""
-    from hydra.core.hydra_config import HydraConfig
+def is_search(hydra_cfg=None) -> bool:
+    """Whether the sweep (this job's, by default) is an Optuna search, whose failed trials must raise."""
+    if hydra_cfg is None:
+        from hydra.core.hydra_config import HydraConfig
 
-    return "optuna" in str(OmegaConf.select(HydraConfig.get(), "sweeper._target_", default=""))
+        hydra_cfg = HydraConfig.get()
+    return "optuna" in str(OmegaConf.select(hydra_cfg, "sweeper._target_", default=""))
 
 
 def disk_records(sweep_dir: Path) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pipeline import programs, shapes
 from pipeline.errors import ConfigError
-from pipeline.models import build_model, torch_dtype, weights_digest
+from pipeline.models import build_model, flat_outputs, torch_dtype, weights_digest
 from pipeline.stage import Metrics, StageContext
 from pipeline.store import write_json
 
@@ -50,13 +50,13 @@ def _describe(sample: shapes.Sample) -> str:
     return ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors)
 
 
-def _probe(model, sample: shapes.Sample, cfg, where: str) -> None:
-    """Run eager once at these sizes: a shape the model rejects fails here, in one line."""
+def _probe(model, sample: shapes.Sample, cfg, where: str) -> list:
+    """Eager outputs at these sizes: a shape the model rejects fails here, in one line."""
     import torch
 
     try:
         with torch.no_grad():
-            sample(model)
+            return flat_outputs(sample(model))
     except Exception as err:  # the model's own complaint is the most useful message
         raise ConfigError(
             f"input {cfg.input.name} at {where} ({_describe(sample)}) does not fit model "
@@ -85,23 +85,19 @@ def _export(model, sample: shapes.Sample, cfg):
                         or "ConstraintViolation" in type(err).__name__):
             detail = next((line.strip() for line in text.splitlines() if "specializ" in line or "must" in line),
                           text.splitlines()[0])
-            raise ConfigError(
-                f"model {cfg.model.name} does not keep input dimension(s) {', '.join(cfg.input.dims)} dynamic: {detail}",
-                "make that dimension static in input.tensors (a number instead of its name), or narrow its "
-                "min/max in input.dims to what the model supports.",
-            ) from None
+            raise _not_dynamic(cfg, detail) from None
         raise
 
 
-def _flat(out) -> list:
-    if isinstance(out, (tuple, list)):
-        return [t for item in out for t in _flat(item)]
-    if isinstance(out, dict):
-        return _flat(list(out.values()))
-    return [out] if hasattr(out, "shape") else []
+def _not_dynamic(cfg, detail: str) -> ConfigError:
+    return ConfigError(
+        f"model {cfg.model.name} does not keep input dimension(s) {', '.join(cfg.input.dims)} dynamic: {detail}",
+        "make that dimension static in input.tensors (a number instead of its name), or narrow its "
+        "min/max in input.dims to sizes the model treats alike.",
+    )
 
 
-def _check_corners(program, model, examples: dict[str, shapes.Sample], cfg) -> None:
+def _check_corners(program, eager: dict[str, list], examples: dict[str, shapes.Sample], cfg) -> None:
     """The traced program must agree with eager at every corner, not only where it was traced.
 
     torch.export assumes dynamic sizes are not 0 or 1 while tracing, so a model that
@@ -114,29 +110,24 @@ def _check_corners(program, model, examples: dict[str, shapes.Sample], cfg) -> N
     for name, sample in examples.items():
         if name == "opt":
             continue
-        where = f"{name} ({shapes.label(sample.dims)})"
+        ref = eager[name]
         try:
             with torch.no_grad():
-                got, ref = _flat(sample(module)), _flat(sample(model))
+                got = flat_outputs(sample(module))
             bad = next((f"output {i} differs from eager" for i, (g, r) in enumerate(zip(got, ref, strict=True))
                         if g.shape != r.shape or not torch.allclose(g.double(), r.double(), rtol=1e-2, atol=1e-3)),
                        None)
         except Exception as err:  # guard failures and shape errors of the traced program
             bad = str(err).splitlines()[0]
         if bad:
-            raise ConfigError(
-                f"model {cfg.model.name} does not keep input dimension(s) {', '.join(cfg.input.dims)} dynamic: "
-                f"the exported program, traced at opt, is wrong at {where}: {bad}",
-                "make that dimension static in input.tensors (a number instead of its name), or narrow its "
-                "min/max in input.dims to sizes the model treats alike.",
-            )
+            raise _not_dynamic(cfg, f"the exported program, traced at opt, is wrong at "
+                                    f"{name} ({shapes.label(sample.dims)}): {bad}")
 
 
 def run(ctx: StageContext) -> Metrics:
     import torch
 
-    cfg = ctx.config
-    shapes.check(cfg.input)
+    cfg = ctx.config  # the input spec was checked by the runner before any stage
     precision = cfg.compile.precision
     model = build_model(cfg.model)
     digest = weights_digest(model)
@@ -148,28 +139,26 @@ def run(ctx: StageContext) -> Metrics:
             for corner in ("min", "max") if p == 0 else shapes.CORNERS:
                 name = corner if p == 0 else f"p{p}-{corner}"
                 examples[name] = shapes.make(cfg.input, profile[corner], 1)[0].to("cpu", cast)
-    for name, sample in examples.items():
-        _probe(model, sample, cfg, f"{name} ({shapes.label(sample.dims)})")
+    eager = {name: _probe(model, sample, cfg, f"{name} ({shapes.label(sample.dims)})")
+             for name, sample in examples.items()}
     with ctx.console.status(f"torch.export of {cfg.model.name}"):
         program = _export(model, examples["opt"], cfg)
-        _check_corners(program, model, examples, cfg)
+        _check_corners(program, eager, examples, cfg)
     factory_module = cfg.model._target_.rpartition(".")[0]
     programs.save(program, ctx.out, imports=[factory_module])
     torch.save({k: {"args": s.args, "kwargs": s.kwargs, "dims": s.dims} for k, s in examples.items()},
                ctx.out / EXAMPLE)
-    outputs = examples["opt"](program.module())
-    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    num_parameters = sum(p.numel() for p in model.parameters())
     write_json(ctx.out / "model.json", {
         "name": cfg.model.name,
         "factory": cfg.model._target_,
         "weights_sha256": digest,
         "precision": precision,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_parameters": num_parameters,
         "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": str(cast(torch.empty(0, dtype=torch_dtype(t.dtype))).dtype).removeprefix("torch."),
                     "keyword": bool(t.keyword)} for t in cfg.input.tensors],
         "dims": {name: dict(d) for name, d in cfg.input.dims.items()},
-        "outputs": [{"shape": list(o.shape), "dtype": str(o.dtype).removeprefix("torch.")} for o in outputs
-                    if isinstance(o, torch.Tensor)],
+        "outputs": [{"shape": list(o.shape), "dtype": str(o.dtype).removeprefix("torch.")} for o in eager["opt"]],
     })
-    return {"num_parameters": sum(p.numel() for p in model.parameters()),
+    return {"num_parameters": num_parameters,
             "program_bytes": (ctx.out / programs.PROGRAM).stat().st_size}

@@ -18,7 +18,7 @@ import torch
 
 from pipeline import hybrid, shapes
 from pipeline.errors import ArtifactError
-from pipeline.models import build_model, weights_digest
+from pipeline.models import build_model, flat_outputs, weights_digest
 from pipeline.stage import Metrics, StageContext
 from pipeline.store import load_json, write_json
 from pipeline.timing import measure
@@ -28,14 +28,6 @@ NAME = "validate"
 VERSION = 2
 INPUTS = ("export", "lower", "partition", "build")
 READS = ("model", "input", "compile.precision", "validate", "target")
-
-
-def flat_outputs(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    return [t for item in out for t in flat_outputs(item)]
 
 
 def compare(ref: list[list[torch.Tensor]], got: list[list[torch.Tensor]], classifier: bool) -> dict[str, Any]:

@@ -57,9 +57,6 @@ def installed_version() -> tuple[str, tuple[int, int], bool] | None:
     return None
 
 
-def _reject(what: str, fix: str) -> ConfigError:
-    return ConfigError(what, fix)
-
 
 def translate(compile_cfg: dict[str, Any], target_cfg: dict[str, Any], version: tuple[int, int],
               rtx: bool = False) -> dict[str, Any]:
@@ -70,8 +67,8 @@ def translate(compile_cfg: dict[str, Any], target_cfg: dict[str, Any], version: 
     """
     label = f"torch-tensorrt {version[0]}.{version[1]}"
     if version < OLDEST:
-        raise _reject(f"{label} is older than this pipeline supports ({OLDEST[0]}.{OLDEST[1]}).",
-                      f"upgrade: {INSTALL}.")
+        raise ConfigError(f"{label} is older than this pipeline supports ({OLDEST[0]}.{OLDEST[1]}).",
+                          f"upgrade: {INSTALL}.")
     precision = getattr(compile_cfg["precision"], "value", str(compile_cfg["precision"]))
     out: dict[str, Any] = {
         "min_block_size": int(compile_cfg["min_block_size"]),
@@ -93,20 +90,20 @@ def translate(compile_cfg: dict[str, Any], target_cfg: dict[str, Any], version: 
     explicit, precisions = target_cfg.get("use_explicit_typing"), list(target_cfg.get("enabled_precisions") or [])
     if version >= STRONGLY_TYPED:
         if precisions:
-            raise _reject(f"target.enabled_precisions={precisions} is ignored by {label}: networks are strongly "
-                          "typed and take their precision from the graph.",
-                          "remove it and set compile.precision=fp16 (casts the model), or keep fp32 and set "
-                          "target.enable_autocast=true target.autocast_low_precision_type=float16.")
+            raise ConfigError(f"target.enabled_precisions={precisions} is ignored by {label}: networks are strongly "
+                              "typed and take their precision from the graph.",
+                              "remove it and set compile.precision=fp16 (casts the model), or keep fp32 and set "
+                              "target.enable_autocast=true target.autocast_low_precision_type=float16.")
         if explicit is False:
-            raise _reject(f"target.use_explicit_typing=false is not possible with {label}: every network is "
-                          "strongly typed.", "remove target.use_explicit_typing.")
+            raise ConfigError(f"target.use_explicit_typing=false is not possible with {label}: every network is "
+                              "strongly typed.", "remove target.use_explicit_typing.")
     else:
         out["use_explicit_typing"] = True if explicit is None else bool(explicit)
         if precisions:
             unknown = [p for p in precisions if p not in FLOAT_DTYPES]
             if unknown:
-                raise _reject(f"target.enabled_precisions has unknown dtypes {unknown}.",
-                              f"use names from {sorted(FLOAT_DTYPES)}.")
+                raise ConfigError(f"target.enabled_precisions has unknown dtypes {unknown}.",
+                                  f"use names from {sorted(FLOAT_DTYPES)}.")
             out["enabled_precisions"] = sorted(set(precisions))
         else:
             out["enabled_precisions"] = sorted({"float32", LOW_PRECISION.get(precision, "float32")})
@@ -114,11 +111,11 @@ def translate(compile_cfg: dict[str, Any], target_cfg: dict[str, Any], version: 
     low = target_cfg.get("autocast_low_precision_type")
     if target_cfg["enable_autocast"]:
         if precision != "fp32":
-            raise _reject(f"target.enable_autocast lowers an fp32 model, but compile.precision={precision} "
-                          "already casts it.", "set compile.precision=fp32, or target.enable_autocast=false.")
+            raise ConfigError(f"target.enable_autocast lowers an fp32 model, but compile.precision={precision} "
+                              "already casts it.", "set compile.precision=fp32, or target.enable_autocast=false.")
         if low not in LOW_PRECISION:
-            raise _reject(f"target.enable_autocast=true needs target.autocast_low_precision_type, got {low!r}.",
-                          "set target.autocast_low_precision_type=float16 (or bfloat16).")
+            raise ConfigError(f"target.enable_autocast=true needs target.autocast_low_precision_type, got {low!r}.",
+                              "set target.autocast_low_precision_type=float16 (or bfloat16).")
         out.update({
             "enable_autocast": True,
             "autocast_low_precision_type": LOW_PRECISION[low],
@@ -127,13 +124,13 @@ def translate(compile_cfg: dict[str, Any], target_cfg: dict[str, Any], version: 
             "autocast_max_output_threshold": float(target_cfg["autocast_max_output_threshold"]),
         })
     elif low or target_cfg["autocast_excluded_nodes"] or target_cfg["autocast_excluded_ops"]:
-        raise _reject("target.autocast_* settings are set but target.enable_autocast is false.",
-                      "set target.enable_autocast=true, or remove the autocast settings.")
+        raise ConfigError("target.autocast_* settings are set but target.enable_autocast is false.",
+                          "set target.enable_autocast=true, or remove the autocast settings.")
 
     if target_cfg.get("timing_cache_path"):
         if rtx:
-            raise _reject("target.timing_cache_path is not used by Torch-TensorRT for TensorRT-RTX "
-                          "(it does not autotune).", "remove target.timing_cache_path.")
+            raise ConfigError("target.timing_cache_path is not used by Torch-TensorRT for TensorRT-RTX "
+                              "(it does not autotune).", "remove target.timing_cache_path.")
         out["timing_cache_path"] = str(target_cfg["timing_cache_path"])
     if target_cfg.get("engine_cache_dir"):
         out.update({"cache_built_engines": True, "reuse_cached_engines": True,
@@ -199,7 +196,7 @@ class TorchTensorRTTarget(Target):
     def compilation_settings(self):
         if self.values is None:
             raise ConfigError("the torch_tensorrt target was used before its settings were translated.",
-                              "this is a bug in the pipeline: report it.")
+                                  "this is a bug in the pipeline: report it.")
         return self._phases.compilation_settings(self.values)
 
     def lower(self, program):
