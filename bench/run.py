@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline import layout  # noqa: E402
+
 
 def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
@@ -41,7 +43,7 @@ def orchestrator_cost(work: Path) -> dict[str, float]:
     if proc.returncode != 0:
         sys.exit(f"pipeline run failed:\n{proc.stdout}\n{proc.stderr}")
     stages = sum(json.loads((run_dir / s / "manifest.json").read_text())["wall_seconds"]
-                 for s in ("export", "lower", "partition", "convert", "build", "validate"))
+                 for s in layout.STAGES)
     orchestrator = wall - startup - stages
     return {"wall_s": wall, "startup_and_import_torch_s": startup, "stages_s": stages,
             "orchestrator_s": orchestrator, "orchestrator_fraction": orchestrator / wall,

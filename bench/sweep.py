@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import layout  # noqa: E402
+
 SWEEP = ("model=resnet50", "compile.min_block_size=1,5,10", "target=onnxruntime,tensorrt")
 
 
@@ -47,7 +51,7 @@ def measure(work: Path, extra: list[str]) -> dict:
     for job in jobs:
         run = json.loads((job / "run.json").read_text())
         row = {"job": int(job.name), "target": run["target"], "status": run["status"]}
-        for stage in ("export", "lower", "partition", "convert", "build", "validate"):
+        for stage in layout.STAGES:
             m = manifest(job / stage)
             key = f"{stage}:{m['key']}"
             if stage in runs and key not in seen:

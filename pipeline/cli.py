@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import layout
 from pipeline.errors import PipelineError
 
 
@@ -46,10 +47,10 @@ def run_job(cfg: DictConfig) -> float | None:
         if debug:
             raise
         if in_sweep:
-            if not (run_dir / "run.json").is_file():  # failed before the runner could record it
-                from pipeline.store import write_json
+            if not (run_dir / layout.RUN_JSON).is_file():  # failed before the runner could record it
+                from pipeline.files import write_json
 
-                write_json(run_dir / "run.json", {"status": "FAILED", "error": line, "target": None, "metrics": {}})
+                write_json(run_dir / layout.RUN_JSON, {"status": "FAILED", "error": line, "target": None, "metrics": {}})
             if sweep.is_search():
                 raise  # the Optuna sweeper marks the trial failed (max_failure_rate lets the search go on)
             return sweep.failed_value()
@@ -67,7 +68,7 @@ def run_job(cfg: DictConfig) -> float | None:
 
 def _save_log(console: Console, run_dir: Path) -> None:
     if run_dir.is_dir():
-        (run_dir / "console.log").write_text(console.export_text(clear=False))
+        (run_dir / layout.CONSOLE_LOG).write_text(console.export_text(clear=False))
 
 
 def print_summary(console: Console, result) -> None:

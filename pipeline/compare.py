@@ -24,9 +24,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from pipeline.layout import STAGES
+
 Job = dict[str, Any]
 
-STAGES = ("export", "lower", "partition", "convert", "build", "validate")
 # Table column -> (metric, format); columns without a metric come from the record itself.
 METRIC_COLUMNS = {
     "accel ops": ("accelerated_op_fraction", lambda v: f"{v:.1%}"),
@@ -238,7 +239,7 @@ def fail(what: str, fix: str) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.cache import Parser
+    from pipeline.cache.cli import Parser
     from pipeline.config import PathsConfig, TrackingConfig
     from pipeline.tracking import experiment_name, load_jobs, tracking_uri
 

@@ -4,6 +4,8 @@ The dataclasses are the single definition of every setting: YAML files under con
 hold only deltas, and a misspelled key or a wrong type fails when Hydra composes the
 config, before any heavy work. Fields are plain values (str, int, float, bool, lists,
 enums); stages turn them into torch / ONNX Runtime / TensorRT objects themselves.
+Each target's schema lives in its own module (pipeline/targets/<name>.py) and is
+registered here under `schema_<name>`.
 """
 
 from __future__ import annotations
@@ -87,108 +89,6 @@ class CompileConfig:
 
 
 @dataclass
-class TargetConfig:
-    name: str = MISSING
-
-
-@dataclass
-class AutoTargetConfig(TargetConfig):
-    """Pick the first target of `prefer` that can execute on this machine."""
-
-    name: str = "auto"
-    prefer: list[str] = field(
-        default_factory=lambda: ["torch_tensorrt", "tensorrt", "onnxruntime", "eager"]
-    )
-
-
-@dataclass
-class OnnxRuntimeTargetConfig(TargetConfig):
-    name: str = "onnxruntime"
-    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
-    # disable | basic | extended | all
-    graph_optimization_level: str = "all"
-    # 0 lets ONNX Runtime choose (one thread per physical core).
-    intra_op_num_threads: int = 0
-    inter_op_num_threads: int = 0
-    # sequential | parallel
-    execution_mode: str = "sequential"
-    # Let idle worker threads spin: lower latency for one session alone, but they steal the
-    # cores from PyTorch ops and other engines of a hybrid program. None: spin only when the
-    # whole program is a single engine.
-    allow_spinning: bool | None = None
-    # ONNX opset for the exporter; None uses torch.onnx's default.
-    opset: int | None = None
-
-
-@dataclass
-class TensorRTTargetConfig(TargetConfig):
-    """TensorRT through its ONNX parser; builder settings come from `compile`."""
-
-    name: str = "tensorrt"
-    # auto | tensorrt | tensorrt_rtx; auto takes the full TensorRT where it is installed.
-    library: str = "auto"
-    # Timing cache file, read and updated by every build (full TensorRT only: any
-    # timing-cache call breaks TensorRT-RTX's CPU-only build).
-    timing_cache: str | None = None
-    # TensorRT-RTX only: GPUs to build for, e.g. ["8.6", "8.9", "12.0"]; [] is the library default.
-    compute_capabilities: list[str] = field(default_factory=list)
-    # ONNX opset for the exporter; None uses torch.onnx's default.
-    opset: int | None = None
-
-
-@dataclass
-class TorchTensorRTTargetConfig(TargetConfig):
-    """Torch-TensorRT's dynamo frontend; partitioning and builder settings also come from `compile`.
-
-    Names follow torch_tensorrt.dynamo.compile so settings carry across. Settings the
-    installed version does not honour are rejected, never dropped.
-    """
-
-    name: str = "torch_tensorrt"
-    # Honour the graph's dtypes; from 2.13 always on (networks are strongly typed).
-    use_explicit_typing: bool | None = None
-    # Before 2.13 only: the kernel precisions TensorRT may choose from, e.g. [float16, float32].
-    enabled_precisions: list[str] = field(default_factory=list)
-    # Let Torch-TensorRT run chosen layers of an fp32 model in a lower precision.
-    enable_autocast: bool = False
-    # float16 | bfloat16 (with enable_autocast)
-    autocast_low_precision_type: str | None = None
-    # Regexes of node names and op names (aten.softmax.int) kept in fp32 by autocast.
-    autocast_excluded_nodes: list[str] = field(default_factory=list)
-    autocast_excluded_ops: list[str] = field(default_factory=list)
-    autocast_max_output_threshold: float = 512.0
-    # false builds refittable engines (weights can be swapped without a rebuild).
-    immutable_weights: bool = True
-    # Torch-TensorRT's own engine cache (in addition to the pipeline's stage cache).
-    engine_cache_dir: str | None = None
-    engine_cache_size: int = 1 << 30
-    # Timing cache file (not used by TensorRT-RTX, which does not autotune).
-    timing_cache_path: str | None = None
-    use_fast_partitioner: bool = True
-    enable_experimental_decompositions: bool = False
-    hardware_compatible: bool = False
-    version_compatible: bool = False
-    # CUDA device index to build and run on.
-    gpu_id: int = 0
-
-
-@dataclass
-class InductorTargetConfig(TargetConfig):
-    """AOTInductor: the whole graph as one ahead-of-time compiled library (CPU)."""
-
-    name: str = "inductor"
-    # Benchmark kernel and GEMM template choices at build time: slower builds, maybe faster engines.
-    max_autotune: bool = False
-
-
-@dataclass
-class EagerTargetConfig(TargetConfig):
-    """The reference: everything stays in PyTorch."""
-
-    name: str = "eager"
-
-
-@dataclass
 class Tolerance:
     """Accuracy gates against eager PyTorch; None disables a gate."""
 
@@ -260,22 +160,34 @@ class Config:
     verbose: bool = False
 
 
-TARGET_SCHEMAS: dict[str, type[TargetConfig]] = {
-    "auto": AutoTargetConfig,
-    "onnxruntime": OnnxRuntimeTargetConfig,
-    "tensorrt": TensorRTTargetConfig,
-    "torch_tensorrt": TorchTensorRTTargetConfig,
-    "inductor": InductorTargetConfig,
-    "eager": EagerTargetConfig,
-}
-
-
 def register() -> None:
     """Register the schemas; YAML files pick them up through their defaults lists."""
+    from pipeline import targets
+
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for name, schema in TARGET_SCHEMAS.items():
+    for name, schema in targets.schemas().items():  # each target module holds its own schema
         cs.store(group="target", name=f"schema_{name}", node=schema)
+
+
+def check_known_keys(container: dict[str, Any]) -> None:
+    """Reject keys the schema lacks: Hydra lets `+key=value` past the schema check."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    from pipeline import targets
+    from pipeline.errors import ConfigError
+
+    target = container["target"]
+    schema = targets.schemas().get(target.get("name"))
+    try:
+        OmegaConf.merge(OmegaConf.structured(Config), {k: v for k, v in container.items() if k != "target"})
+        if schema is not None:
+            OmegaConf.merge(OmegaConf.structured(schema), target)
+    except ConfigKeyError as err:
+        raise ConfigError(f"unknown setting: {str(err).splitlines()[0]}.",
+                          "check the spelling against `python -m pipeline --cfg job`; "
+                          "'+' only adds keys that the schema allows (e.g. model.kwargs).") from None
 
 
 register()

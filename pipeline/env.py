@@ -1,7 +1,8 @@
 """The environment that changes an artifact: library versions, device, compute capability.
 
-It goes into every cache key, every manifest and the MLflow tags, so an engine built for
-one GPU or library version is never reused for another.
+Each cache key holds the device and the versions of the libraries its stage and target
+use (pipeline.cache.environment), so an engine built for one GPU or library version is
+never reused for another; the MLflow tags carry all of them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import functools
 import importlib.metadata
 import platform
 
-LIBRARIES = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "tensorrt",
+LIBRARIES = ("torch", "torchvision", "transformers", "onnx", "onnxscript", "onnxruntime", "tensorrt",
              "tensorrt_rtx", "torch_tensorrt")
 
 
@@ -49,7 +50,3 @@ def device_info() -> dict[str, str]:
         return {"device": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}",
                 "kind": "cuda"}
     return {"device": _cpu_name(), "compute_capability": "none", "kind": "cpu"}
-
-
-def fingerprint() -> dict[str, object]:
-    return {"python": platform.python_version(), "libraries": libraries(), **device_info()}

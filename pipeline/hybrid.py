@@ -2,52 +2,75 @@
 
 It is rebuilt from files alone (the lowered program, the partition recipe, the engines),
 so `pipeline.load(run_dir)` in a fresh process gives the module validate measured.
+Engines are loaded by their target with the run-time settings of whoever loads them
+(validate: the job's own target; `load`: the run's config.yaml), since those settings
+are in no build key and a cached build may come from a job that set them otherwise.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pipeline import programs, segments, targets
+import torch
+
+from pipeline import layout, programs, segments, targets
 from pipeline.errors import ArtifactError
-from pipeline.store import load_json, require_manifest
-
-RUN_STAGES = ("export", "lower", "partition", "build")
+from pipeline.files import load_json, require_manifest
 
 
-def truncating(engine):
-    """An engine built with truncate_long_and_double takes float64 inputs as float32 (Torch-TensorRT's casts)."""
-    import torch
+class EngineModule(torch.nn.Module):
+    """One segment's engine as a submodule of the hybrid program.
 
-    class TruncatingEngine(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
+    `runner` is what the target's load_engine returned (a callable: tensors in, a tuple
+    out). With truncate_long_and_double the engine takes float64 inputs as float32, as
+    Torch-TensorRT's casts do.
+    """
 
-        def forward(self, *args):
-            return self.inner(*(a.to(torch.float32) if isinstance(a, torch.Tensor) and a.dtype == torch.float64
-                                else a for a in args))
+    def __init__(self, runner, truncate_double: bool = False):
+        super().__init__()
+        self.runner = runner
+        self.truncate_double = truncate_double
 
-    return TruncatingEngine(engine)
+    def forward(self, *args):
+        if self.truncate_double:
+            args = tuple(a.to(torch.float32) if isinstance(a, torch.Tensor) and a.dtype == torch.float64 else a
+                         for a in args)
+        return self.runner(*args)
+
+    def extra_repr(self) -> str:
+        return repr(self.runner)
 
 
-def assemble(lower_dir: Path, partition_dir: Path, build_dir: Path):
+def assemble(lower_dir: Path, partition_dir: Path, build_dir: Path, target):
     """Fuse the lowered program by the recipe and swap each segment for its engine."""
-    recipe = load_json(partition_dir / "recipe.json", "partition recipe")
-    engines = load_json(build_dir / "engines.json", "engine list")
-    target = targets.target_class(engines["target"])(dict(engines["settings"]))
+    recipe = load_json(partition_dir / layout.PARTITION.recipe, "partition recipe")
+    engines = load_json(build_dir / layout.BUILD.engines, "engine list")
     gm = segments.fuse(target.graph_module(programs.load(lower_dir)), recipe)
-    if target.settings.get("allow_spinning", False) is None:  # auto: spin only for a lone engine
-        target.settings["allow_spinning"] = (len(segments.accelerated(gm)) == 1
-                                             and not any(segments.is_compute(n) for n in gm.graph.nodes))
+    options = target.runtime_options(gm)
     built = {seg["name"]: seg for seg in engines["segments"]}
     for name, _ in segments.accelerated(gm):
         if name not in built:
             raise ArtifactError(f"{build_dir} has no engine for segment {name}.",
                                 "the build and partition outputs are out of step: run the pipeline again.")
-        engine = target.load_engine(built[name], build_dir)
-        setattr(gm, name, truncating(engine) if built[name].get("truncated_double") else engine)
+        runner = target.load_engine(built[name], build_dir, options)
+        setattr(gm, name, EngineModule(runner, bool(built[name].get("truncated_double"))))
     return gm  # exported programs are already in eval mode (and refuse .eval())
+
+
+def run_settings(run_dir: Path, engines: dict[str, Any]) -> dict[str, Any]:
+    """The build's settings, with the run-time settings of the run's own config where it has one."""
+    name = engines["target"]
+    settings = {**targets.default_settings(name), **engines["settings"]}
+    config_file = run_dir / layout.RUN_CONFIG
+    if config_file.is_file():
+        from omegaconf import OmegaConf  # YAML only: loading a config runs no code
+
+        job_target = OmegaConf.to_container(OmegaConf.load(config_file)).get("target") or {}
+        if job_target.get("name") == name:
+            runtime = targets.target_class(name).runtime_settings
+            settings.update({k: v for k, v in job_target.items() if k in runtime})
+    return settings
 
 
 def load(run_dir: str | Path):
@@ -56,10 +79,10 @@ def load(run_dir: str | Path):
     if not run_dir.is_dir():
         raise ArtifactError(f"{run_dir} is not a run folder.",
                             "pass the folder a pipeline run printed (outputs/runs/<date>/<time>).")
-    for stage in RUN_STAGES:
+    for stage in layout.LOAD_STAGES:
         require_manifest(run_dir / stage, f"the {stage} output of this run")
-    engines = load_json(run_dir / "build" / "engines.json", "engine list")
+    engines = load_json(run_dir / "build" / layout.BUILD.engines, "engine list")
+    target = targets.target_class(engines["target"])(run_settings(run_dir, engines))
     if engines.get("package"):  # the target's own format of the whole program (torch_tensorrt.save)
-        target = targets.target_class(engines["target"])(dict(engines["settings"]))
         return target.load_package(run_dir / "build" / engines["package"])
-    return assemble(run_dir / "lower", run_dir / "partition", run_dir / "build")
+    return assemble(run_dir / "lower", run_dir / "partition", run_dir / "build", target)

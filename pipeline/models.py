@@ -1,4 +1,4 @@
-"""Model construction and sample inputs, shared by export and validate.
+"""Model construction, precision casting and output flattening, shared by export and validate.
 
 Both stages rebuild the model from its config rather than passing it in memory: the same
 factory, kwargs and seed give the same weights, which export records as a hash so that
@@ -13,24 +13,23 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.dtypes import PRECISION_DTYPES
 from pipeline.errors import ConfigError, PipelineError
 
-DTYPES = {
-    "float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16", "int64": "int64", "int32": "int32",
-    "bool": "bool",
-}
 
-
-def torch_dtype(name: str):
+def caster(precision: str):
+    """Floating inputs follow the model's precision; integer inputs (token ids) never do."""
     import torch
 
-    if name not in DTYPES:
-        raise ConfigError(
-            f"dtype {name!r} (input.tensors[].dtype) is not a known dtype.",
-            f"use one of {', '.join(sorted(set(DTYPES)))}.",
-        )
-    return getattr(torch, DTYPES[name])
+    dtype = getattr(torch, PRECISION_DTYPES[precision])
+    return lambda t: t.to(dtype) if t.is_floating_point() else t
+
+
+def cast_model(model, precision: str):
+    """fp16/bf16 cast the model; fp32 leaves it as built (a model that computes in float64 stays so)."""
+    import torch
+
+    return model if precision == "fp32" else model.to(getattr(torch, PRECISION_DTYPES[precision]))
 
 
 def _factory(target: str):

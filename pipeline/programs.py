@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 from pipeline.errors import ArtifactError
+from pipeline.layout import ProgramFiles
 
-PROGRAM = "program.pt2"
-IMPORTS = "imports.json"
+PROGRAM, IMPORTS = ProgramFiles.program, ProgramFiles.imports
 
 
 def save(program, folder: Path, imports: list[str]) -> None:

@@ -14,8 +14,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.dtypes import torch_dtype
 from pipeline.errors import ConfigError
-from pipeline.models import torch_dtype
 
 CORNERS = ("min", "opt", "max")
 
@@ -169,3 +169,18 @@ def dynamic_shapes(model, input_cfg, sample: Sample) -> dict[str, Any] | None:
         spec = next((s for s in input_cfg.tensors if s.keyword and s.name == param), None) or next(positional)
         by_tensor[param] = {i: dims[s] for i, s in enumerate(spec.shape) if isinstance(s, str)} or None
     return by_tensor
+
+
+def save_samples(samples: dict[str, Sample], path) -> None:
+    """The samples export traced with, for every later stage and process."""
+    import torch
+
+    torch.save({k: {"args": s.args, "kwargs": s.kwargs, "dims": s.dims} for k, s in samples.items()}, path)
+
+
+def load_samples(path) -> dict[str, Sample]:
+    """'opt', and 'min'/'max' (and 'p<i>-<corner>') for dynamic inputs: tensors only, never code."""
+    import torch
+
+    saved = torch.load(path, weights_only=True)
+    return {name: Sample(tuple(s["args"]), dict(s["kwargs"]), dict(s["dims"])) for name, s in saved.items()}

@@ -25,7 +25,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.store import load_json, write_json
+from pipeline import layout
+from pipeline.files import load_json, write_json
 
 SWEEP_FILE = "sweep.json"
 # The sweep started in this process, for the entry point's exit status and late finalize.
@@ -103,8 +104,8 @@ def disk_records(sweep_dir: Path) -> list[dict[str, Any]]:
         record = {"job": int(folder.name), "name": folder.name, "overrides": " ".join(overrides or []),
                   "target": "", "status": "FAILED", "metrics": {}, "tags": {}, "run_dir": str(folder),
                   "error": "the job's worker stopped before it recorded a result (killed, or out of memory)"}
-        if (folder / "run.json").is_file():
-            run = load_json(folder / "run.json", "run record")
+        if (folder / layout.RUN_JSON).is_file():
+            run = load_json(folder / layout.RUN_JSON, "run record")
             record.update(target=run.get("target") or "", status=run["status"], error=run.get("error"),
                           metrics=run.get("metrics", {}), tags=run.get("tags", {}),
                           run_id=(run.get("tracking") or {}).get("run_id"))

@@ -237,7 +237,7 @@ def _search(client, settings: dict[str, Any], filter_string: str, experiment: st
 
 
 def job_record(run) -> dict[str, Any]:
-    """An MLflow run as the comparison reads it (the same shape sweep.job_record gives from run.json)."""
+    """An MLflow run as the comparison reads it (the same shape sweep.disk_records gives from run.json)."""
     tags = run.data.tags
     job = tags.get("sweep.job")
     return {"job": int(job) if job is not None and job.isdigit() else None,

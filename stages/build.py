@@ -6,39 +6,39 @@ assembled hybrid module to save, so a run's build folder is what users deploy.
 
 from __future__ import annotations
 
-from pipeline import hybrid
-from pipeline.stage import Metrics, StageContext
-from pipeline.store import load_json, write_json
-from pipeline.targets import Target
-from stages.export import load_example
+from pipeline import hybrid, layout, shapes
+from pipeline.files import load_json, write_json
+from pipeline.stage import Metrics, StageContext, StageSpec
+from pipeline.targets import BUILDING
 
-NAME = "build"
-VERSION = 2
-INPUTS = ("export", "lower", "partition", "convert")
-# Of partition only the recipe matters (for the packaged program).
-CONTENT = {"partition": ("recipe.json",)}
-READS = ("target", "compile.optimization_level", "compile.workspace_size", "compile.precision")
-
-ENGINES = "engines.json"
+FILES = layout.BUILD
 
 
 def run(ctx: StageContext) -> Metrics:
-    converted = load_json(ctx.inputs["convert"] / "segments.json", "converted segments")
+    converted = load_json(ctx.inputs["convert"] / layout.CONVERT.segments, "converted segments")
     engines = []
     for segment in converted["segments"]:
         with ctx.console.status(f"building {segment['name']} with {ctx.target.name}"):
             engines.append(ctx.target.build(segment, ctx.inputs["convert"], ctx.out, ctx.config.compile))
-    listing = {"target": ctx.target.name, "settings": ctx.target.settings, "segments": engines}
-    write_json(ctx.out / ENGINES, listing)
-    if type(ctx.target).package is not Target.package:
+    listing = {"target": ctx.target.name, "settings": ctx.target.build_settings(), "segments": engines}
+    write_json(ctx.out / FILES.engines, listing)
+    if ctx.target.saves_program:
         with ctx.console.status(f"saving the compiled program for {ctx.target.name}"):
-            gm = hybrid.assemble(ctx.inputs["lower"], ctx.inputs["partition"], ctx.out)
-            example = load_example(ctx.inputs["export"])["opt"].to(ctx.target.device())
-            listing["package"] = ctx.target.package(gm, example, ctx.out)
-        write_json(ctx.out / ENGINES, listing)
-    engine_bytes = sum(p.stat().st_size for p in ctx.out.iterdir() if p.name != ENGINES)
+            gm = hybrid.assemble(ctx.inputs["lower"], ctx.inputs["partition"], ctx.out, ctx.target)
+            example = shapes.load_samples(ctx.inputs["export"] / layout.EXPORT.example)["opt"]
+            listing["package"] = ctx.target.package(gm, example.to(ctx.target.device()), ctx.out)
+        write_json(ctx.out / FILES.engines, listing)
+    engine_bytes = sum(p.stat().st_size for p in ctx.out.iterdir() if p.name != FILES.engines)
     metrics = {"num_engines": len(engines), "engine_bytes": engine_bytes}
     seconds = [e["build_seconds"] for e in engines if "build_seconds" in e]
     if seconds:
         metrics["engine_build_seconds"] = sum(seconds)
     return metrics
+
+
+# Of partition only the recipe matters (for the packaged program).
+SPEC = StageSpec(
+    name="build", version=3, run=run, inputs=("export", "lower", "partition", "convert"),
+    reads=("compile.optimization_level", "compile.workspace_size", "compile.precision"),
+    content={"partition": (layout.PARTITION.recipe,)}, asks=BUILDING, writes=FILES,
+)

@@ -7,43 +7,14 @@ before anything is built, and a dimension the model specialises is named.
 
 from __future__ import annotations
 
-from pipeline import programs, shapes
+from pipeline import layout, programs, shapes
+from pipeline.dtypes import name_of, torch_dtype
 from pipeline.errors import ConfigError
-from pipeline.models import build_model, flat_outputs, torch_dtype, weights_digest
-from pipeline.stage import Metrics, StageContext
-from pipeline.store import write_json
+from pipeline.files import write_json
+from pipeline.models import build_model, cast_model, caster, flat_outputs, weights_digest
+from pipeline.stage import INPUT_KEYS, MODEL_KEYS, Metrics, StageContext, StageSpec
 
-NAME = "export"
-VERSION = 2
-INPUTS: tuple[str, ...] = ()
-READS = ("model", "input", "compile.precision")
-
-PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-EXAMPLE = "example_inputs.pt"
-
-
-def caster(precision: str):
-    """Floating inputs follow the model's precision; integer inputs (token ids) never do."""
-    import torch
-
-    dtype = getattr(torch, PRECISION_DTYPES[precision])
-    return lambda t: t.to(dtype) if t.is_floating_point() else t
-
-
-def cast_model(model, precision: str):
-    """fp16/bf16 cast the model; fp32 leaves it as built (a model that computes in float64 stays so)."""
-    import torch
-
-    return model if precision == "fp32" else model.to(getattr(torch, PRECISION_DTYPES[precision]))
-
-
-def load_example(export_dir) -> dict[str, shapes.Sample]:
-    """The samples export traced with: 'opt', and 'min'/'max' (and 'p<i>-<corner>') for dynamic inputs."""
-    import torch
-
-    saved = torch.load(export_dir / EXAMPLE)
-    return {name: shapes.Sample(tuple(s["args"]), dict(s["kwargs"]), dict(s["dims"])) for name, s in saved.items()}
-
+FILES = layout.EXPORT
 
 def _describe(sample: shapes.Sample) -> str:
     tensors = [*sample.args, *sample.kwargs.values()]
@@ -124,21 +95,25 @@ def _check_corners(program, eager: dict[str, list], examples: dict[str, shapes.S
                                     f"{name} ({shapes.label(sample.dims)}): {bad}")
 
 
-def run(ctx: StageContext) -> Metrics:
-    import torch
+def corner_samples(input_cfg, cast) -> dict[str, shapes.Sample]:
+    """One sample at opt; for dynamic inputs also at min and max of every profile."""
+    samples = {"opt": shapes.make(input_cfg, shapes.corners(input_cfg)["opt"], 1)[0].to("cpu", cast)}
+    if shapes.is_dynamic(input_cfg):
+        for p, profile in enumerate(shapes.profiles(input_cfg)):
+            for corner in ("min", "max") if p == 0 else shapes.CORNERS:
+                name = corner if p == 0 else f"p{p}-{corner}"
+                samples[name] = shapes.make(input_cfg, profile[corner], 1)[0].to("cpu", cast)
+    return samples
 
+
+def run(ctx: StageContext) -> Metrics:
     cfg = ctx.config  # the input spec was checked by the runner before any stage
     precision = cfg.compile.precision
     model = build_model(cfg.model)
     digest = weights_digest(model)
     model = cast_model(model, precision)
     cast = caster(precision)
-    examples = {"opt": shapes.make(cfg.input, shapes.corners(cfg.input)["opt"], 1)[0].to("cpu", cast)}
-    if shapes.is_dynamic(cfg.input):
-        for p, profile in enumerate(shapes.profiles(cfg.input)):
-            for corner in ("min", "max") if p == 0 else shapes.CORNERS:
-                name = corner if p == 0 else f"p{p}-{corner}"
-                examples[name] = shapes.make(cfg.input, profile[corner], 1)[0].to("cpu", cast)
+    examples = corner_samples(cfg.input, cast)
     eager = {name: _probe(model, sample, cfg, f"{name} ({shapes.label(sample.dims)})")
              for name, sample in examples.items()}
     with ctx.console.status(f"torch.export of {cfg.model.name}"):
@@ -146,19 +121,32 @@ def run(ctx: StageContext) -> Metrics:
         _check_corners(program, eager, examples, cfg)
     factory_module = cfg.model._target_.rpartition(".")[0]
     programs.save(program, ctx.out, imports=[factory_module])
-    torch.save({k: {"args": s.args, "kwargs": s.kwargs, "dims": s.dims} for k, s in examples.items()},
-               ctx.out / EXAMPLE)
+    shapes.save_samples(examples, ctx.out / FILES.example)
     num_parameters = sum(p.numel() for p in model.parameters())
-    write_json(ctx.out / "model.json", {
-        "name": cfg.model.name,
+    write_json(ctx.out / FILES.model, {
         "factory": cfg.model._target_,
         "weights_sha256": digest,
         "precision": precision,
         "num_parameters": num_parameters,
-        "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": str(cast(torch.empty(0, dtype=torch_dtype(t.dtype))).dtype).removeprefix("torch."),
-                    "keyword": bool(t.keyword)} for t in cfg.input.tensors],
+        "inputs": [{"name": t.name, "shape": list(t.shape), "keyword": bool(t.keyword),
+                    "dtype": name_of(cast(torch_empty(torch_dtype(t.dtype))).dtype)} for t in cfg.input.tensors],
         "dims": {name: dict(d) for name, d in cfg.input.dims.items()},
-        "outputs": [{"shape": list(o.shape), "dtype": str(o.dtype).removeprefix("torch.")} for o in eager["opt"]],
+        "outputs": [{"shape": list(o.shape), "dtype": name_of(o.dtype)} for o in eager["opt"]],
     })
-    return {"num_parameters": num_parameters,
-            "program_bytes": (ctx.out / programs.PROGRAM).stat().st_size}
+    return {"num_parameters": num_parameters, "program_bytes": (ctx.out / FILES.program).stat().st_size}
+
+
+def torch_empty(dtype):
+    import torch
+
+    return torch.empty(0, dtype=dtype)
+
+
+# model.name and model.task are labels: renaming a model changes no exported byte.
+SPEC = StageSpec(
+    name="export", version=2, run=run,
+    reads=(*MODEL_KEYS, *INPUT_KEYS, "compile.precision"),
+    labels=("model.name", "input.name"),
+    libraries=("torch", "torchvision", "transformers"),
+    writes=FILES,
+)

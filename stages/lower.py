@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from pipeline import programs
+from pipeline import layout, programs
+from pipeline.files import write_json
 from pipeline.segments import count_ops
-from pipeline.stage import Metrics, StageContext
-from pipeline.store import write_json
+from pipeline.stage import Metrics, StageContext, StageSpec
+from pipeline.targets import LOWERING
 
-NAME = "lower"
-VERSION = 2
-INPUTS = ("export",)
-READS: tuple[str, ...] = ()
-# Not target.name: targets that lower alike (onnxruntime, tensorrt) share the lowered program.
-TARGET_KEYS = ("lowering",)
+FILES = layout.LOWER
 
 
 def run(ctx: StageContext) -> Metrics:
@@ -22,5 +18,10 @@ def run(ctx: StageContext) -> Metrics:
         lowered = ctx.target.lower(program)
     after = count_ops(lowered.graph.nodes)
     programs.save(lowered, ctx.out, imports=programs.imports_of(ctx.inputs["export"]))
-    write_json(ctx.out / "ops.json", {"before": dict(sorted(before.items())), "after": dict(sorted(after.items()))})
+    write_json(ctx.out / FILES.ops, {"before": dict(sorted(before.items())), "after": dict(sorted(after.items()))})
     return {"ops_before_lowering": sum(before.values()), "ops_after_lowering": sum(after.values())}
+
+
+# Keyed by what the target's lowering does, not its name: targets that lower alike
+# (onnxruntime, tensorrt) share the lowered program.
+SPEC = StageSpec(name="lower", version=2, run=run, inputs=("export",), asks=LOWERING, writes=FILES)

@@ -15,44 +15,13 @@ from typing import Any
 
 from torch.fx.passes.operator_support import OperatorSupportBase
 
-from pipeline import programs, segments
-from pipeline.errors import CompileError, ConfigError
-from pipeline.stage import Metrics, StageContext
-from pipeline.store import write_json
+from pipeline import layout, ops, programs, segments
+from pipeline.errors import CompileError
+from pipeline.files import write_json
+from pipeline.stage import Metrics, StageContext, StageSpec
+from pipeline.targets import PARTITIONING
 
-NAME = "partition"
-VERSION = 1
-INPUTS = ("lower",)
-READS = ("target.name", "compile.min_block_size", "compile.torch_executed_ops", "compile.require_full_compilation")
-
-
-def resolve_ops(names: list[str]) -> set[str]:
-    """Check each torch_executed_ops name is a real operator; expand packets to overloads."""
-    import torch
-
-    resolved = set()
-    for raw in names:
-        name = raw.removeprefix("torch.ops.")
-        parts = name.split(".")
-        namespace = getattr(torch.ops, parts[0], None) if len(parts) in (2, 3) else None
-        packet = getattr(namespace, parts[1], None) if namespace is not None else None
-        if packet is None or not isinstance(packet, torch._ops.OpOverloadPacket):
-            raise ConfigError(
-                f"compile.torch_executed_ops names {raw!r}, which is not an operator.",
-                "use post-decomposition names such as aten.relu.default or aten.add.Tensor "
-                "(partition/report.json of a run lists the ops of your model).",
-            )
-        overloads = packet.overloads()
-        if len(parts) == 3:
-            if parts[2] not in overloads:
-                raise ConfigError(
-                    f"compile.torch_executed_ops names {raw!r}, but {parts[0]}.{parts[1]} has no overload {parts[2]!r}.",
-                    f"use one of: {', '.join(f'{parts[0]}.{parts[1]}.{o}' for o in overloads)}.",
-                )
-            overloads = [parts[2]]
-        resolved.update(f"{parts[0]}.{parts[1]}.{o}" for o in overloads)
-    return resolved
-
+FILES = layout.PARTITION
 
 class TargetSupport(OperatorSupportBase):
     """The partitioner's view of the target: supported unless the user keeps the op in torch."""
@@ -122,68 +91,78 @@ def describe(fused, accel_ops: dict[str, Counter]) -> list[dict[str, Any]]:
 
 def run(ctx: StageContext) -> Metrics:
     cfg = ctx.config.compile
-    executed = resolve_ops(list(cfg.torch_executed_ops))
+    executed = ops.resolve(list(cfg.torch_executed_ops))
     program = programs.load(ctx.inputs["lower"])
     gm = ctx.target.graph_module(program)
     total = segments.count_ops(gm.graph.nodes)
-    present = set(total)
     for name in sorted(executed):
-        if name not in present and not any(n.startswith(name.rsplit(".", 1)[0] + ".") for n in present):
+        if name not in total and not any(n.startswith(name.rsplit(".", 1)[0] + ".") for n in total):
             ctx.warn(f"torch_executed_ops: {name} does not occur in this model")
-    own = ctx.target.partition(gm)
-    if own is None:
-        blocks = propose(gm, ctx.target, executed, cfg.min_block_size, cfg.require_full_compilation)
-    else:  # the target's partitioner applies min_block_size and torch_executed_ops itself
-        by_name = {n.name: n for n in gm.graph.nodes}
-        blocks = [[by_name[name] for name in block] for block in own]
-    in_blocks = {n for block in blocks for n in block}
+    blocks = find_blocks(gm, ctx.target, executed, cfg)
     recipe = [{"name": f"{segments.ACCEL_PREFIX}{i}", "nodes": [n.name for n in block]}
               for i, block in enumerate(blocks)]
     accel_ops = {r["name"]: segments.count_ops(block) for r, block in zip(recipe, blocks, strict=False)}
-
-    kept = []
-    for node in gm.graph.nodes:
-        if segments.is_compute(node) and node not in in_blocks:
-            kept.append({"node": node.name, "op": segments.op_name(node),
-                         "reason": kept_reason(node, ctx.target, executed, cfg.min_block_size)})
-    by_op: dict[str, dict[str, Any]] = {}
-    for item in kept:
-        entry = by_op.setdefault(item["op"], {"count": 0, "reasons": Counter()})
-        entry["count"] += 1
-        entry["reasons"][item["reason"]] += 1
-
+    kept = kept_nodes(gm, {n for block in blocks for n in block}, ctx.target, executed, cfg.min_block_size)
+    by_op = group_kept(kept)
     if cfg.require_full_compilation and kept:
         summary = ", ".join(f"{op} x{v['count']} ({next(iter(v['reasons']))})" for op, v in sorted(by_op.items()))
         raise CompileError(
             f"require_full_compilation=true but {len(kept)} ops would stay in PyTorch: {summary}.",
             "remove those ops from compile.torch_executed_ops, or set compile.require_full_compilation=false.",
         )
+    described = describe(segments.fuse(ctx.target.graph_module(program), recipe), accel_ops)
+    report = {
+        "target": ctx.target.name,
+        "settings": {"min_block_size": cfg.min_block_size, "torch_executed_ops": sorted(executed),
+                     "require_full_compilation": cfg.require_full_compilation},
+        "totals": totals(total, accel_ops, described, recipe),
+        "segments": described,
+        "kept_in_torch": {op: {"count": v["count"], "reasons": dict(v["reasons"])} for op, v in sorted(by_op.items())},
+        "kept_nodes": kept,
+    }
+    write_json(ctx.out / FILES.report, report)
+    write_json(ctx.out / FILES.recipe, recipe)
+    print_summary(ctx.console, report)
+    t = report["totals"]
+    return {"num_segments": t["segments"], "num_accelerated_segments": t["accelerated_segments"],
+            "accelerated_op_fraction": t["accelerated_op_fraction"], "num_ops": t["ops"],
+            "num_torch_ops": t["torch_ops"]}
 
-    fused = segments.fuse(ctx.target.graph_module(program), recipe)
-    described = describe(fused, accel_ops)
+
+def find_blocks(gm, target, executed: set[str], cfg) -> list[list]:
+    """The accelerated blocks: the target's own partitioner where it has one, else ours."""
+    own = target.partition(gm)
+    if own is None:
+        return propose(gm, target, executed, cfg.min_block_size, cfg.require_full_compilation)
+    # The target's partitioner applied min_block_size and torch_executed_ops itself.
+    by_name = {n.name: n for n in gm.graph.nodes}
+    return [[by_name[name] for name in block] for block in own]
+
+
+def kept_nodes(gm, in_blocks: set, target, executed: set[str], min_block_size: int) -> list[dict[str, str]]:
+    return [{"node": node.name, "op": segments.op_name(node),
+             "reason": kept_reason(node, target, executed, min_block_size)}
+            for node in gm.graph.nodes if segments.is_compute(node) and node not in in_blocks]
+
+
+def group_kept(kept: list[dict[str, str]]) -> dict[str, dict[str, Any]]:
+    by_op: dict[str, dict[str, Any]] = {}
+    for item in kept:
+        entry = by_op.setdefault(item["op"], {"count": 0, "reasons": Counter()})
+        entry["count"] += 1
+        entry["reasons"][item["reason"]] += 1
+    return by_op
+
+
+def totals(total: Counter, accel_ops: dict[str, Counter], described: list, recipe: list) -> dict[str, Any]:
     n_total = sum(total.values())
     n_accel = sum(sum(c.values()) for c in accel_ops.values())
-    totals = {
+    return {
         "ops": n_total, "accelerated_ops": n_accel, "torch_ops": n_total - n_accel,
         "segments": len(described), "accelerated_segments": len(recipe),
         "torch_segments": sum(s["kind"] == "torch" for s in described),
         "accelerated_op_fraction": round(n_accel / n_total, 6) if n_total else 0.0,
     }
-    report = {
-        "target": ctx.target.name,
-        "settings": {"min_block_size": cfg.min_block_size, "torch_executed_ops": sorted(executed),
-                     "require_full_compilation": cfg.require_full_compilation},
-        "totals": totals,
-        "segments": described,
-        "kept_in_torch": {op: {"count": v["count"], "reasons": dict(v["reasons"])} for op, v in sorted(by_op.items())},
-        "kept_nodes": kept,
-    }
-    write_json(ctx.out / "report.json", report)
-    write_json(ctx.out / "recipe.json", recipe)
-    print_summary(ctx.console, report)
-    return {"num_segments": totals["segments"], "num_accelerated_segments": totals["accelerated_segments"],
-            "accelerated_op_fraction": totals["accelerated_op_fraction"], "num_ops": n_total,
-            "num_torch_ops": n_total - n_accel}
 
 
 def print_summary(console, report: dict[str, Any]) -> None:
@@ -194,3 +173,10 @@ def print_summary(console, report: dict[str, Any]) -> None:
     for op, info in report["kept_in_torch"].items():
         reasons = "; ".join(f"{r} x{c}" for r, c in info["reasons"].items())
         console.print(f"  kept in PyTorch: {op} x{info['count']} - {reasons}")
+
+
+SPEC = StageSpec(
+    name="partition", version=1, run=run, inputs=("lower",),
+    reads=("compile.min_block_size", "compile.torch_executed_ops", "compile.require_full_compilation"),
+    asks=PARTITIONING, writes=FILES,
+)

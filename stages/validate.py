@@ -16,18 +16,16 @@ from typing import Any
 
 import torch
 
-from pipeline import hybrid, shapes
+from pipeline import hybrid, layout, shapes
+from pipeline.dtypes import precisions_of
 from pipeline.errors import ArtifactError
-from pipeline.models import build_model, flat_outputs, weights_digest
-from pipeline.stage import Metrics, StageContext
-from pipeline.store import load_json, write_json
+from pipeline.files import load_json, write_json
+from pipeline.models import build_model, cast_model, caster, flat_outputs, weights_digest
+from pipeline.stage import INPUT_KEYS, MODEL_KEYS, Metrics, StageContext, StageSpec
+from pipeline.targets import RUNNING
 from pipeline.timing import measure
-from stages.export import cast_model, caster
 
-NAME = "validate"
-VERSION = 2
-INPUTS = ("export", "lower", "partition", "build")
-READS = ("model", "input", "compile.precision", "validate", "target")
+FILES = layout.VALIDATE
 
 
 def compare(ref: list[list[torch.Tensor]], got: list[list[torch.Tensor]], classifier: bool) -> dict[str, Any]:
@@ -63,23 +61,18 @@ def gate(acc: dict[str, Any], tol: dict[str, Any]) -> list[str]:
     return failures
 
 
-FLOAT_PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float8_e4m3fn": "fp8"}
-
-
-def achieved_precision(engines: dict[str, Any], requested: str, target_cfg) -> tuple[str | None, list[str]]:
+def achieved_precision(engines: dict[str, Any], wanted: str) -> tuple[str | None, list[str]]:
     """The precisions the engines compute in (from their networks' tensor dtypes), and failures.
 
     Strongly typed engines silently stay fp32 when the cast did not reach the graph (a
     custom exporter, a model that casts back): asking for fp16 and getting fp32 is an error.
+    `wanted` is what the target was asked for (Target.precision_asked).
     """
     dtypes = {d for seg in engines["segments"] for d in seg.get("precision", [])}
     if not any("precision" in seg for seg in engines["segments"]):
         return None, []
-    names = sorted({FLOAT_PRECISIONS[d] for d in dtypes if d in FLOAT_PRECISIONS})
+    names = precisions_of(dtypes)
     achieved = "+".join(names) or None
-    wanted = requested
-    if target_cfg.get("enable_autocast") and target_cfg.get("autocast_low_precision_type"):
-        wanted = FLOAT_PRECISIONS.get(str(target_cfg["autocast_low_precision_type"]), "fp16")
     if wanted != "fp32" and wanted not in names:
         return achieved, [f"asked for {wanted} but the engines compute in {achieved or 'no floating type'} "
                           f"(tensor dtypes: {', '.join(sorted(dtypes))})"]
@@ -88,36 +81,53 @@ def achieved_precision(engines: dict[str, Any], requested: str, target_cfg) -> t
 
 def run(ctx: StageContext) -> Metrics:
     cfg = ctx.config
-    vcfg = cfg.validate
     precision = cfg.compile.precision
-    model_meta = load_json(ctx.inputs["export"] / "model.json", "export metadata")
     reference = build_model(cfg.model)
+    model_meta = load_json(ctx.inputs["export"] / layout.EXPORT.model, "export metadata")
     if weights_digest(reference) != model_meta["weights_sha256"]:
         raise ArtifactError(
             f"model {cfg.model.name} rebuilt with different weights than the exported one "
             "(its factory is not deterministic under model.seed).",
             "make the factory deterministic, or load fixed weights with model.weights.",
         )
-    engines = load_json(ctx.inputs["build"] / "engines.json", "engine list")
-    achieved, precision_failures = achieved_precision(engines, precision, cfg.target)
+    engines = load_json(ctx.inputs["build"] / layout.BUILD.engines, "engine list")
+    achieved, failures = achieved_precision(engines, ctx.target.precision_asked(precision))
     tags = {"precision.achieved": achieved} if achieved else {}
     not_here = ctx.target.can_execute()
     if not_here:
         ctx.warn(f"engines were built but cannot run here: {not_here}; accuracy and latency not measured")
-        write_json(ctx.out / "report.json", {"validated": False, "reason": not_here,
-                                             "passed": not precision_failures, "failures": precision_failures,
-                                             "precision": precision, "precision_achieved": achieved,
-                                             "accuracy": None, "latency": None, "warnings": list(ctx.notes)})
+        write_json(ctx.out / FILES.report, {"validated": False, "reason": not_here,
+                                            "passed": not failures, "failures": failures,
+                                            "precision": precision, "precision_achieved": achieved,
+                                            "accuracy": None, "latency": None, "warnings": list(ctx.notes)})
         return {"validated": 0.0, **tags}
     device = ctx.target.device()
-    compiled = hybrid.assemble(ctx.inputs["lower"], ctx.inputs["partition"], ctx.inputs["build"]).to(device)
-    cast = caster(precision)
-    tolerance = dict(vcfg.tolerances[precision])
-    classifier = cfg.model.task == "classification"
+    compiled = hybrid.assemble(ctx.inputs["lower"], ctx.inputs["partition"], ctx.inputs["build"],
+                               ctx.target).to(device)
+    checks = shape_checks(cfg.input, cfg.validate)
+    accuracy, per_shape, accuracy_failures = check_accuracy(ctx, reference, compiled, checks, device)
+    failures += accuracy_failures
+    latency = time_latency(ctx, cast_model(reference, precision).to(device), compiled, checks, device)
+    report = {
+        "validated": True, "passed": not failures, "failures": failures,
+        "precision": precision, "precision_achieved": achieved, "device": device,
+        "num_samples": sum(c[2] for c in checks),
+        "accuracy": accuracy, "shapes": per_shape, "tolerance": dict(cfg.validate.tolerances[precision]),
+        "latency": {**latency["opt"], "method": "cuda events" if device == "cuda" else "perf_counter, per iteration",
+                    "at": latency},
+        "warnings": list(ctx.notes),
+    }
+    write_json(ctx.out / FILES.report, report)
+    return {**report_metrics(accuracy, per_shape, latency, failures), **tags}
 
-    checks = shape_checks(cfg.input, vcfg)
-    per_shape, ref_all, got_all = [], [], []
-    failures = list(precision_failures)
+
+def check_accuracy(ctx: StageContext, reference, compiled, checks, device: str):
+    """(accuracy over every shape, per-shape entries, failures), comparing with fp32 eager."""
+    cfg = ctx.config
+    cast = caster(cfg.compile.precision)
+    tolerance = dict(cfg.validate.tolerances[cfg.compile.precision])
+    classifier = cfg.model.task == "classification"
+    per_shape, ref_all, got_all, failures = [], [], [], []
     with torch.no_grad(), ctx.console.status("checking accuracy against eager PyTorch") as status:
         for i, (name, dims, count) in enumerate(checks):
             status.update(f"checking accuracy against eager PyTorch at {name} ({shapes.label(dims)})")
@@ -131,10 +141,13 @@ def run(ctx: StageContext) -> Metrics:
                               "passed": not shape_failures})
             ref_all += ref
             got_all += got
-    accuracy = compare(ref_all, got_all, classifier)  # over every shape: the worst case counts
+    return compare(ref_all, got_all, classifier), per_shape, failures  # over every shape: the worst case counts
 
-    eager = cast_model(reference, precision).to(device)
-    cuda = device == "cuda"
+
+def time_latency(ctx: StageContext, eager, compiled, checks, device: str) -> dict[str, Any]:
+    """Eager and compiled interleaved at opt (and min/max with validate.latency_at_corners)."""
+    cfg, vcfg = ctx.config, ctx.config.validate
+    cast = caster(cfg.compile.precision)
     timed = [c for c in checks if c[0] == "opt" or (vcfg.latency_at_corners and c[0] in ("min", "max"))]
     latency: dict[str, Any] = {}
     for name, dims, _ in timed:
@@ -149,7 +162,7 @@ def run(ctx: StageContext) -> Metrics:
         with ctx.console.status(f"timing eager and compiled at {name} (interleaved)") as status:
             stats = measure({"eager": call(eager), "compiled": call(compiled)}, warmup=vcfg.warmup,
                             iterations=vcfg.iterations, rounds=vcfg.rounds, min_seconds=vcfg.min_seconds,
-                            batch_size=shapes.batch_size(cfg.input, dims), cuda=cuda,
+                            batch_size=shapes.batch_size(cfg.input, dims), cuda=device == "cuda",
                             on_progress=lambda r, n=name: status.update(f"timing eager and compiled at {n}: round {r}"))
         for who, st in stats.items():
             if st.cv > vcfg.cv_warn_threshold:
@@ -157,24 +170,12 @@ def run(ctx: StageContext) -> Metrics:
                          f"> {vcfg.cv_warn_threshold:.0%}; quiet the machine or raise validate.iterations")
         latency[name] = {"dims": dims, "compiled": stats["compiled"].as_dict(), "eager": stats["eager"].as_dict(),
                          "speedup": stats["eager"].p50_ms / stats["compiled"].p50_ms}
-    opt = latency["opt"]
-    report = {
-        "validated": True,
-        "passed": not failures,
-        "failures": failures,
-        "precision": precision,
-        "precision_achieved": achieved,
-        "device": device,
-        "num_samples": sum(c[2] for c in checks),
-        "accuracy": accuracy,
-        "shapes": per_shape,
-        "tolerance": tolerance,
-        "latency": {**latency["opt"], "method": "cuda events" if cuda else "perf_counter, per iteration",
-                    "at": latency},
-        "warnings": list(ctx.notes),
-    }
-    write_json(ctx.out / "report.json", report)
-    c, e = opt["compiled"], opt["eager"]
+    return latency
+
+
+def report_metrics(accuracy: dict[str, Any], per_shape: list, latency: dict[str, Any], failures: list) -> Metrics:
+    """The figures logged as metrics: accuracy (per shape too), latency of both, speedup."""
+    c, e = latency["opt"]["compiled"], latency["opt"]["eager"]
     metrics = {k: v for k, v in accuracy.items() if k != "finite"}
     if len(per_shape) > 1:  # each figure named by the shape it belongs to
         for entry in per_shape:
@@ -187,8 +188,7 @@ def run(ctx: StageContext) -> Metrics:
         "throughput_per_s": c["throughput_per_s"],
         "eager_latency_p50_ms": e["p50_ms"], "eager_latency_p90_ms": e["p90_ms"], "eager_latency_p99_ms": e["p99_ms"],
         "eager_latency_mean_ms": e["mean_ms"], "eager_latency_cv": e["cv"], "eager_throughput_per_s": e["throughput_per_s"],
-        "speedup": opt["speedup"],
-        **tags,
+        "speedup": latency["opt"]["speedup"],
     })
     for name, entry in latency.items():
         if name != "opt":
@@ -208,3 +208,11 @@ def shape_checks(input_cfg, vcfg) -> list[tuple[str, dict[str, int], int]]:
         for i, dims in enumerate(shapes.random_dims(input_cfg, int(vcfg.random_shapes), int(input_cfg.seed) + 7)):
             checks.append((f"random{i}", dims, n))
     return checks
+
+
+# Measurements are of this moment on this machine: reused only with validate.cache=true.
+SPEC = StageSpec(
+    name="validate", version=3, run=run, inputs=("export", "lower", "partition", "build"),
+    reads=(*MODEL_KEYS, "model.task", *INPUT_KEYS, "compile.precision", "validate"),
+    labels=("model.name",), asks=RUNNING, writes=FILES, cacheable="validate.cache",
+)

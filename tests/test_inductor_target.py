@@ -20,10 +20,12 @@ import sys
 import torch
 
 import pipeline
-from pipeline.targets.inductor import AotiEngine
+from pipeline.hybrid import EngineModule
+from pipeline.targets.inductor import AotiRunner
 
 module = pipeline.load(sys.argv[1])
-engines = [name for name, m in module.named_modules() if isinstance(m, AotiEngine)]
+engines = [name for name, m in module.named_modules()
+           if isinstance(m, EngineModule) and isinstance(m.runner, AotiRunner)]
 with torch.no_grad():
     y = module(torch.load(sys.argv[2]))
 torch.save({"engines": engines, "y": y[0] if isinstance(y, (tuple, list)) else y}, sys.argv[3])

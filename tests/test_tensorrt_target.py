@@ -167,7 +167,7 @@ def test_engines_cannot_run_here(fp32, tmp_path):
     assert "no CUDA GPU" in target.can_execute()
     built = target.build(segment, convert_dir, tmp_path, compile_cfg())
     with pytest.raises(TargetUnavailable, match="no CUDA GPU") as err:
-        target.load_engine(built, tmp_path)
+        target.load_engine(built, tmp_path, {})
     assert "\n" not in err.value.one_line()
 
 
@@ -213,13 +213,11 @@ def test_mlflow_run_carries_engines_and_not_validated(trt_job):
 def test_asking_fp16_and_getting_fp32_fails(trt_job):
     """Real fp32 engines checked against an fp16 request: the message says what was built."""
     engines = trt_job.json("build/engines.json")
-    achieved, failures = achieved_precision(engines, "fp16", {})
+    achieved, failures = achieved_precision(engines, "fp16")
     assert achieved == "fp32"
     assert failures == [failures[0]] and "asked for fp16 but the engines compute in fp32" in failures[0]
-    assert achieved_precision(engines, "fp32", {}) == ("fp32", [])
-    autocast = {"enable_autocast": True, "autocast_low_precision_type": "float16"}
-    assert "asked for fp16" in achieved_precision(engines, "fp32", autocast)[1][0]
-    assert achieved_precision({"segments": [{"name": "accel_0"}]}, "fp16", {}) == (None, [])
+    assert achieved_precision(engines, "fp32") == ("fp32", [])
+    assert achieved_precision({"segments": [{"name": "accel_0"}]}, "fp16") == (None, [])
 
 
 @no_gpu

@@ -142,3 +142,47 @@ def test_real_compile_runs_and_reloads(tmp_path):
     with torch.no_grad():
         got = reloaded(*[a.cuda() for a in example])
     assert torch.isfinite(got[0] if isinstance(got, (tuple, list)) else got).all()
+
+
+# --- what changes its cache keys (pure: no torch_tensorrt needed) -------------------------
+
+def configured(cfg, compile_changes=None, **target_changes) -> TorchTensorRTTarget:
+    compile_cfg, target_cfg = plain(cfg, **target_changes)
+    compile_cfg.update(compile_changes or {})
+    target = TorchTensorRTTarget(target_cfg)
+    target.configure(compile_cfg, release=((2, 14), False))
+    return target
+
+
+def partition_key(cfg, target, tmp_path) -> str:
+    import stages
+    from pipeline.cache import StageCache
+
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    spec = stages.BY_NAME["partition"]
+    return StageCache(tmp_path).material(spec, config, target, tmp_path, {"lower": "lowered"}).key
+
+
+def test_its_partitioner_settings_are_in_the_partition_key(cfg, tmp_path):
+    base = configured(cfg)
+    key = partition_key(cfg, base, tmp_path)
+    # Its partitioner reads use_fast_partitioner (and the settings its converters' validators read).
+    slow = configured(cfg, use_fast_partitioner=False)
+    assert partition_key(cfg, slow, tmp_path) != key
+    # Builder-only settings change engines, not the split.
+    tuned = configured(cfg, {"optimization_level": 5}, immutable_weights=False)
+    assert partition_key(cfg, tuned, tmp_path) == key
+    from pipeline.targets import BUILDING
+
+    assert tuned.key_material(BUILDING) != base.key_material(BUILDING)
+
+
+def test_autocast_asks_the_engines_for_the_low_precision(cfg):
+    from stages.validate import achieved_precision
+
+    target = configured(cfg, enable_autocast=True, autocast_low_precision_type="float16")
+    assert target.precision_asked("fp32") == "fp16"
+    assert configured(cfg).precision_asked("fp32") == "fp32"
+    fp32_engines = {"segments": [{"name": "accel_0", "precision": ["float32"]}]}
+    achieved, failures = achieved_precision(fp32_engines, target.precision_asked("fp32"))
+    assert achieved == "fp32" and "asked for fp16" in failures[0]

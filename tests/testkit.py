@@ -20,7 +20,9 @@ CONF = REPO / "conf"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-STAGES = ("export", "lower", "partition", "convert", "build", "validate")
+from pipeline import layout  # noqa: E402  (the repo is on sys.path from here on)
+
+STAGES = layout.STAGES
 # Environment that changes where runs are tracked or how errors print: never inherited.
 ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "HYDRA_FULL_ERROR", "PIPELINE_DEBUG")
 # The shrunk job every test starts from: a tiny model, small images, few timing iterations.

@@ -1,44 +1,78 @@
-"""Targets: one backend behind one small protocol, registered by name, imported lazily.
+"""Targets: one backend behind one small protocol, found by their modules, imported lazily.
+
+A target module in this package (a name without a leading underscore) holds its class,
+its config schema (`Settings`, a dataclass) and `TARGET = TheClass`; that is the one
+place a target is registered. The registry, the schema table that Hydra's ConfigStore
+gets (`schema_<name>`, used by conf/target/<name>.yaml) and the `target=` choices are
+all derived from those modules. Target modules import their heavy libraries inside
+methods, so configs compose and the CPU tests run without TensorRT installed.
 
 A target answers which aten ops it runs (the single source of truth for partitioning),
-how to lower for it, and how to convert, build and load one accelerated segment. Target
-modules import their heavy libraries inside methods, so configs compose and the CPU
-tests run without TensorRT installed.
+how to lower for it, and how to convert, build and load one accelerated segment. Generic
+code (runner, stages, hybrid) never compares a target's name: it asks the target
+through the attributes and methods of `Target` below.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-import importlib.util
+import pkgutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import MISSING
+
 from pipeline.errors import ConfigError, TargetUnavailable
 
-REGISTRY: dict[str, str] = {
-    "onnxruntime": "pipeline.targets.onnxruntime:OnnxRuntimeTarget",
-    "tensorrt": "pipeline.targets.tensorrt:TensorRTTarget",
-    "torch_tensorrt": "pipeline.targets.torch_tensorrt:TorchTensorRTTarget",
-    "inductor": "pipeline.targets.inductor:InductorTarget",
-    "eager": "pipeline.targets.eager:EagerTarget",
-}
+# The aspects a stage may ask of a target (StageSpec.asks), for its cache key material.
+LOWERING, PARTITIONING, CONVERTING, BUILDING, RUNNING = "lowering", "partitioning", "converting", "building", "running"
+
+
+@dataclass
+class TargetSettings:
+    """Base of every target's schema (the `target` config group)."""
+
+    name: str = MISSING
+
+
+@dataclass
+class AutoSettings(TargetSettings):
+    """target=auto: the first target of `prefer` that can execute on this machine."""
+
+    name: str = "auto"
+    prefer: list[str] = field(default_factory=lambda: ["torch_tensorrt", "tensorrt", "onnxruntime", "eager"])
+
 
 class Target:
     """Base protocol with the defaults of a target that accelerates nothing."""
 
     name = "base"
-    # Libraries whose versions change this target's artifacts (go into cache keys and tags).
+    Settings: type[TargetSettings] = TargetSettings
+    # Libraries whose versions change this target's artifacts (cache keys, tags).
     libraries: tuple[str, ...] = ()
-    # What `lower` does, for the lower stage's cache key: targets that lower alike share the
-    # lowered program (onnxruntime and tensorrt both lower as torch.onnx does).
+    # What `lower` does and which libraries it uses, for the lower stage's cache key: targets
+    # that lower alike (onnxruntime and tensorrt lower as torch.onnx does) share the lowered program.
     lowering: Any = "none"
+    lowering_libraries: tuple[str, ...] = ()
+    # Settings that apply only when an engine is loaded (session options): in no build key,
+    # taken from the job that loads the engine, not from the one that built it.
+    runtime_settings: tuple[str, ...] = ()
+    # True: the target casts float64 to float32 inside its own converters (Torch-TensorRT's
+    # truncate_double), so convert hands it segments unchanged.
+    truncates_double: bool = False
+    # True: build also saves the whole compiled program in the target's own format (package()).
+    saves_program: bool = False
 
     def __init__(self, settings: dict[str, Any]):
-        self.settings = settings
+        self.settings = dict(settings)
+
+    # --- availability -----------------------------------------------------------------
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        """None if the target can execute here, else what is missing and how to get it."""
+        """None if the target can build here, else what is missing and how to get it."""
         return None
 
     def can_execute(self) -> str | None:
@@ -51,6 +85,41 @@ class Target:
 
     def configure(self, compile_cfg) -> None:
         """Check and translate this job's compile settings before any stage runs (errors here are the user's)."""
+
+    # --- what changes its outputs -------------------------------------------------------
+
+    def build_settings(self) -> dict[str, Any]:
+        """Settings that change converted or built files: all but the run-time ones."""
+        return {k: v for k, v in self.settings.items() if k not in self.runtime_settings}
+
+    def converter_settings(self) -> dict[str, Any]:
+        """Settings its convert reads; by default every build setting (conservative)."""
+        return self.build_settings()
+
+    def partitioner_settings(self) -> dict[str, Any]:
+        """Settings of the target's own partitioner (the pipeline's reads only compile.*)."""
+        return {}
+
+    def key_material(self, aspect: str) -> dict[str, Any]:
+        """What of this target changes a stage's output, for the stage that asks `aspect`."""
+        if aspect == LOWERING:
+            return {"lowering": self.lowering}
+        if aspect == PARTITIONING:
+            return {"name": self.name, **self.partitioner_settings()}
+        if aspect == CONVERTING:
+            return {"name": self.name, **self.converter_settings()}
+        if aspect == BUILDING:
+            return {"name": self.name, **self.build_settings()}
+        return {"name": self.name, **self.settings}
+
+    def libraries_for(self, aspect: str) -> tuple[str, ...]:
+        return self.lowering_libraries if aspect == LOWERING else self.libraries
+
+    def precision_asked(self, precision: str) -> str:
+        """The precision engines must compute in for compile.precision (autocast may lower fp32)."""
+        return precision
+
+    # --- stages -------------------------------------------------------------------------
 
     def lower(self, program):
         return program
@@ -77,23 +146,47 @@ class Target:
     def build(self, segment: dict[str, Any], convert_dir: Path, out: Path, compile_cfg) -> dict[str, Any]:
         raise NotImplementedError
 
-    def load_engine(self, segment: dict[str, Any], build_dir: Path):
-        raise NotImplementedError
-
     def package(self, gm, example, out: Path) -> str | None:
-        """Save the whole compiled program in the target's own format; the file name, or None."""
+        """Save the whole compiled program in the target's own format (saves_program); the file name."""
         return None
+
+    # --- running ------------------------------------------------------------------------
+
+    def runtime_options(self, gm) -> dict[str, Any]:
+        """Run-time choices that depend on the assembled program (e.g. thread spinning)."""
+        return {}
+
+    def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
+        """A callable running one segment's engine: tensors in, a tuple of tensors out."""
+        raise NotImplementedError
 
     def load_package(self, path: Path):
         raise NotImplementedError
 
 
+@functools.cache
+def registry() -> dict[str, type[Target]]:
+    """Every target of this package: modules without a leading underscore that define TARGET."""
+    found: dict[str, type[Target]] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        cls = getattr(importlib.import_module(f"{__name__}.{info.name}"), "TARGET", None)
+        if cls is not None:
+            found[cls.name] = cls
+    return found
+
+
+def schemas() -> dict[str, type[TargetSettings]]:
+    """Config schema per `target=` choice, auto included."""
+    return {"auto": AutoSettings, **{name: cls.Settings for name, cls in registry().items()}}
+
+
 def target_class(name: str) -> type[Target]:
-    if name not in REGISTRY:
-        known = sorted(set(REGISTRY) | {"auto"})
+    if name not in registry():
+        known = sorted(schemas())
         raise ConfigError(f"unknown target {name!r}.", f"use target= one of {', '.join(known)}.")
-    module_name, _, cls_name = REGISTRY[name].partition(":")
-    return getattr(importlib.import_module(module_name), cls_name)
+    return registry()[name]
 
 
 def make(name: str, settings: dict[str, Any]) -> Target:
@@ -105,12 +198,14 @@ def make(name: str, settings: dict[str, Any]) -> Target:
     return cls(settings)
 
 
-def resolve(target_cfg: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
-    """(target name, its settings, why it was chosen). `auto` picks the first that can run."""
+def default_settings(name: str) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    from pipeline.config import TARGET_SCHEMAS
+    return OmegaConf.to_container(OmegaConf.structured(target_class(name).Settings), enum_to_str=True)
 
+
+def resolve(target_cfg: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
+    """(target name, its settings, why it was chosen). `auto` picks the first that can run."""
     name = target_cfg["name"]
     if name != "auto":
         target_class(name)
@@ -118,12 +213,12 @@ def resolve(target_cfg: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
     passed_over = []
     for candidate in target_cfg["prefer"]:
         settings = None
-        if candidate in REGISTRY:
+        if candidate in registry():
             cls = target_class(candidate)
             reason = cls.unavailable_reason()
             if reason is None:
                 # auto must pick a target whose engines can also execute here, not only build.
-                settings = OmegaConf.to_container(OmegaConf.structured(TARGET_SCHEMAS[candidate]))
+                settings = default_settings(candidate)
                 reason = cls(settings).can_execute()
         else:
             reason = f"no target named {candidate}"

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from pipeline.targets import Target
+from dataclasses import dataclass
+
+from pipeline.targets import Target, TargetSettings
+
+
+@dataclass
+class Settings(TargetSettings):
+    """The reference: everything stays in PyTorch."""
+
+    name: str = "eager"
 
 
 class EagerTarget(Target):
     name = "eager"
+    Settings = Settings
 
     def unsupported_reason(self, node) -> str:
         return "the eager target runs everything in PyTorch"
+
+
+TARGET = EagerTarget

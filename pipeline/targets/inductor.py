@@ -11,41 +11,49 @@ Engines run on the CPU: the segment is exported with the CPU example inputs it c
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.errors import CompileError
-from pipeline.targets import Target
-from pipeline.targets.onnx_export import value_info
+from pipeline.targets import Target, TargetSettings
+from pipeline.targets.onnx_base import value_info
+
+
+@dataclass
+class Settings(TargetSettings):
+    """AOTInductor: the whole graph as one ahead-of-time compiled library (CPU)."""
+
+    name: str = "inductor"
+    # Benchmark kernel and GEMM template choices at build time: slower builds, maybe faster engines.
+    max_autotune: bool = False
 
 
 def first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-class AotiEngine(torch.nn.Module):
-    """A `.pt2` package behind nn.Module, so the hybrid program can hold it as a submodule."""
+class AotiRunner:
+    """A loaded `.pt2` package: tensors in, a tuple of tensors out."""
 
     def __init__(self, path: Path):
-        super().__init__()
         import torch._inductor
 
         self.path = str(path)
         self.runner = torch._inductor.aoti_load_package(self.path)
 
-    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def __call__(self, *args):
         out = self.runner(*args)
         # The hybrid graph indexes segment outputs: always hand back a tuple.
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
-    def extra_repr(self) -> str:
-        return self.path
+    def __repr__(self) -> str:
+        return f"AotiRunner({self.path})"
 
 
 class InductorTarget(Target):
     name = "inductor"
+    Settings = Settings
     libraries = ("torch",)
 
     @classmethod
@@ -63,8 +71,13 @@ class InductorTarget(Target):
     def is_supported(self, node) -> bool:
         return node.op == "call_function"
 
+    def converter_settings(self) -> dict[str, Any]:
+        return {}  # convert only re-exports the segment; max_autotune matters to build
+
     def convert(self, name: str, module, args: tuple, out: Path, compile_cfg,
                 profiles: list[dict[str, list]] | None = None) -> dict[str, Any]:
+        import torch
+
         from pipeline.segments import dynamic_dims
 
         path = out / f"{name}.program.pt2"
@@ -83,6 +96,7 @@ class InductorTarget(Target):
                 "inputs": [value_info(a) for a in args], "outputs": [value_info(o) for o in outputs]}
 
     def build(self, segment: dict[str, Any], convert_dir: Path, out: Path, compile_cfg) -> dict[str, Any]:
+        import torch
         import torch._inductor
 
         engine = out / f"{segment['name']}.pt2"
@@ -100,5 +114,8 @@ class InductorTarget(Target):
         return {**segment, "engine": engine.name, "bytes": engine.stat().st_size,
                 "build_seconds": round(time.perf_counter() - started, 3)}
 
-    def load_engine(self, segment: dict[str, Any], build_dir: Path):
-        return AotiEngine(build_dir / segment["engine"])
+    def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
+        return AotiRunner(build_dir / segment["engine"])
+
+
+TARGET = InductorTarget

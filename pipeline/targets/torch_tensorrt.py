@@ -22,21 +22,62 @@ import importlib.util
 import os
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.dtypes import ENGINE_DTYPES, PRECISION_DTYPES
 from pipeline.errors import ConfigError
-from pipeline.store import write_json
-from pipeline.targets import Target
-from pipeline.targets.onnx_export import value_info
+from pipeline.files import write_json
+from pipeline.targets import Target, TargetSettings
+from pipeline.targets.onnx_base import value_info
 
 INSTALL = "pip install -e '.[torch-tensorrt]' (Linux x86-64, a CUDA GPU, NVIDIA's TensorRT wheels)"
 # The oldest release whose settings `translate` knows (the first with enable_autocast).
 OLDEST = (2, 11)
 # From 2.13 networks are strongly typed: these settings are gone (and were silently ignored).
 STRONGLY_TYPED = (2, 13)
-LOW_PRECISION = {"fp16": "float16", "bf16": "bfloat16", "float16": "float16", "bfloat16": "bfloat16"}
-FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float8_e4m3fn", "int8"}
+# Autocast's low precision types, by their dtype names.
+LOW_PRECISION = ("float16", "bfloat16")
+# Translated settings that only the engine builder reads: not the partitioner's (converter
+# capability validators read the rest through the registry's settings).
+BUILDER_ONLY = ("optimization_level", "workspace_size", "immutable_weights", "hardware_compatible",
+                "version_compatible", "pass_through_build_failures", "timing_cache_path", "cache_built_engines",
+                "reuse_cached_engines", "engine_cache_dir", "engine_cache_size")
+
+
+@dataclass
+class Settings(TargetSettings):
+    """Torch-TensorRT's dynamo frontend; partitioning and builder settings also come from `compile`.
+
+    Names follow torch_tensorrt.dynamo.compile so settings carry across. Settings the
+    installed version does not honour are rejected, never dropped.
+    """
+
+    name: str = "torch_tensorrt"
+    # Honour the graph's dtypes; from 2.13 always on (networks are strongly typed).
+    use_explicit_typing: bool | None = None
+    # Before 2.13 only: the kernel precisions TensorRT may choose from, e.g. [float16, float32].
+    enabled_precisions: list[str] = field(default_factory=list)
+    # Let Torch-TensorRT run chosen layers of an fp32 model in a lower precision.
+    enable_autocast: bool = False
+    # float16 | bfloat16 (with enable_autocast)
+    autocast_low_precision_type: str | None = None
+    # Regexes of node names and op names (aten.softmax.int) kept in fp32 by autocast.
+    autocast_excluded_nodes: list[str] = field(default_factory=list)
+    autocast_excluded_ops: list[str] = field(default_factory=list)
+    autocast_max_output_threshold: float = 512.0
+    # false builds refittable engines (weights can be swapped without a rebuild).
+    immutable_weights: bool = True
+    # Torch-TensorRT's own engine cache (in addition to the pipeline's stage cache).
+    engine_cache_dir: str | None = None
+    engine_cache_size: int = 1 << 30
+    # Timing cache file (not used by TensorRT-RTX, which does not autotune).
+    timing_cache_path: str | None = None
+    use_fast_partitioner: bool = True
+    enable_experimental_decompositions: bool = False
+    hardware_compatible: bool = False
+    version_compatible: bool = False
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -70,7 +111,15 @@ def translate(compile_cfg: dict[str, Any], target_cfg: dict[str, Any], version: 
         raise ConfigError(f"{label} is older than this pipeline supports ({OLDEST[0]}.{OLDEST[1]}).",
                           f"upgrade: {INSTALL}.")
     precision = getattr(compile_cfg["precision"], "value", str(compile_cfg["precision"]))
-    out: dict[str, Any] = {
+    return {**_common(compile_cfg, target_cfg),
+            **_typing(target_cfg, precision, version, label),
+            **_autocast(target_cfg, precision),
+            **_caches(target_cfg, rtx)}
+
+
+def _common(compile_cfg: dict[str, Any], target_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Settings every supported version takes under the same name."""
+    out = {
         "min_block_size": int(compile_cfg["min_block_size"]),
         "torch_executed_ops": sorted(compile_cfg.get("torch_executed_ops") or []),
         "require_full_compilation": bool(compile_cfg["require_full_compilation"]),
@@ -86,7 +135,11 @@ def translate(compile_cfg: dict[str, Any], target_cfg: dict[str, Any], version: 
     }
     if int(compile_cfg["workspace_size"]) > 0:
         out["workspace_size"] = int(compile_cfg["workspace_size"])
+    return out
 
+
+def _typing(target_cfg: dict[str, Any], precision: str, version: tuple[int, int], label: str) -> dict[str, Any]:
+    """Explicit typing and enabled_precisions: settable before 2.13, rejected after (strongly typed)."""
     explicit, precisions = target_cfg.get("use_explicit_typing"), list(target_cfg.get("enabled_precisions") or [])
     if version >= STRONGLY_TYPED:
         if precisions:
@@ -97,36 +150,42 @@ def translate(compile_cfg: dict[str, Any], target_cfg: dict[str, Any], version: 
         if explicit is False:
             raise ConfigError(f"target.use_explicit_typing=false is not possible with {label}: every network is "
                               "strongly typed.", "remove target.use_explicit_typing.")
-    else:
-        out["use_explicit_typing"] = True if explicit is None else bool(explicit)
-        if precisions:
-            unknown = [p for p in precisions if p not in FLOAT_DTYPES]
-            if unknown:
-                raise ConfigError(f"target.enabled_precisions has unknown dtypes {unknown}.",
-                                  f"use names from {sorted(FLOAT_DTYPES)}.")
-            out["enabled_precisions"] = sorted(set(precisions))
-        else:
-            out["enabled_precisions"] = sorted({"float32", LOW_PRECISION.get(precision, "float32")})
+        return {}
+    out: dict[str, Any] = {"use_explicit_typing": True if explicit is None else bool(explicit)}
+    unknown = [p for p in precisions if p not in ENGINE_DTYPES]
+    if unknown:
+        raise ConfigError(f"target.enabled_precisions has unknown dtypes {unknown}.",
+                          f"use names from {sorted(ENGINE_DTYPES)}.")
+    out["enabled_precisions"] = sorted(set(precisions) or {"float32", PRECISION_DTYPES[precision]})
+    return out
 
+
+def _autocast(target_cfg: dict[str, Any], precision: str) -> dict[str, Any]:
     low = target_cfg.get("autocast_low_precision_type")
-    if target_cfg["enable_autocast"]:
-        if precision != "fp32":
-            raise ConfigError(f"target.enable_autocast lowers an fp32 model, but compile.precision={precision} "
-                              "already casts it.", "set compile.precision=fp32, or target.enable_autocast=false.")
-        if low not in LOW_PRECISION:
-            raise ConfigError(f"target.enable_autocast=true needs target.autocast_low_precision_type, got {low!r}.",
-                              "set target.autocast_low_precision_type=float16 (or bfloat16).")
-        out.update({
-            "enable_autocast": True,
-            "autocast_low_precision_type": LOW_PRECISION[low],
-            "autocast_excluded_nodes": list(target_cfg["autocast_excluded_nodes"]),
-            "autocast_excluded_ops": sorted(target_cfg["autocast_excluded_ops"]),
-            "autocast_max_output_threshold": float(target_cfg["autocast_max_output_threshold"]),
-        })
-    elif low or target_cfg["autocast_excluded_nodes"] or target_cfg["autocast_excluded_ops"]:
-        raise ConfigError("target.autocast_* settings are set but target.enable_autocast is false.",
-                          "set target.enable_autocast=true, or remove the autocast settings.")
+    low = PRECISION_DTYPES.get(low, low)
+    if not target_cfg["enable_autocast"]:
+        if low or target_cfg["autocast_excluded_nodes"] or target_cfg["autocast_excluded_ops"]:
+            raise ConfigError("target.autocast_* settings are set but target.enable_autocast is false.",
+                              "set target.enable_autocast=true, or remove the autocast settings.")
+        return {}
+    if precision != "fp32":
+        raise ConfigError(f"target.enable_autocast lowers an fp32 model, but compile.precision={precision} "
+                          "already casts it.", "set compile.precision=fp32, or target.enable_autocast=false.")
+    if low not in LOW_PRECISION:
+        raise ConfigError(f"target.enable_autocast=true needs target.autocast_low_precision_type, got {low!r}.",
+                          "set target.autocast_low_precision_type=float16 (or bfloat16).")
+    return {
+        "enable_autocast": True,
+        "autocast_low_precision_type": low,
+        "autocast_excluded_nodes": list(target_cfg["autocast_excluded_nodes"]),
+        "autocast_excluded_ops": sorted(target_cfg["autocast_excluded_ops"]),
+        "autocast_max_output_threshold": float(target_cfg["autocast_max_output_threshold"]),
+    }
 
+
+def _caches(target_cfg: dict[str, Any], rtx: bool) -> dict[str, Any]:
+    """Torch-TensorRT's timing cache and engine cache (they speed builds up, change no engine)."""
+    out: dict[str, Any] = {}
     if target_cfg.get("timing_cache_path"):
         if rtx:
             raise ConfigError("target.timing_cache_path is not used by Torch-TensorRT for TensorRT-RTX "
@@ -141,7 +200,13 @@ def translate(compile_cfg: dict[str, Any], target_cfg: dict[str, Any], version: 
 
 class TorchTensorRTTarget(Target):
     name = "torch_tensorrt"
+    Settings = Settings
     libraries = ("torch_tensorrt", "tensorrt", "tensorrt_rtx")
+    lowering_libraries = ("torch_tensorrt",)
+    # Torch-TensorRT truncates float64 inside its own converters (truncate_double).
+    truncates_double = True
+    # build saves the whole program with torch_tensorrt.save; pipeline.load reloads it.
+    saves_program = True
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -171,13 +236,25 @@ class TorchTensorRTTarget(Target):
     def device(self) -> str:
         return "cuda"
 
-    def configure(self, compile_cfg) -> None:
+    def configure(self, compile_cfg, release: tuple[tuple[int, int], bool] | None = None) -> None:
+        """Translate for the installed release, or for `release` ((major, minor), is RTX) where none is."""
         from omegaconf import OmegaConf
 
-        _, minor, rtx = installed_version()
+        minor, rtx = release or installed_version()[1:]
         plain = OmegaConf.to_container(compile_cfg, resolve=True) if OmegaConf.is_config(compile_cfg) else dict(compile_cfg)
         self.values = translate(plain, self.settings, minor, rtx)
         self.settings = {**self.settings, "translated": self.values}
+
+    def partitioner_settings(self) -> dict[str, Any]:
+        """Its partitioner and the converters' capability validators read CompilationSettings."""
+        return {k: v for k, v in (self.values or {}).items() if k not in BUILDER_ONLY}
+
+    def precision_asked(self, precision: str) -> str:
+        """fp32 with autocast asks the engines to compute in the autocast type."""
+        low = (self.values or {}).get("autocast_low_precision_type")
+        if (self.values or {}).get("enable_autocast") and low:
+            return {v: k for k, v in PRECISION_DTYPES.items()}[low]
+        return precision
 
     @property
     def lowering(self) -> dict[str, Any]:
@@ -239,9 +316,9 @@ class TorchTensorRTTarget(Target):
                                  "inputs": segment["inputs"], "outputs": segment["outputs"]})
         # Strongly typed: the engine computes in the dtypes its bindings carry.
         io = {t["dtype"] for t in segment["inputs"] + segment["outputs"]}
-        return {**segment, "network": description.name, "precision": sorted(io & FLOAT_DTYPES)}
+        return {**segment, "network": description.name, "precision": sorted(io & ENGINE_DTYPES)}
 
-    def load_engine(self, segment: dict[str, Any], build_dir: Path):
+    def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
         import torch
 
         meta = dict(segment)
@@ -256,3 +333,6 @@ class TorchTensorRTTarget(Target):
 
     def load_package(self, path: Path):
         return self._phases.load(path)
+
+
+TARGET = TorchTensorRTTarget

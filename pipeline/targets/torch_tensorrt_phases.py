@@ -14,10 +14,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-import torch
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-          "int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn}
+from pipeline import ops
 
 
 @functools.cache
@@ -27,28 +24,20 @@ def _dynamo():
     return torch_tensorrt.dynamo
 
 
-def _ops(names) -> set:
-    """'aten.relu.default' (or 'aten.relu': every overload) -> the OpOverloads Torch-TensorRT compares with."""
-    ops = set()
-    for name in names:
-        namespace, packet, *overload = name.removeprefix("torch.ops.").split(".")
-        packet = getattr(getattr(torch.ops, namespace), packet)
-        ops.update(getattr(packet, o) for o in (overload or packet.overloads()))
-    return ops
-
-
 def compilation_settings(values: dict[str, Any]):
     """Our translated settings (plain values) as Torch-TensorRT's CompilationSettings."""
+    import torch
+
     values = dict(values)
     values.pop("engine_cache_dir", None)
     values.pop("engine_cache_size", None)
-    values["torch_executed_ops"] = _ops(values.get("torch_executed_ops", []))
+    values["torch_executed_ops"] = ops.overloads(values.get("torch_executed_ops", []))
     if "enabled_precisions" in values:
-        values["enabled_precisions"] = {DTYPES[d] for d in values["enabled_precisions"]}
+        values["enabled_precisions"] = {getattr(torch, d) for d in values["enabled_precisions"]}
     if values.get("autocast_low_precision_type"):
-        values["autocast_low_precision_type"] = DTYPES[values["autocast_low_precision_type"]]
+        values["autocast_low_precision_type"] = getattr(torch, values["autocast_low_precision_type"])
     if "autocast_excluded_ops" in values:
-        values["autocast_excluded_ops"] = _ops(values["autocast_excluded_ops"])
+        values["autocast_excluded_ops"] = ops.overloads(values["autocast_excluded_ops"], "target.autocast_excluded_ops")
     return _dynamo().CompilationSettings(**values)
 
 

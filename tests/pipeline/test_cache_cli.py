@@ -11,7 +11,9 @@ import time
 import pytest
 from testkit import REPO, cache_entries, clean_env, half_written, run_job
 
-from pipeline.store import MANIFEST, Store, read_manifest
+from pipeline.cache import StageCache
+from pipeline.files import read_manifest
+from pipeline.layout import MANIFEST
 
 CACHED = ("build", "convert", "export", "lower", "partition")  # validate is not cached by default
 
@@ -121,7 +123,7 @@ def test_prune_waits_for_a_job_holding_the_key(cache):
     release = threading.Event()
 
     def builder():
-        with Store(cache).lock("partition", entry.name):
+        with StageCache(cache).lock("partition", entry.name):
             held.set()
             release.wait(30)
 

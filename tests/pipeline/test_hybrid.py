@@ -15,9 +15,10 @@ from testkit import REPO, clean_env
 
 import pipeline
 from pipeline.errors import ArtifactError
+from pipeline.files import read_manifest
+from pipeline.hybrid import EngineModule
 from pipeline.models import build_model
-from pipeline.store import read_manifest
-from pipeline.targets.onnxruntime import OrtEngine
+from pipeline.targets.onnxruntime import OrtSession
 
 # Runs in a fresh interpreter: nothing of the test process (modules, registered custom ops).
 RELOAD = r"""
@@ -26,7 +27,7 @@ import torch
 
 assert "pipeline.zoo" not in sys.modules
 import pipeline
-from pipeline.targets.onnxruntime import OrtEngine
+from pipeline.hybrid import EngineModule
 
 data = torch.load(sys.argv[1])
 out = {}
@@ -34,7 +35,7 @@ for name in data["order"]:
     item = data[name]
     zoo_before = "pipeline.zoo" in sys.modules
     module = pipeline.load(item["run_dir"])
-    engines = {n: s.path for n, s in module.named_modules() if isinstance(s, OrtEngine)}
+    engines = {n: s.runner.path for n, s in module.named_modules() if isinstance(s, EngineModule)}
     with torch.no_grad():
         y = module(item["x"])
     if isinstance(y, (tuple, list)):
@@ -108,7 +109,7 @@ def test_reload_tiny(reloaded):
 @pytest.mark.slow
 def test_load_an_eager_run(resnet18_eager):
     module = pipeline.load(resnet18_eager.run_dir)
-    assert not any(isinstance(m, OrtEngine) for m in module.modules())
+    assert not any(isinstance(m, EngineModule) for m in module.modules())
     x, ref = reference(resnet18_eager.run_dir, seed=3)
     with torch.no_grad():
         y = module(x)
@@ -117,7 +118,7 @@ def test_load_an_eager_run(resnet18_eager):
 
 def test_load_in_process(tiny_job):
     module = pipeline.load(tiny_job.run_dir)
-    assert isinstance(module.get_submodule("accel_0"), OrtEngine)
+    assert isinstance(module.get_submodule("accel_0").runner, OrtSession)
     x, ref = reference(tiny_job.run_dir, seed=7)
     with torch.no_grad():
         y = module(x)

@@ -24,9 +24,9 @@ from testkit import (
 
 import stages
 from pipeline import targets
+from pipeline.cache import select
 from pipeline.errors import CompileError, ConfigError
-from pipeline.runner import select
-from pipeline.store import read_manifest
+from pipeline.files import read_manifest
 
 MANIFEST_KEYS = {"stage", "version", "key", "inputs", "config", "env", "wall_seconds", "files"}
 LATENCY_KEYS = {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "cv", "throughput_per_s"}
@@ -56,23 +56,33 @@ def test_every_stage_folder_has_a_true_manifest(tiny_job, stage):
     folder = tiny_job.run_dir / stage
     manifest = json.loads((folder / "manifest.json").read_text())
     assert MANIFEST_KEYS <= set(manifest)
-    module = getattr(stages, stage)
+    spec = stages.BY_NAME[stage]
     record = tiny_job.record(stage)
-    assert (manifest["stage"], manifest["version"], manifest["key"]) == (stage, module.VERSION, record.key)
-    assert manifest["inputs"] == {up: tiny_job.record(up).key for up in module.INPUTS}
-    for up, files in getattr(module, "CONTENT", {}).items():  # keyed by those files' hashes instead
-        assert set(files) <= {f["path"] for f in json.loads((tiny_job.run_dir / up / "manifest.json").read_text())["files"]}
-    expected = select(tiny_job.runner.config, module.READS)
-    for attr in getattr(module, "TARGET_KEYS", ()):
-        expected.setdefault("target", {})[attr] = getattr(targets.make("onnxruntime", {}), attr)
-    assert manifest["config"] == expected
-    assert manifest["env"]["libraries"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
-    assert manifest["env"]["libraries"]["onnxruntime"] == ort.__version__
+    assert (manifest["stage"], manifest["version"], manifest["key"]) == (stage, spec.version, record.key)
+    assert manifest["upstream"] == {up: tiny_job.record(up).key for up in spec.inputs}
+    for up in spec.inputs:  # keyed by the upstream key, or by the hashes of the files it reads
+        files = spec.content.get(up)
+        if files is None:
+            assert manifest["inputs"][up] == tiny_job.record(up).key
+        else:
+            listed = {f["path"]: f["sha256"] for f in json.loads((tiny_job.run_dir / up / "manifest.json").read_text())["files"]}
+            assert manifest["inputs"][up] == {f: listed[f] for f in files}
+    assert manifest["config"] == select(tiny_job.runner.config, spec.reads)
+    target = targets.make("onnxruntime", tiny_job.runner.config["target"])
+    assert manifest["target"] == (target.key_material(spec.asks) if spec.asks else {})
+    # Only the libraries this stage and its target use: onnxruntime's version is not in export's key.
+    libraries = manifest["env"]["libraries"]
+    assert libraries["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert ("onnxruntime" in libraries) == (stage in ("partition", "convert", "build", "validate"))
+    assert "tensorrt_rtx" not in libraries
+    if "onnxruntime" in libraries:
+        assert libraries["onnxruntime"] == ort.__version__
     assert {"python", "device", "compute_capability"} <= set(manifest["env"])
     assert manifest["wall_seconds"] > 0
     listed = {f["path"]: f for f in manifest["files"]}
     on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(listed) == on_disk and on_disk
+    assert set(spec.written_files()) <= on_disk  # every file the spec declares
     for rel, f in listed.items():
         assert f["bytes"] == (folder / rel).stat().st_size
         assert f["sha256"] == sha256(folder / rel)
@@ -186,6 +196,40 @@ def test_targets_that_lower_alike_share_the_lowered_program(tiny_job, tmp_path):
     job = run_job(tmp_path, "target=tensorrt", cache=tiny_job.cache)
     assert job.record("export").hit and job.record("lower").hit  # lowered once for onnxruntime
     assert not job.record("partition").hit  # but partitioned for tensorrt
+
+
+BUILDING_STAGES = STAGES[:-1]  # validate measures, it is not reused by default
+
+
+def test_renaming_the_model_rebuilds_nothing(tiny_job, tmp_path):
+    """model.name, model.task and input.name are labels: the same factory and weights hit every entry."""
+    job = run_job(tmp_path, "target=onnxruntime", "model.name=my_renamed_cnn", "model.task=detection",
+                  "input.name=my_images", "tracking.enabled=false", cache=tiny_job.cache)
+    assert job.result.status == "FINISHED"
+    assert {s: job.record(s).hit for s in BUILDING_STAGES} == {s: True for s in BUILDING_STAGES}
+    assert [job.record(s).key for s in BUILDING_STAGES] == [tiny_job.record(s).key for s in BUILDING_STAGES]
+    assert "top1_agreement" not in job.result.metrics  # the label it reads (task) is still honoured
+
+
+def test_session_settings_are_applied_at_load_not_keyed(tiny_job, tmp_path):
+    """ONNX Runtime's thread and spinning settings change no built byte; the loading job's values apply."""
+    job = run_job(tmp_path, "target=onnxruntime", "target.allow_spinning=false", "target.intra_op_num_threads=1",
+                  "target.execution_mode=parallel", "tracking.enabled=false", cache=tiny_job.cache)
+    assert job.result.status == "FINISHED"
+    assert all(job.record(s).hit for s in BUILDING_STAGES)
+    # The engine list carries no run-time setting: the cached build serves every such job alike.
+    assert "allow_spinning" not in job.json("build/engines.json")["settings"]
+    from pipeline import hybrid
+
+    target = targets.make("onnxruntime", job.runner.config["target"])
+    module = hybrid.assemble(job.run_dir / "lower", job.run_dir / "partition", job.run_dir / "build", target)
+    session = module.get_submodule("accel_0").runner.session
+    assert session.get_session_options().intra_op_num_threads == 1
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    # A build setting still misses build (and only build: convert reads nothing of it).
+    other = run_job(tmp_path / "b", "target=onnxruntime", "target.graph_optimization_level=basic",
+                    "tracking.enabled=false", cache=tiny_job.cache)
+    assert [other.record(s).hit for s in BUILDING_STAGES] == [True, True, True, True, False]
 
 
 # --- 6a. a corrupt cache entry is a miss and is rebuilt ---------------------------------

@@ -19,7 +19,7 @@ from testkit import (
     overrides,
 )
 
-from pipeline.store import read_manifest
+from pipeline.files import read_manifest
 
 
 def run_sweep(tmp: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:

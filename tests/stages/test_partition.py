@@ -22,7 +22,7 @@ from testkit import (
 )
 
 from pipeline.errors import CompileError, ConfigError
-from stages.partition import resolve_ops
+from pipeline.ops import resolve as resolve_ops
 
 
 def accelerated(report):
@@ -195,4 +195,4 @@ def test_resolve_ops_rejects_unknown_names(name, message):
 def test_stage_order():
     import stages
 
-    assert tuple(m.NAME for m in stages.ORDER) == STAGES
+    assert tuple(spec.name for spec in stages.ORDER) == STAGES

@@ -1,4 +1,4 @@
-"""What ONNX-based targets share: torch.onnx's op registry, its lowering, segment export.
+"""The base of the ONNX-based targets (onnxruntime, tensorrt): torch.onnx's op registry, its lowering, segment export.
 
 Op support comes from the registry the exporter itself dispatches through (onnxscript's
 torchlib), and lowering uses the same ONNX-friendly decomposition table torch.onnx
@@ -43,6 +43,8 @@ class OnnxTarget(Target):
     """Lower, support and convert through torch.onnx; subclasses build and load engines."""
 
     lowering = "torch.onnx decompositions, export checks dropped, sizes localised"
+    # torch.onnx's decomposition table and op registry come from onnxscript's torchlib.
+    lowering_libraries = ("onnxscript",)
 
     def lower(self, program):
         from pipeline.segments import assertions, localize_sizes
@@ -60,6 +62,10 @@ class OnnxTarget(Target):
         localize_sizes(graph)
         program.graph_module.recompile()
         return program
+
+    def converter_settings(self) -> dict[str, Any]:
+        """Segments are exported by torch.onnx: only the opset changes the files."""
+        return {"opset": self.settings.get("opset")}
 
     def is_supported(self, node) -> bool:
         if node.op != "call_function":

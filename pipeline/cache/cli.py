@@ -1,4 +1,4 @@
-"""`python -m pipeline.cache list|prune`: what the stage cache holds, and making it smaller.
+"""The cache's command line, `python -m pipeline.cache list|prune`: what it holds, and making it smaller.
 
 Removing is safe beside running jobs: an entry is removed under the same per-key lock
 the store's builders hold, is checked again under it (an entry rebuilt or used since the
@@ -31,9 +31,11 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.table import Table
 
-from pipeline.store import MANIFEST, Store, read_manifest
+from pipeline.cache import STAGING_PREFIX, TRASH_PREFIX, StageCache
+from pipeline.files import read_manifest
+from pipeline.layout import MANIFEST
 
-LEFTOVER_PREFIXES = (".tmp-", ".trash-")  # Store.staging and publish_folder's moved-aside entries
+LEFTOVER_PREFIXES = (STAGING_PREFIX, TRASH_PREFIX)  # staging folders and entries moved aside
 AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -191,15 +193,15 @@ def still_wanted(planned: Item, now: Item | None) -> bool:
 def remove(item: Item) -> None:
     """Rename aside first, so nobody ever sees half an entry; a crash here leaves a `.trash-` leftover."""
     trash = item.path
-    if not item.path.name.startswith(".trash-"):
-        trash = item.path.with_name(f".trash-{item.key}-{uuid.uuid4().hex[:8]}")
+    if not item.path.name.startswith(TRASH_PREFIX):
+        trash = item.path.with_name(f"{TRASH_PREFIX}{item.key}-{uuid.uuid4().hex[:8]}")
         os.rename(item.path, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
 
 def prune(console: Console, root: Path, items: list[Item], args) -> None:
     plan = plan_prune(items, args.older_than, args.max_size)
-    store = Store(root)
+    store = StageCache(root)
     done: list[tuple[Item, str]] = []
     for item, reason in plan:
         if args.dry_run:
