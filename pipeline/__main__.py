@@ -2,11 +2,30 @@
 
 Kept thin: Hydra composes and checks the config, the runner does the work, and the
 value returned is the metric a sweeper optimises (p50 latency; NaN for a failed job).
+
+Hydra reports the mistakes it catches itself (an option that does not exist, a misspelled
+key, a wrong type, an override it cannot parse, a run folder it cannot create) in several
+lines and exits 1. They are mistakes in the request like any other, so entry() turns them
+into the pipeline's shape: one `error:` line (Hydra's list of choices kept) and exit 2.
+HYDRA_FULL_ERROR=1, PIPELINE_DEBUG=1 or verbose=true let the exception through with its
+traceback; errors raised by the job's own code keep Hydra's report.
 """
+
+import os
+import sys
+from pathlib import Path
 
 import hydra
 
 import pipeline.config  # noqa: F401  (registers the schemas)
+
+# Frames from these folders are the job's own code: its errors are not Hydra's to explain.
+JOB_CODE = tuple(str(Path(__file__).resolve().parents[1] / d) + os.sep for d in ("pipeline", "stages"))
+# Lines of Hydra's messages that do not fit one line or give advice our schema refuses
+# ("+key" only adds keys the schema allows).
+DROPPED = ("To append to your config", "See https://", "reference_type=", "object_type=",
+           "Set the environment variable HYDRA_FULL_ERROR")
+GRAMMAR = "https://hydra.cc/docs/1.2/advanced/override_grammar/basic"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -16,15 +35,115 @@ def main(cfg) -> float | None:
     return run_job(cfg)
 
 
+def debugging() -> bool:
+    """Tracebacks asked for: HYDRA_FULL_ERROR=1, PIPELINE_DEBUG=1 or a verbose=true override."""
+    verbose = {"verbose=true", "verbose=yes", "verbose=on", "verbose=1"}
+    return (any(os.environ.get(name) == "1" for name in ("HYDRA_FULL_ERROR", "PIPELINE_DEBUG"))
+            or any(arg.lstrip("+").lower() in verbose for arg in sys.argv[1:]))
+
+
+def from_job(err: BaseException) -> bool:
+    """Raised (or passed through) by the job's code, not by Hydra composing or preparing the run."""
+    import traceback
+
+    frames = list(traceback.walk_tb(err.__traceback__))[1:]  # the first is the frame that caught it
+    return any(frame.f_code.co_filename.startswith(JOB_CODE) for frame, _ in frames)
+
+
+def flatten_message(text: str) -> str:
+    """Hydra's message on one line: indented lists joined after their heading, hints dropped."""
+    parts: list[str] = []
+    for raw in text.split("Config search path:")[0].splitlines():
+        line = raw.strip()
+        if not line or line.startswith(DROPPED):
+            continue
+        if raw[:1].isspace() and parts and parts[-1].endswith((":", ",")):  # an item of a list
+            parts[-1] = f"{parts[-1]} {line},"
+        else:
+            parts.append(line)
+    return "; ".join(p.rstrip(",").rstrip(".") for p in parts) + "."
+
+
+def request_error(err: Exception) -> str | None:
+    """One line (problem and fix) for a mistake Hydra caught in the request; None for anything else."""
+    from hydra.errors import (
+        HydraException,
+        InstantiationException,
+        MissingConfigException,
+        OverrideParseException,
+    )
+    from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
+
+    from pipeline.errors import ConfigError
+
+    if isinstance(err, InterpolationResolutionError):  # a ${...} in an override: resolved by the job
+        return ConfigError(flatten_message(str(err)),
+                           "make each ${...} name an existing key, e.g. paths.cache=${paths.outputs}/cache.").one_line()
+    if from_job(err) or isinstance(err, InstantiationException):
+        return None
+    text = str(err)
+    if isinstance(err, HydraException) and isinstance(err.__cause__, OmegaConfBaseException):
+        text = f"{text}\n{err.__cause__}"
+    if isinstance(err, MissingConfigException):
+        fix = "choose one of the available options" + (
+            f", or add conf/{err.missing_cfg_file}.yaml" if err.missing_cfg_file else "") + "."
+    elif isinstance(err, OverrideParseException):
+        if err.override and err.override not in text:
+            text = f"cannot parse override {err.override!r}: {text}"
+        fix = f"write each override as key=value and quote values holding spaces or brackets (see {GRAMMAR})."
+    elif isinstance(err, (HydraException, OmegaConfBaseException)):
+        fix = "check the key and its type against `python -m pipeline --cfg job`."
+    elif isinstance(err, OSError):
+        text = f"could not prepare the run folder: {err}"
+        fix = "point paths.outputs (or hydra.run.dir / hydra.sweep.dir) at a writable directory."
+    else:
+        return None
+    return ConfigError(flatten_message(text), fix).one_line()
+
+
+def install_error_report():
+    """Route Hydra's own error report through request_error; returns the function that undoes it.
+
+    Hydra 1.3 runs every command through hydra._internal.utils.run_and_report, which prints
+    the error and exits 1. The wrapper sees the exception first: a mistake in the request
+    prints one line and exits 2 (SystemExit passes through Hydra's handler); anything else
+    goes on to Hydra's handler as before.
+    """
+    from hydra._internal import utils
+
+    original = getattr(utils, "run_and_report", None)
+    if original is None:  # another Hydra: its own report stands
+        return lambda: None
+
+    def run_and_report(func):
+        if debugging():
+            return func()  # the exception and its whole traceback
+
+        def guarded():
+            try:
+                return func()
+            except Exception as err:
+                line = request_error(err)
+                if line is None:
+                    raise
+                print(f"error: {line}", file=sys.stderr, flush=True)
+                sys.exit(2)
+
+        return original(guarded)
+
+    utils.run_and_report = run_and_report
+    return lambda: setattr(utils, "run_and_report", original)
+
+
 def entry() -> None:
     """Run Hydra; after a sweep, finish its summary (even if Hydra failed) and exit 1 if a job failed."""
-    import sys
-
     from pipeline import sweep
 
+    restore = install_error_report()
     try:
         main()
     finally:
+        restore()
         failed = sweep.finalize() if sweep.STATE else 0
     if failed:
         sys.exit(1)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline import layout
@@ -36,13 +38,18 @@ def run_job(cfg: DictConfig) -> float | None:
     try:
         runner = Runner(cfg, run_dir, console, sweep=context)
         result = runner.run(Tracker(runner.config["tracking"]))
-    except KeyboardInterrupt:
-        raise
+    except KeyboardInterrupt as err:  # SIGINT, or SIGTERM (errors.Terminated): recorded KILLED by the runner
+        name = getattr(err, "signal_name", "SIGINT")
+        console.print("[red]error:[/] " + escape(f"interrupted by {name}; the run is recorded KILLED ({run_dir})."))
+        _save_log(console, run_dir)
+        if debug:
+            raise
+        sys.exit(128 + getattr(signal, name))
     except Exception as err:
         if not isinstance(err, PipelineError) and not in_sweep:
             raise  # a bug: the traceback is the useful message
         line = err.one_line() if isinstance(err, PipelineError) else f"{type(err).__name__}: {err}".splitlines()[0]
-        console.print(f"[red]error:[/] {line}", soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
         _save_log(console, run_dir)
         if debug:
             raise
@@ -72,7 +79,7 @@ def _save_log(console: Console, run_dir: Path) -> None:
 
 
 def print_summary(console: Console, result) -> None:
-    table = Table(title=f"{result.status.lower()}: {result.target}", title_justify="left")
+    table = Table(title=escape(f"{result.status.lower()}: {result.target}"), title_justify="left")
     for column in ("stage", "cache", "seconds"):
         table.add_column(column, justify="right" if column == "seconds" else "left")
     for s in result.stages:
@@ -85,14 +92,14 @@ def print_summary(console: Console, result) -> None:
         f"{m['accelerated_op_fraction']:.0%} of ops accelerated, engines {m['engine_bytes'] / 1e6:.1f} MB")
     if not m.get("validated"):
         console.print("[yellow]not validated[/]: the engines cannot run on this machine "
-                      f"(see {result.run_dir / 'validate' / 'report.json'})")
+                      f"(see {escape(str(result.run_dir / 'validate' / 'report.json'))})")
     else:
         _print_measurements(console, m)
-    console.print(f"artifacts: {result.run_dir}")
+    console.print(f"artifacts: {result.run_dir}", markup=False)
     if result.tracking:
         t = result.tracking
         console.print(f"mlflow: run {t['run_id']} in experiment {t['experiment']!r} at {t['tracking_uri']} "
-                      "(make ui to browse)")
+                      "(make ui to browse)", markup=False)
 
 
 def _print_measurements(console: Console, m: dict) -> None:

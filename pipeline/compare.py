@@ -109,15 +109,16 @@ def pareto_front(jobs: list[Job]) -> list[Job]:
 
 
 def table(jobs: list[Job], title: str) -> Table:
+    """Cells, title and caption are Text: overrides and errors like `[aten.relu.default]` print as they are."""
     front = {id(j) for j in pareto_front(jobs)}
-    out = Table(title=title, title_justify="left", caption=f"{FRONT_NOTE}\n{NOT_MEASURED}",
+    out = Table(title=Text(title), title_justify="left", caption=Text(f"{FRONT_NOTE}\n{NOT_MEASURED}"),
                 caption_justify="left")
     out.add_column("")
     for column in COLUMNS:
         out.add_column(column, justify="right" if column in METRIC_COLUMNS or column == "job" else "left",
                        overflow="fold")
     for job, row in zip(jobs, rows(jobs), strict=True):
-        cells = [Text(row[c], style=STATUS_STYLES.get(row[c], "")) if c == "status" else row[c] for c in COLUMNS]
+        cells = [Text(row[c], style=STATUS_STYLES.get(row[c], "") if c == "status" else "") for c in COLUMNS]
         on_front = id(job) in front
         out.add_row("*" if on_front else "", *cells, style="bold" if on_front else None)
     return out
@@ -277,9 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     console = Console(highlight=False, soft_wrap=True)
     console.print(table(jobs, title))
     if parent:
-        console.print(f"parent run: {parent['run_id']} ({parent['status']})")
+        console.print(f"parent run: {parent['run_id']} ({parent['status']})", markup=False)
     if args.out:
-        console.print("report: " + ", ".join(map(str, write_report(jobs, args.out, title))))
+        console.print("report: " + ", ".join(map(str, write_report(jobs, args.out, title))), markup=False)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ for. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+
 
 class PipelineError(Exception):
     """A problem the user can fix; `fix` says how."""
@@ -18,6 +22,10 @@ class PipelineError(Exception):
         super().__init__(problem)
         self.problem = problem
         self.fix = fix
+
+    def __reduce__(self):
+        """Pickled with its fix: errors raised in the stage worker reach the job whole."""
+        return (type(self), (self.problem, self.fix))
 
     def one_line(self) -> str:
         text = " ".join(self.problem.split())
@@ -40,3 +48,30 @@ class CompileError(PipelineError):
 
 class ArtifactError(PipelineError):
     """An artifact on disk is missing, unreadable or corrupt."""
+
+
+class StageCrashed(CompileError):
+    """A stage's process died in native code (a signal, an abort on a full disk): the job records it."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, docker stop, Kubernetes, SLURM's scancel) handled as an interrupt: the run ends KILLED."""
+
+    signal_name = "SIGTERM"
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """While a job runs, SIGTERM raises Terminated in the main thread, so it is recorded, not lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

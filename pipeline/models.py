@@ -33,16 +33,32 @@ def cast_model(model, precision: str):
 
 
 def _factory(target: str):
+    """The factory named by model._target_; any failure to import it is the user's to fix, in one line.
+
+    A module can fail at import with any exception (a syntax error, a missing dependency, a
+    RuntimeError at module level), and each one means the same thing: this factory cannot be used.
+    """
     module_name, _, attr = target.rpartition(".")
+    fix = ("pick a model from conf/model/ (model=resnet50) or give an importable "
+           "factory: model._target_=package.module.function.")
+    if not module_name:
+        raise ConfigError(f"model._target_={target!r} is not a dotted path to a factory.", fix)
     try:
         module = importlib.import_module(module_name)
-        return getattr(module, attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigError(
-            f"model._target_={target!r} cannot be imported ({err}).",
-            "pick a model from conf/model/ (model=resnet50) or give an importable "
-            "factory: model._target_=package.module.function.",
-        ) from None
+    except Exception as err:
+        missing = isinstance(err, ModuleNotFoundError) and (module_name + ".").startswith(f"{err.name}.")
+        why = "is not found" if missing else f"fails at import: {_first_line(err)}"
+        raise ConfigError(f"model._target_={target!r} cannot be imported: module {module_name!r} {why.rstrip('.')}.",
+                          fix) from err
+    if not hasattr(module, attr):
+        raise ConfigError(f"model._target_={target!r} cannot be imported: module {module_name!r} "
+                          f"has no attribute {attr!r}.", fix)
+    return getattr(module, attr)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def build_model(model_cfg: DictConfig):
@@ -66,13 +82,22 @@ def build_model(model_cfg: DictConfig):
                 f"model {model_cfg.name}: could not load weights {model_cfg.weights!r} ({err}).",
                 "use model.weights=null for random weights, or run where the weights can be downloaded.",
             ) from None
-        raise
+        raise _factory_failed(model_cfg, err) from err
+    except Exception as err:  # the factory's own failure: the user's code (or kwargs) to fix
+        raise _factory_failed(model_cfg, err) from err
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(
             f"model._target_={model_cfg._target_!r} returned {type(model).__name__}, not an nn.Module.",
             "point model._target_ at a function or class that returns a torch.nn.Module.",
         )
     return model.eval()
+
+
+def _factory_failed(model_cfg: DictConfig, err: Exception) -> ConfigError:
+    return ConfigError(
+        f"model {model_cfg.name}: the factory model._target_={model_cfg._target_!r} raised {_first_line(err).rstrip('.')}.",
+        f"fix the factory or model.kwargs (calling {model_cfg._target_}(...) in Python shows the traceback).",
+    )
 
 
 def weights_digest(model) -> str:

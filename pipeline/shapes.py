@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.dtypes import torch_dtype
-from pipeline.errors import ConfigError
+from pipeline.errors import ArtifactError, ConfigError
 
 CORNERS = ("min", "opt", "max")
 
@@ -180,7 +180,13 @@ def save_samples(samples: dict[str, Sample], path) -> None:
 
 def load_samples(path) -> dict[str, Sample]:
     """'opt', and 'min'/'max' (and 'p<i>-<corner>') for dynamic inputs: tensors only, never code."""
+    import pickle
+
     import torch
 
-    saved = torch.load(path, weights_only=True)
+    try:  # the weights-only unpickler: tensors, containers and numbers, never an arbitrary object
+        saved = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ArtifactError(f"{path} holds more than tensors, so it is not loaded ({str(err).splitlines()[0]}).",
+                            "rebuild the run with this pipeline; never load samples from unknown sources.") from None
     return {name: Sample(tuple(s["args"]), dict(s["kwargs"]), dict(s["dims"])) for name, s in saved.items()}

@@ -24,6 +24,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from rich.markup import escape
 
 from pipeline import layout
 from pipeline.files import load_json, write_json
@@ -59,7 +60,7 @@ class SweepCallback(Callback):
         write_json(sweep_dir / SWEEP_FILE, info)
         STATE.clear()
         STATE.update(info=info, config=config, finalized=False)
-        Console(highlight=False).print(f"[bold]sweep[/] {sweep_id}: jobs in {sweep_dir}"
+        Console(highlight=False).print(f"[bold]sweep[/] {sweep_id}: jobs in " + escape(str(sweep_dir))
                                        + (f", MLflow parent run {info['parent']['run_id']}" if info["parent"] else ""))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -94,7 +95,7 @@ def is_search(hydra_cfg=None) -> bool:
 
 
 def disk_records(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One record per job folder: its run.json, or a FAILED row when the worker died before writing it."""
+    """One record per job folder: its run.json, or a FAILED row when the job's process died before finishing it."""
     import yaml
 
     records = []
@@ -104,8 +105,8 @@ def disk_records(sweep_dir: Path) -> list[dict[str, Any]]:
         record = {"job": int(folder.name), "name": folder.name, "overrides": " ".join(overrides or []),
                   "target": "", "status": "FAILED", "metrics": {}, "tags": {}, "run_dir": str(folder),
                   "error": "the job's worker stopped before it recorded a result (killed, or out of memory)"}
-        if (folder / layout.RUN_JSON).is_file():
-            run = load_json(folder / layout.RUN_JSON, "run record")
+        run = load_json(folder / layout.RUN_JSON, "run record") if (folder / layout.RUN_JSON).is_file() else {}
+        if run.get("status", "RUNNING") != "RUNNING":  # still RUNNING after the sweep: its process died
             record.update(target=run.get("target") or "", status=run["status"], error=run.get("error"),
                           metrics=run.get("metrics", {}), tags=run.get("tags", {}),
                           run_id=(run.get("tracking") or {}).get("run_id"))
@@ -148,23 +149,24 @@ def finalize() -> int:
     tags = {"jobs.total": str(len(jobs)), "jobs.failed": str(len(failed))}
     if best:
         tags.update({"best.job": str(best["job"]), "best.overrides": best["overrides"]})
-        console.print(f"[bold]best[/]: job {best['job']} ({differs[id(best)] or best['overrides']}): "
+        console.print(f"[bold]best[/]: job {best['job']} ({escape(differs[id(best)] or best['overrides'])}): "
                       f"p50 {best['metrics']['latency_p50_ms']:.3f} ms, speedup {best['metrics'].get('speedup', 0):.2f}x")
     optuna = sweep_dir / "optimization_results.yaml"
     if optuna.is_file():
         results = OmegaConf.load(optuna)
         tags["best.params"] = " ".join(f"{k}={v}" for k, v in results.get("best_params", {}).items())
-        console.print(f"[bold]autotune best[/]: {tags['best.params']} (p50 {results.get('best_value')} ms)")
+        console.print(f"[bold]autotune best[/]: {escape(tags['best.params'])} (p50 {results.get('best_value')} ms)")
     for job in failed:
-        console.print(f"[red]failed[/] job {job['job']} ({differs[id(job)]}): {job['error']}")
-    console.print(f"report: {sweep_dir / 'compare'}")
+        console.print(f"[red]failed[/] job {job['job']} ({escape(differs[id(job)])}): {escape(str(job['error']))}")
+    console.print("report: " + escape(str(sweep_dir / "compare")))
     if info["parent"]:
         metrics = {"jobs_total": len(jobs), "jobs_failed": len(failed)}
         if best:
             metrics["best_latency_p50_ms"] = best["metrics"]["latency_p50_ms"]
         status = "FAILED" if failed and not info["autotune"] else "FINISHED"
         tracking.finish_parent(_settings(config), info["parent"]["run_id"], status, metrics, tags, files)
-        console.print(f"mlflow: parent run {info['parent']['run_id']} in experiment {info['parent']['experiment']!r}")
+        console.print(f"mlflow: parent run {info['parent']['run_id']} in experiment "
+                      + escape(repr(info["parent"]["experiment"])))
     write_json(sweep_dir / SWEEP_FILE, {**info, "finished": time.time(), "jobs": len(jobs), "failed": len(failed)})
     # An autotune search expects failed trials; it fails only when nothing worked.
     STATE["failed"] = (len(jobs) if best is None else 0) if info["autotune"] else len(failed)

@@ -125,3 +125,21 @@ class DataDependentNet(CustomOpNet):
 
 def data_dependent_net(num_classes: int = 10) -> nn.Module:
     return DataDependentNet(num_classes)
+
+
+def vit_b_16(weights: str | None = None, **kwargs) -> nn.Module:
+    """torchvision's ViT-B/16, with a head that says something under random weights.
+
+    torchvision zero-initialises the classification head (`heads.head`), so with random
+    weights the logits are all zero whatever the input: validation would compare zeros
+    with zeros and learn nothing. Random weights (weights=None) get a normal head instead,
+    drawn from the generator build_model seeds with model.seed; pretrained weights
+    (weights="DEFAULT", ...) load exactly as torchvision gives them.
+    """
+    from torchvision.models import vit_b_16 as torchvision_vit_b_16
+
+    model = torchvision_vit_b_16(weights=weights, **kwargs)
+    if weights is None:
+        nn.init.normal_(model.heads.head.weight, std=0.02)
+        nn.init.normal_(model.heads.head.bias, std=0.02)
+    return model

@@ -22,19 +22,32 @@ def _describe(sample: shapes.Sample) -> str:
 
 
 def _probe(model, sample: shapes.Sample, cfg, where: str) -> list:
-    """Eager outputs at these sizes: a shape the model rejects fails here, in one line."""
+    """Eager outputs at these sizes: a shape the model rejects fails here, in one line.
+
+    A model whose output holds no tensor (a forward that returns None, or only numbers)
+    has nothing to compile or compare: torch.export would trace a program of no ops and
+    every later stage would build and cache it, so it is refused here.
+    """
     import torch
 
     try:
         with torch.no_grad():
-            return flat_outputs(sample(model))
+            out = sample(model)
     except Exception as err:  # the model's own complaint is the most useful message
         raise ConfigError(
             f"input {cfg.input.name} at {where} ({_describe(sample)}) does not fit model "
-            f"{cfg.model.name}: {str(err).splitlines()[0]}",
+            f"{cfg.model.name}: {(str(err).splitlines() or [type(err).__name__])[0]}",
             "set input.tensors (shapes, dtypes, keyword) and input.dims to what the model takes, "
             "e.g. input=image_224 or input=text_dynamic.",
         ) from None
+    outputs = flat_outputs(out)
+    if not outputs:
+        raise ConfigError(
+            f"model {cfg.model.name} returned {type(out).__name__} at {where}, which holds no tensor: "
+            "there is nothing to compile or to compare.",
+            f"make {cfg.model._target_}'s forward return a tensor (or a tuple, list or dict of tensors).",
+        )
+    return outputs
 
 
 def _export(model, sample: shapes.Sample, cfg):
@@ -119,8 +132,9 @@ def run(ctx: StageContext) -> Metrics:
     with ctx.console.status(f"torch.export of {cfg.model.name}"):
         program = _export(model, examples["opt"], cfg)
         _check_corners(program, eager, examples, cfg)
+    # The factory's module (for custom ops) and the modules of the output types, for any later process.
     factory_module = cfg.model._target_.rpartition(".")[0]
-    programs.save(program, ctx.out, imports=[factory_module])
+    programs.save(program, ctx.out, imports=programs.needed_imports(program, factory_module))
     shapes.save_samples(examples, ctx.out / FILES.example)
     num_parameters = sum(p.numel() for p in model.parameters())
     write_json(ctx.out / FILES.model, {
@@ -144,7 +158,7 @@ def torch_empty(dtype):
 
 # model.name and model.task are labels: renaming a model changes no exported byte.
 SPEC = StageSpec(
-    name="export", version=2, run=run,
+    name="export", version=3, run=run,
     reads=(*MODEL_KEYS, *INPUT_KEYS, "compile.precision"),
     labels=("model.name", "input.name"),
     libraries=("torch", "torchvision", "transformers"),

@@ -17,7 +17,9 @@ def run(ctx: StageContext) -> Metrics:
     with ctx.console.status(f"lowering for {ctx.target.name}"):
         lowered = ctx.target.lower(program)
     after = count_ops(lowered.graph.nodes)
-    programs.save(lowered, ctx.out, imports=programs.imports_of(ctx.inputs["export"]))
+    # What export recorded, and the modules of any pytree type lowering introduced.
+    imports = {*programs.imports_of(ctx.inputs["export"]), *programs.type_modules(lowered)}
+    programs.save(lowered, ctx.out, imports=imports)
     write_json(ctx.out / FILES.ops, {"before": dict(sorted(before.items())), "after": dict(sorted(after.items()))})
     return {"ops_before_lowering": sum(before.values()), "ops_after_lowering": sum(after.values())}
 

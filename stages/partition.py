@@ -169,10 +169,10 @@ def print_summary(console, report: dict[str, Any]) -> None:
     t = report["totals"]
     console.print(f"partition: {t['accelerated_ops']}/{t['ops']} ops on {report['target']} "
                   f"in {t['accelerated_segments']} segment(s); {t['torch_ops']} op(s) in PyTorch "
-                  f"in {t['torch_segments']} segment(s)")
+                  f"in {t['torch_segments']} segment(s)", markup=False)
     for op, info in report["kept_in_torch"].items():
         reasons = "; ".join(f"{r} x{c}" for r, c in info["reasons"].items())
-        console.print(f"  kept in PyTorch: {op} x{info['count']} - {reasons}")
+        console.print(f"  kept in PyTorch: {op} x{info['count']} - {reasons}", markup=False)  # op names as they are
 
 
 SPEC = StageSpec(

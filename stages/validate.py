@@ -29,14 +29,19 @@ FILES = layout.VALIDATE
 
 
 def compare(ref: list[list[torch.Tensor]], got: list[list[torch.Tensor]], classifier: bool) -> dict[str, Any]:
-    """Max abs error, relative L2 error, cosine similarity over all samples; top-1 for logits."""
+    """Max abs error, relative L2 error, cosine similarity over all samples; top-1 for logits.
+
+    Two all-zero outputs are equal, so their cosine is 1 by definition (torch, dividing by a
+    clamped norm, would say 0 and fail a model whose output is constant, e.g. a zero head).
+    """
     r = torch.cat([t.detach().double().flatten() for sample in ref for t in sample])
     g = torch.cat([t.detach().double().cpu().flatten() for sample in got for t in sample])
     diff = g - r
+    both_zero = not bool(r.any()) and not bool(g.any())
     metrics: dict[str, Any] = {
         "max_abs_err": float(diff.abs().max()),
         "rel_l2_err": float(diff.norm() / r.norm().clamp_min(1e-30)),
-        "cosine_similarity": float(torch.nn.functional.cosine_similarity(g, r, dim=0)),
+        "cosine_similarity": 1.0 if both_zero else float(torch.nn.functional.cosine_similarity(g, r, dim=0)),
         "finite": bool(torch.isfinite(g).all()),
     }
     if classifier and all(s[0].dim() == 2 for s in ref):
@@ -141,7 +146,19 @@ def check_accuracy(ctx: StageContext, reference, compiled, checks, device: str):
                               "passed": not shape_failures})
             ref_all += ref
             got_all += got
+    if is_constant(ref_all):
+        ctx.warn(f"model {cfg.model.name}'s output is constant over every sample checked (the same value "
+                 "whatever the input), so agreement with eager says little about the engines; check its "
+                 "weights (model.weights) or its head")
     return compare(ref_all, got_all, classifier), per_shape, failures  # over every shape: the worst case counts
+
+
+def is_constant(outputs: list[list[torch.Tensor]]) -> bool:
+    """Each output holds one value over every sample (all zero, e.g.): agreement then proves little."""
+    count = min((len(sample) for sample in outputs), default=0)
+    columns = [torch.cat([sample[i].detach().cpu().flatten() for sample in outputs]) for i in range(count)]
+    columns = [c for c in columns if c.numel()]
+    return sum(c.numel() for c in columns) > 1 and all(bool((c == c[0]).all()) for c in columns)
 
 
 def time_latency(ctx: StageContext, eager, compiled, checks, device: str) -> dict[str, Any]:

@@ -184,12 +184,91 @@ def double_net():
 
 
 def tiny_or_dying(die: bool = False):
-    """tiny_cnn, or a process killed while building it: a worker lost mid-sweep (out of memory, preempted)."""
+    """tiny_cnn, or the job's process killed while building it: a worker lost mid-sweep (out of memory, preempted).
+
+    The factory runs in the job's stage worker; PIPELINE_JOB_PID names the job process itself.
+    """
     import os
     import signal
 
     from pipeline.zoo import tiny_cnn
 
     if die:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(int(os.environ.get("PIPELINE_JOB_PID", os.getpid())), signal.SIGKILL)
     return tiny_cnn()
+
+
+def slow_tiny(seconds: float = 60.0):
+    """tiny_cnn after a pause in its factory: a job that is mid-build for as long as a test needs."""
+    import time
+
+    from pipeline.zoo import tiny_cnn
+
+    time.sleep(seconds)
+    return tiny_cnn()
+
+
+def segfault_net(crash: bool = True):
+    """A model whose forward dies in native code (a NULL read through ctypes), as a broken compiler would."""
+    import ctypes
+
+    import torch
+
+    class Segfault(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 4)
+
+        def forward(self, x):
+            if crash:
+                ctypes.string_at(0)
+            return self.fc(x.mean(dim=(2, 3)))
+
+    return Segfault()
+
+
+# --- models for bad-input tests -----------------------------------------------------------
+
+# Text with brackets that rich would take for markup: it must reach the user as it is.
+BRACKETS = "no kernel for [aten.relu.default] in [bold]this build[/bold]"
+
+
+def zeros_net():
+    """tiny_cnn with a zero classification head (as torchvision gives ViT): every output is exactly 0."""
+    import torch
+
+    from pipeline.zoo import tiny_cnn
+
+    model = tiny_cnn()
+    torch.nn.init.zeros_(model[-1].weight)
+    torch.nn.init.zeros_(model[-1].bias)
+    return model
+
+
+def raising_net():
+    """A factory that fails while building the model, with brackets in its message."""
+    raise RuntimeError(BRACKETS)
+
+
+def none_net():
+    """A model whose forward returns None: nothing to compile or compare."""
+    import torch
+
+    class Nothing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 4)
+
+        def forward(self, x):
+            self.fc(x.mean(dim=(2, 3)))
+
+    return Nothing()
+
+
+def raw_bert(hidden_size: int, num_hidden_layers: int, num_attention_heads: int, intermediate_size: int):
+    """transformers' BertModel returned as-is (bert_tiny's kwargs): its output is a ModelOutput, a pytree type."""
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                                num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
+                                vocab_size=1000, max_position_embeddings=128, attn_implementation="sdpa"))

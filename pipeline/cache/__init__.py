@@ -16,6 +16,13 @@ twice; readers hold it shared while they link, so `prune` never removes an entry
 between a job finding it and linking it. Stages that are not reusable (validate, by
 default) are staged and published in the run folder by the same code.
 
+Published files are read-only (0444, as DVC protects its cache): run folders hard-link
+them, so a run folder whose engine is edited in place would otherwise change the entry
+and every other run linked to it. Root ignores file modes; an entry changed anyway no
+longer matches its manifest's hashes, and lookup treats it as a miss and rebuilds it.
+The cache root holds a marker file (`.pipeline-cache`) written the first time a job
+uses it, so `prune` can tell a cache from any other folder it is pointed at.
+
 `python -m pipeline.cache list|prune` is the command line (pipeline/cache/cli.py).
 """
 
@@ -27,7 +34,10 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
+import socket
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,6 +51,10 @@ from pipeline.stage import Metrics, StageSpec
 
 # Prefixes of folders that are not entries: staging folders and entries moved aside.
 STAGING_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
+# The file that marks a folder as a stage cache, and the shape of an entry's name (a key).
+MARKER = ".pipeline-cache"
+KEY = re.compile(r"[0-9a-f]{24}")
+READ_ONLY = 0o444
 
 
 def canonical_json(obj: Any) -> str:
@@ -101,6 +115,7 @@ def publish_folder(staging: Path, final: Path, manifest: dict[str, Any]) -> Path
     """Write the manifest last, then rename the whole folder into place."""
     manifest["files"] = describe_files(staging)
     write_json(staging / MANIFEST, manifest)
+    protect(staging)
     if final.exists():
         # A corrupt entry, or a twin published meanwhile: move it aside, never edit in place.
         trash = final.with_name(f"{TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}")
@@ -108,6 +123,13 @@ def publish_folder(staging: Path, final: Path, manifest: dict[str, Any]) -> Path
         shutil.rmtree(trash, ignore_errors=True)
     os.rename(staging, final)
     return final
+
+
+def protect(folder: Path) -> None:
+    """Every file read-only (readable by all, for link_tree's copies); folders stay writable for prune."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(READ_ONLY)
 
 
 def link_tree(src: Path, dst: Path) -> None:
@@ -135,6 +157,15 @@ class StageCache:
 
     def __init__(self, root: Path):
         self.root = root
+
+    def mark(self) -> None:
+        """Say, once, that this folder is a stage cache (prune refuses folders that do not say so)."""
+        if not (self.root / MARKER).is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_json(self.root / MARKER, {"format": 1})
+
+    def is_marked(self) -> bool:
+        return (self.root / MARKER).is_file()
 
     # --- keys -------------------------------------------------------------------------
 
@@ -173,21 +204,50 @@ class StageCache:
         return read_manifest(folder) if folder.exists() else None
 
     @contextlib.contextmanager
-    def lock(self, stage: str, key: str, shared: bool = False) -> Iterator[None]:
-        """Serialise builders (and pruners) of one key; readers share it; other keys proceed in parallel."""
+    def lock(self, stage: str, key: str, shared: bool = False, blocking: bool = True) -> Iterator[bool]:
+        """Serialise builders (and pruners) of one key; readers share it; other keys proceed in parallel.
+
+        Yields whether the lock is held (always, unless blocking=False found it taken).
+        """
+        self.mark()
         lock_dir = self.root / stage
         lock_dir.mkdir(parents=True, exist_ok=True)
         with open(lock_dir / f".{key}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             try:
-                yield
+                fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def staging(self, stage: str, key: str) -> Path:
-        folder = self.root / stage / f"{STAGING_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        """A folder named by key, host and pid, so a later job can tell that its builder died."""
+        name = f"{STAGING_PREFIX}{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        folder = self.root / stage / name
         folder.mkdir(parents=True)
         return folder
+
+    def remove_dead_staging(self) -> list[Path]:
+        """Staging folders whose builder on this host is gone (SIGKILL, a crash): removed under the key's lock.
+
+        A live builder holds its key's lock, so a folder whose lock can be taken at once and
+        whose pid is not running here was left by a dead process.
+        """
+        removed = []
+        host = socket.gethostname()
+        for folder in sorted(self.root.glob(f"*/{STAGING_PREFIX}*")):
+            key, _, rest = folder.name.removeprefix(STAGING_PREFIX).partition("-")
+            owner, _, pid = rest.rpartition("-")[0].rpartition("-")
+            if owner != host or not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            with self.lock(folder.parent.name, key, blocking=False) as held:
+                if held and folder.exists():
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder)
+        return removed
 
     # --- running a stage --------------------------------------------------------------
 
@@ -234,3 +294,38 @@ class StageCache:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": metrics, "notes": notes}
         publish_folder(staging, final, manifest)
         return manifest
+
+
+def linked_from(stage_dir: Path, root: Path, names: list[str]) -> bool:
+    """True if these files of a run's stage folder are the very files of an entry of this user's
+    cache: what "from the local cache the user built" means.
+
+    The entry is <root>/<stage>/<key of the folder's manifest> under a marked cache; each
+    file must be the same inode (a hard link, not a copy of someone's folder) and belong to
+    this user, writable by no one else. Only the user's own jobs publish such files, so no
+    one else can put their bytes there (folder modes do not matter: a file someone else
+    creates is theirs).
+    """
+    try:
+        key = json.loads((stage_dir / MANIFEST).read_text()).get("key")
+        if not isinstance(key, str) or not KEY.fullmatch(key) or not StageCache(root).is_marked():
+            return False
+        entry = root / stage_dir.name / key
+        return all(_only_mine(entry / name) and os.path.samefile(stage_dir / name, entry / name) for name in names)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _only_mine(path: Path) -> bool:
+    st = path.lstat()
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

@@ -12,6 +12,13 @@ finding it and linking it into its run folder.
 its files into the run folder, which sets the ctime (removing such a run folder does
 too). For the same reason, removing an entry frees at once only the files no run folder
 still links; the rest is freed with the last run folder that links it.
+
+It only touches what it can prove is the cache's own: the folder must hold the cache's
+marker (`.pipeline-cache`), or, for a cache made before the marker existed, hold nothing
+but stage folders (pipeline.layout.STAGES) of key-shaped names; anything else is refused
+with one line and exit status 2 (`--cache outputs`, one level too high, deletes nothing).
+Inside a cache it considers only stage folders and, in them, folders named by a key or
+left by a publish of one (`.tmp-<key>-...`, `.trash-<key>-...`); other names stay.
 """
 
 from __future__ import annotations
@@ -29,13 +36,17 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.filesize import decimal
+from rich.markup import escape
 from rich.table import Table
 
-from pipeline.cache import STAGING_PREFIX, TRASH_PREFIX, StageCache
+from pipeline.cache import KEY, MARKER, STAGING_PREFIX, TRASH_PREFIX, StageCache
 from pipeline.files import read_manifest
-from pipeline.layout import MANIFEST
+from pipeline.layout import MANIFEST, STAGES
 
-LEFTOVER_PREFIXES = (STAGING_PREFIX, TRASH_PREFIX)  # staging folders and entries moved aside
+# Names the cache itself writes in a stage folder: staging folders and entries moved aside
+# (leftovers of interrupted publishes), and per-key locks.
+LEFTOVER = re.compile(rf"(?:{re.escape(STAGING_PREFIX)}|{re.escape(TRASH_PREFIX)})({KEY.pattern})-[\w.-]+")
+LOCK = re.compile(rf"\.{KEY.pattern}\.lock")
 AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -86,13 +97,42 @@ class Item:
     last_used: float
 
 
+def key_of(name: str) -> tuple[str, bool] | None:
+    """(key, is a leftover) for the folder names the cache writes; None for any other name."""
+    if KEY.fullmatch(name):
+        return name, False
+    match = LEFTOVER.fullmatch(name)
+    return (match.group(1), True) if match else None
+
+
+def not_a_cache(root: Path) -> str | None:
+    """Why `root` is not provably a stage cache (None: it is, or it does not exist)."""
+    if not root.exists() or StageCache(root).is_marked():
+        return None
+    if not root.is_dir():
+        return f"{root} is not a folder"
+    odd = []
+    for path in sorted(root.iterdir()):
+        if path.name not in STAGES or path.is_symlink() or not path.is_dir():
+            odd.append(path.name)
+            continue
+        odd += [f"{path.name}/{p.name}" for p in sorted(path.iterdir())
+                if not LOCK.fullmatch(p.name) and (key_of(p.name) is None or p.is_symlink() or not p.is_dir())]
+    if not odd:
+        return None  # a cache made before the marker: stage folders of key-shaped entries only
+    shown = ", ".join(odd[:4]) + (f" and {len(odd) - 4} more" if len(odd) > 4 else "")
+    return f"{root} is not a pipeline cache: it has no {MARKER} marker and holds {shown}, which a cache does not"
+
+
 def inspect(stage: str, path: Path, verify: bool) -> Item | None:
-    """The item at `path` now, or None if it is gone."""
-    name = path.name
-    if name.startswith(LEFTOVER_PREFIXES):
-        key, status = name.split("-")[1], "leftover"
+    """The item at `path` now, or None if it is gone (or not a name the cache writes)."""
+    known = key_of(path.name)
+    if known is None:
+        return None
+    key, leftover = known
+    if leftover:
+        status = "leftover"
     else:
-        key = name
         status = "ok" if read_manifest(path, verify=verify) is not None else "corrupt"
     try:
         stamp = (path / MANIFEST).stat() if status == "ok" else path.stat()
@@ -108,15 +148,15 @@ def inspect(stage: str, path: Path, verify: bool) -> Item | None:
 
 
 def scan(root: Path, stage: str | None, verify: bool) -> list[Item]:
+    """Entries and leftovers of the known stages (or of `stage`): nothing else is ever an item."""
     if not root.is_dir():
         return []
-    stages = [root / stage] if stage else sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     items = []
-    for folder in stages:
-        if not folder.is_dir():
+    for folder in (root / name for name in ([stage] if stage else sorted(STAGES))):
+        if folder.is_symlink() or not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
-            if path.is_dir() and (not path.name.startswith(".") or path.name.startswith(LEFTOVER_PREFIXES)):
+            if path.is_dir() and not path.is_symlink() and key_of(path.name) is not None:
                 item = inspect(folder.name, path, verify)
                 if item is not None:
                     items.append(item)
@@ -207,7 +247,7 @@ def prune(console: Console, root: Path, items: list[Item], args) -> None:
         if args.dry_run:
             done.append((item, reason))
             continue
-        with console.status(f"removing {item.stage}/{item.key[:12]} (waits for a job building it)"), \
+        with console.status(escape(f"removing {item.stage}/{item.key[:12]} (waits for a job building it)")), \
                 store.lock(item.stage, item.key):
             now = inspect(item.stage, item.path, args.verify)
             if not still_wanted(item, now):
@@ -264,9 +304,15 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     root = (args.cache or default_cache()).resolve()
-    if args.stage and not re.fullmatch(r"[\w-]+", args.stage):
-        parser().error(f"argument --stage: {args.stage!r} is not a stage name")
-    console = Console(highlight=False, soft_wrap=True)
+    if args.stage and args.stage not in STAGES:
+        parser().error(f"argument --stage: {args.stage!r} is not a stage name (one of {', '.join(STAGES)})")
+    problem = not_a_cache(root)
+    if problem:
+        print(f"error: {problem}. Fix: point --cache at the cache folder itself (paths.cache, e.g. outputs/cache); "
+              "nothing was removed.", file=sys.stderr)
+        sys.exit(2)
+    # No markup: every line holds paths and folder names, printed as they are (brackets included).
+    console = Console(highlight=False, soft_wrap=True, markup=False)
     items = scan(root, args.stage, args.verify)
     if args.command == "list":
         list_cache(console, root, items, args.entries)

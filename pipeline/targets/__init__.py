@@ -64,6 +64,9 @@ class Target:
     truncates_double: bool = False
     # True: build also saves the whole compiled program in the target's own format (package()).
     saves_program: bool = False
+    # True: its engines are code (shared libraries, pickles): pipeline.load loads them only
+    # with trusted=True or from the user's own cache (README "Trust and security").
+    engines_are_code: bool = False
 
     def __init__(self, settings: dict[str, Any]):
         self.settings = dict(settings)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import CompileError
+from pipeline.errors import ArtifactError, CompileError
 from pipeline.targets import Target, TargetSettings
 from pipeline.targets.onnx_base import value_info
 
@@ -55,6 +55,8 @@ class InductorTarget(Target):
     name = "inductor"
     Settings = Settings
     libraries = ("torch",)
+    # An AOTInductor package is a shared library: loading it runs its code.
+    engines_are_code = True
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -96,13 +98,14 @@ class InductorTarget(Target):
                 "inputs": [value_info(a) for a in args], "outputs": [value_info(o) for o in outputs]}
 
     def build(self, segment: dict[str, Any], convert_dir: Path, out: Path, compile_cfg) -> dict[str, Any]:
-        import torch
         import torch._inductor
+
+        from pipeline import programs
 
         engine = out / f"{segment['name']}.pt2"
         started = time.perf_counter()
+        program = programs.load_program(convert_dir / segment["program"])  # never unpickles
         try:
-            program = torch.export.load(convert_dir / segment["program"])
             torch._inductor.aoti_compile_and_package(
                 program, package_path=str(engine),
                 inductor_configs={"max_autotune": bool(self.settings.get("max_autotune", False))})
@@ -115,6 +118,9 @@ class InductorTarget(Target):
                 "build_seconds": round(time.perf_counter() - started, 3)}
 
     def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
+        if not options.get("trusted"):  # hybrid.assemble decides (pipeline.load: trusted=True or your own cache)
+            raise ArtifactError(f"{build_dir / segment['engine']} is a shared library from an untrusted folder.",
+                                "load it with pipeline.load(run_dir, trusted=True) only if you trust its author.")
         return AotiRunner(build_dir / segment["engine"])
 
 

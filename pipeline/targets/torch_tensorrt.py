@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.dtypes import ENGINE_DTYPES, PRECISION_DTYPES
-from pipeline.errors import ConfigError
+from pipeline.errors import ArtifactError, ConfigError
 from pipeline.files import write_json
 from pipeline.targets import Target, TargetSettings
 from pipeline.targets.onnx_base import value_info
@@ -207,6 +207,8 @@ class TorchTensorRTTarget(Target):
     truncates_double = True
     # build saves the whole program with torch_tensorrt.save; pipeline.load reloads it.
     saves_program = True
+    # Its engine modules and packages are pickles (shape expressions, torch_tensorrt.load).
+    engines_are_code = True
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -321,7 +323,11 @@ class TorchTensorRTTarget(Target):
     def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
         import torch
 
+        if not options.get("trusted"):  # hybrid.assemble decides (pipeline.load: trusted=True or your own cache)
+            raise ArtifactError(f"{build_dir / segment['shapes']} is a pickle from an untrusted folder.",
+                                "load it with pipeline.load(run_dir, trusted=True) only if you trust its author.")
         meta = dict(segment)
+        # sympy expressions: a pickle, so only ever unpickled from a trusted folder (checked above).
         meta["symbolic_shape_expressions"] = torch.load(build_dir / segment["shapes"], weights_only=False)
         return self._phases.engine_module((build_dir / segment["engine"]).read_bytes(), meta,
                                           self.compilation_settings, segment["name"])

@@ -5,13 +5,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
 
 import pytest
 
-from pipeline.cache import Material, StageCache, cache_key, link_tree, publish_folder
+from pipeline.cache import (
+    MARKER,
+    READ_ONLY,
+    Material,
+    StageCache,
+    cache_key,
+    link_tree,
+    publish_folder,
+)
 from pipeline.errors import ArtifactError
 from pipeline.files import describe_files, read_manifest, require_manifest, write_json
 from pipeline.layout import MANIFEST
@@ -77,8 +86,14 @@ def test_publish_replaces_an_existing_entry_whole(entry):
     assert [p.name for p in entry.parent.iterdir() if p.name.startswith(".")] == []  # no trash left
 
 
+def writable(path):
+    """A published file is read-only: tests that damage one make it writable first (as root need not)."""
+    path.chmod(0o644)
+    return path
+
+
 def test_read_manifest_rejects_a_same_size_file_with_another_hash(entry):
-    (entry / "a.txt").write_bytes(b"HELLO")  # same 5 bytes, other content
+    writable(entry / "a.txt").write_bytes(b"HELLO")  # same 5 bytes, other content
     assert read_manifest(entry) is None
     assert read_manifest(entry, verify=False) is not None  # only the hash tells them apart
     with pytest.raises(ArtifactError, match="corrupt"):
@@ -89,15 +104,15 @@ def test_read_manifest_rejects_a_same_size_file_with_another_hash(entry):
                                     "manifest_no_files"])
 def test_read_manifest_rejects_damaged_entries(entry, damage):
     if damage == "truncate":
-        (entry / "sub" / "b.bin").write_bytes(b"\x00")
+        writable(entry / "sub" / "b.bin").write_bytes(b"\x00")
     elif damage == "delete":
         (entry / "a.txt").unlink()
     elif damage == "manifest_garbage":
-        (entry / MANIFEST).write_text("{not json")
+        writable(entry / MANIFEST).write_text("{not json")
     elif damage == "manifest_missing":
         (entry / MANIFEST).unlink()
     else:
-        (entry / MANIFEST).write_text(json.dumps({"stage": "test"}))
+        writable(entry / MANIFEST).write_text(json.dumps({"stage": "test"}))
     assert read_manifest(entry) is None
     assert read_manifest(entry, verify=False) is None
 
@@ -282,3 +297,54 @@ def test_link_tree_gives_hard_links_and_replaces(entry, tmp_path):
     assert os.path.samefile(dst / "sub" / "b.bin", entry / "sub" / "b.bin")
     assert read_manifest(dst) == read_manifest(entry)
     assert [p.name for p in dst.parent.iterdir()] == ["export"]
+
+
+def test_published_files_are_read_only_and_folders_stay_writable(entry, tmp_path):
+    """Run folders hard-link these files: no one but root can change an entry through them."""
+    for path in (entry / "a.txt", entry / "sub" / "b.bin", entry / MANIFEST):
+        assert path.stat().st_mode & 0o777 == READ_ONLY
+    assert entry.stat().st_mode & 0o200 and (entry / "sub").stat().st_mode & 0o200  # prune renames, removes
+    dst = tmp_path / "run" / "export"
+    link_tree(entry, dst)
+    assert (dst / "a.txt").stat().st_mode & 0o777 == READ_ONLY and (dst / "a.txt").read_bytes() == b"hello"
+    shutil.rmtree(entry)  # read-only files in writable folders are removed like any other
+    assert not entry.exists() and (dst / "a.txt").read_bytes() == b"hello"
+
+
+def test_the_cache_marks_its_root_the_first_time_it_is_used(tmp_path):
+    cache = StageCache(tmp_path / "cache")
+    assert not cache.is_marked() and not (tmp_path / "cache").exists()  # computing keys writes nothing
+    material(tmp_path)
+    assert not (tmp_path / "cache").exists()
+    with cache.lock("build", "0" * 24, shared=True):
+        pass
+    assert cache.is_marked() and json.loads((tmp_path / "cache" / MARKER).read_text()) == {"format": 1}
+
+
+def test_staging_left_by_a_dead_builder_is_removed_by_the_next_job(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    cache = StageCache(tmp_path / "cache")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    key = "a" * 24
+    host = socket.gethostname()
+    left = tmp_path / "cache" / "build" / f".tmp-{key}-{host}-{dead.stdout.strip()}-0123abcd"
+    live = cache.staging("build", "b" * 24)  # this process: alive
+    other_host = tmp_path / "cache" / "build" / f".tmp-{key}-another.host-1-0123abcd"
+    for folder in (left, other_host):
+        folder.mkdir(parents=True)
+        (folder / "half.bin").write_bytes(b"x")
+    assert cache.remove_dead_staging() == [left]
+    assert not left.exists() and live.exists() and other_host.exists()
+    with cache.lock("build", "c" * 24):  # a folder whose key is being built is never touched
+        busy = tmp_path / "cache" / "build" / f".tmp-{'c' * 24}-{host}-{dead.stdout.strip()}-0123abcd"
+        busy.mkdir()
+        import threading
+
+        found = []
+        thread = threading.Thread(target=lambda: found.extend(cache.remove_dead_staging()))
+        thread.start()
+        thread.join(10)
+    assert busy.exists() and found == []

@@ -11,7 +11,7 @@ import time
 import pytest
 from testkit import REPO, cache_entries, clean_env, half_written, run_job
 
-from pipeline.cache import StageCache
+from pipeline.cache import MARKER, StageCache
 from pipeline.files import read_manifest
 from pipeline.layout import MANIFEST
 
@@ -96,6 +96,7 @@ def test_prune_max_size_zero_removes_everything(cache):
 def test_prune_removes_corrupt_entries_and_publish_leftovers(cache):
     build = cache_entries(cache, "build")[0]
     engine = next(p for p in build.iterdir() if p.name.endswith(".ort.onnx"))
+    engine.chmod(0o644)  # published read-only: only root could damage it without this
     engine.write_bytes(b"truncated")
     (cache_entries(cache, "lower")[0] / MANIFEST).unlink()
     staging = cache / "convert" / ".tmp-0123456789abcdef01234567-999999-deadbeef"
@@ -144,10 +145,72 @@ def test_prune_waits_for_a_job_holding_the_key(cache):
 
 
 @pytest.mark.parametrize("args", [("prune", "--older-than", "7x"), ("prune", "--max-size", "5XB"),
-                                  ("lst",), ("prune", "--stage", "../x")])
+                                  ("lst",), ("prune", "--stage", "../x"), ("list", "--stage", "runs")])
 def test_bad_arguments_give_one_error_line(args, tmp_path):
     proc = cache_cli(*args, "--cache", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+
+
+# --- prune touches only what it can prove is the cache's own ------------------------------------
+
+def tree(folder) -> dict[str, bytes | None]:
+    """Every path under `folder`, with the bytes of files: what 'nothing changed' compares."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def test_a_job_marks_its_cache(cache):
+    assert (cache / MARKER).is_file()
+
+
+@pytest.mark.parametrize("command", [("prune", "--max-size", "0"), ("prune",), ("list",)])
+def test_a_folder_that_is_not_a_cache_is_refused_and_nothing_is_deleted(cache, command):
+    """`--cache outputs`, one level too high: run folders, the MLflow store and the cache beside them."""
+    outputs = cache.parent
+    run = outputs / "runs" / "2026-11-26" / "10-00-00"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    (outputs / "mlflow.db").write_bytes(b"SQLite format 3\x00")
+    before = tree(outputs)
+    proc = cache_cli(*command, "--cache", str(outputs))
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "is not a pipeline cache" in lines[0], proc.stderr
+    assert "cache, mlflow.db, runs" in lines[0] and "nothing was removed" in lines[0]
+    assert tree(outputs) == before
+
+
+def test_a_cache_made_before_the_marker_is_still_recognised(cache):
+    """Stage folders of key-shaped entries only: a cache; prune adopts it (writes the marker)."""
+    (cache / MARKER).unlink()
+    assert rows(cache_cli("list", "--cache", str(cache)).stdout)["total"][1] == str(len(CACHED))
+    proc = cache_cli("prune", "--max-size", "0", "--cache", str(cache))
+    assert proc.returncode == 0, proc.stderr
+    assert f"removed {len(CACHED)} folder(s)" in proc.stdout and (cache / MARKER).is_file()
+
+
+def test_an_unmarked_folder_with_anything_else_is_refused(cache):
+    (cache / MARKER).unlink()
+    (cache / "export" / "notes").mkdir()
+    before = tree(cache)
+    proc = cache_cli("prune", "--max-size", "0", "--cache", str(cache))
+    assert proc.returncode == 2 and "export/notes" in proc.stderr and tree(cache) == before
+
+
+def test_prune_leaves_alone_what_the_cache_did_not_write(cache, tmp_path):
+    """Other stage names, other entry names, and links out of the cache are never touched."""
+    keep = tmp_path / "elsewhere"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("mine")
+    (cache / "scratch").mkdir()
+    (cache / "scratch" / "0123456789abcdef01234567").mkdir()
+    (cache / "export" / "my-notes").mkdir()
+    (cache / "export" / "abcdefabcdefabcdefabcdef").symlink_to(keep, target_is_directory=True)
+    proc = cache_cli("prune", "--max-size", "0", "--cache", str(cache))
+    assert proc.returncode == 0, proc.stderr
+    assert f"removed {len(CACHED)} folder(s)" in proc.stdout
+    assert (cache / "scratch" / "0123456789abcdef01234567").is_dir() and (cache / "export" / "my-notes").is_dir()
+    assert (keep / "precious.txt").read_text() == "mine"
+    assert (cache / "export" / "abcdefabcdefabcdefabcdef").is_symlink()

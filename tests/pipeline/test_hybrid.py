@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from omegaconf import OmegaConf
-from testkit import REPO, clean_env
+from testkit import REPO, clean_env, run_job
 
 import pipeline
 from pipeline.errors import ArtifactError
@@ -175,3 +175,60 @@ def test_recorded_config_rebuilds_the_same_model(tiny_job):
     cfg = OmegaConf.load(tiny_job.run_dir / "config.yaml")
     model_json = json.loads((tiny_job.run_dir / "export" / "model.json").read_text())
     assert weights_digest(build_model(cfg.model)) == model_json["weights_sha256"]
+
+
+# --- 7a. a model that returns a pytree type (transformers' ModelOutput) ------------------------
+
+RAW_BERT = ("model=bert_tiny", "model._target_=testkit.raw_bert", "input=text_dynamic", "input.tensors.0.high=1000",
+            "tracking.enabled=false")
+
+RELOAD_BERT = r"""
+import sys
+import torch
+
+import pipeline
+
+assert "transformers" not in sys.modules
+data = torch.load(sys.argv[1])
+out = {}
+for name, run_dir in data["runs"].items():
+    module = pipeline.load(run_dir)  # imports transformers.modeling_outputs, recorded by export
+    with torch.no_grad():
+        y = module(**data["inputs"])
+    out[name] = {"type": f"{type(y).__module__}.{type(y).__name__}",
+                 "last_hidden_state": y.last_hidden_state, "pooler_output": y.pooler_output}
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="module")
+def raw_bert_runs(tmp_path_factory):
+    """transformers' BertModel as-is, built twice: the second job takes export from the cache."""
+    root = tmp_path_factory.mktemp("raw-bert")
+    first = run_job(root / "first", *RAW_BERT, "target=eager", cache=root / "cache")
+    # Another target lowers anew: its stage worker, a fresh process, deserialises the cached export.
+    second = run_job(root / "second", *RAW_BERT, "target=onnxruntime", "compile.min_block_size=100000",
+                     cache=root / "cache")
+    return first, second
+
+
+def test_a_raw_transformers_model_works_from_a_cached_export_and_in_a_fresh_process(raw_bert_runs, tmp_path):
+    first, second = raw_bert_runs
+    assert first.result.status == second.result.status == "FINISHED", second.result.error
+    assert second.record("export").hit and not second.record("lower").hit
+    assert second.json("export/imports.json") == second.json("lower/imports.json") == ["transformers.modeling_outputs"]
+    cfg = OmegaConf.load(first.run_dir / "config.yaml")
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(11))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        ref = build_model(cfg.model)(**inputs)
+    torch.save({"runs": {"first": str(first.run_dir), "second": str(second.run_dir)}, "inputs": inputs},
+               tmp_path / "in.pt")
+    proc = subprocess.run([sys.executable, "-c", RELOAD_BERT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    for name in ("first", "second"):
+        assert out[name]["type"] == f"{type(ref).__module__}.{type(ref).__name__}"
+        assert_matches(out[name]["last_hidden_state"], ref.last_hidden_state)
+        assert_matches(out[name]["pooler_output"], ref.pooler_output)

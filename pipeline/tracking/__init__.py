@@ -14,6 +14,7 @@ retries while SQLite says the database is locked.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import subprocess
@@ -22,7 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.tracking.recovery import (
+    StoreUnavailable,
+    TrackingError,
+    close_dead_runs,
+    preflight,
+    process_identity,
+)
 
 # Run-folder files logged as artifacts: engines, reports, manifests, configs and the log.
 ARTIFACTS = ("build/*", "*/manifest.json", "partition/*.json", "validate/report.json",
@@ -77,12 +84,26 @@ class RetryingClient:
 
 
 def make_client(settings: dict[str, Any]) -> RetryingClient:
+    """A client whose store exists: a new SQLite store is created under a file lock.
+
+    MLflow creates and migrates a SQLite store's tables without a lock: jobs that open a
+    new store at once crash in alembic ("table _alembic_tmp_experiments already exists").
+    HTTP retries are bounded so a dead server costs seconds, not minutes.
+    """
     from mlflow.tracking import MlflowClient
 
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+        os.environ.setdefault(name, value)
     uri = tracking_uri(settings)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return RetryingClient(MlflowClient(uri))
+    if not uri.startswith("sqlite:///"):
+        return RetryingClient(MlflowClient(uri))
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(f".{db.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = RetryingClient(MlflowClient(uri))
+        client.search_experiments(max_results=1)  # creates and migrates the tables, under the lock
+    return client
 
 
 def open_experiment(client, settings: dict[str, Any]) -> str:
@@ -114,8 +135,11 @@ class Tracker:
         self.experiment_id: str | None = None
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+        """Check the store in seconds, then open the run in the background while the stages work."""
         if not self.enabled:
             return
+        preflight(tracking_uri(self.settings))
+        tags = {**tags, **process_identity()}
         self._thread = threading.Thread(target=self._open, args=(run_name, params, tags), daemon=True)
         self._thread.start()
 
@@ -125,6 +149,10 @@ class Tracker:
 
             self.client = make_client(self.settings)
             self.experiment_id = open_experiment(self.client, self.settings)
+            try:
+                close_dead_runs(self.client, self.experiment_id)
+            except Exception:  # tidying others' runs must never fail this job
+                pass
             commit = git_commit()
             if commit:
                 tags = {**tags, "git_commit": commit, "mlflow.source.git.commit": commit}
@@ -136,14 +164,31 @@ class Tracker:
         except BaseException as err:  # reported by finish(), in the main thread
             self._error = err
 
+    def opened(self, timeout: float = 0.0) -> str | None:
+        """The run id once the run is open; raises TrackingError as soon as opening failed."""
+        if not self.enabled:
+            return None
+        self._thread.join(timeout)
+        if self._error is not None:
+            raise StoreUnavailable(f"could not open the MLflow run at {tracking_uri(self.settings)}: "
+                                f"{str(self._error).splitlines()[0] if str(self._error) else type(self._error).__name__}",
+                                "check MLFLOW_TRACKING_URI, or set tracking.enabled=false.")
+        return self.run_id
+
     def finish(self, result, run_dir: Path) -> dict[str, str]:
         """Log metrics, tags and artifacts, and close the run with the job's status."""
         if not self.enabled:
             return {}
-        self._thread.join()
-        if self._error is not None:
-            raise PipelineError(f"could not open the MLflow run at {tracking_uri(self.settings)}: {self._error}",
-                                "check MLFLOW_TRACKING_URI, or set tracking.enabled=false.")
+        self.opened(timeout=None)
+        try:
+            return self._record(result, run_dir)
+        except Exception as err:  # the server went away, the disk filled up...
+            raise TrackingError(
+                f"the run's results are in {run_dir} but MLflow at {tracking_uri(self.settings)} did not take them "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).",
+                f"once the store is back: python -m pipeline.tracking sync {run_dir}") from None
+
+    def _record(self, result, run_dir: Path) -> dict[str, str]:
         from mlflow.entities import Metric, RunTag
 
         client = self.client
@@ -264,3 +309,49 @@ def load_jobs(settings: dict[str, Any], sweep_id: str | None = None,
     jobs = sorted((job_record(r) for r in runs if r.data.tags.get("sweep.role") != "parent"),
                   key=lambda j: (j["job"] is None, j["job"] or 0))
     return parent, jobs
+
+
+# --- results on disk that MLflow does not have yet ----------------------------------------
+
+def sync(run_dir: Path) -> dict[str, str]:
+    """Send a run folder's results (run.json, config.yaml, artifacts) to MLflow and close its run.
+
+    Reuses the run the job opened when the store has it (a server that died mid-run),
+    else creates one; the run folder's run.json then says it is recorded.
+    """
+    from omegaconf import OmegaConf
+
+    from pipeline import layout
+    from pipeline.files import write_json
+    from pipeline.runner import flatten
+    from pipeline.tracking.recovery import recorded_result
+
+    result = recorded_result(run_dir)
+    config = OmegaConf.to_container(OmegaConf.load(run_dir / layout.RUN_CONFIG))
+    tracker = Tracker({**config["tracking"], "enabled": True})
+    preflight(tracking_uri(tracker.settings))
+    tracker.client = make_client(tracker.settings)
+    tracker.experiment_id = open_experiment(tracker.client, tracker.settings)
+    run_id = (result.raw.get("tracking") or {}).get("run_id")
+    if run_id is None or _missing(tracker.client, run_id):
+        name = f"{config['model']['name']}-{result.raw.get('target')}"
+        run = tracker.client.create_run(tracker.experiment_id, run_name=name,
+                                        tags={"run_dir": str(run_dir.resolve()), "synced": "true"})
+        run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in sorted(flatten(config).items())]
+        for i in range(0, len(items), 100):
+            tracker.client.log_batch(run_id, params=items[i:i + 100])
+    tracker.run_id = run_id
+    tracking = tracker._record(result, run_dir)
+    write_json(run_dir / layout.RUN_JSON, {**result.raw, "tracking": {**tracking, "recorded": True}})
+    return tracking
+
+
+def _missing(client, run_id: str) -> bool:
+    try:
+        client.get_run(run_id)
+        return False
+    except Exception:  # MLflow raises its own error types for an unknown id
+        return True

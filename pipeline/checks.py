@@ -1,0 +1,132 @@
+"""Settings checked before any stage runs: ranges, tolerances, writable paths.
+
+Hydra checks types; it cannot know that `validate.iterations=0` leaves nothing to time
+or that `paths.cache` names a regular file. Left alone, such values fail after the
+whole build (a division by zero in the timing statistics, a publish into a file) or,
+worse, are accepted and quietly change the meaning of a result (`validate.rounds=0`,
+`compile.min_block_size=0`). Each is a ConfigError here, in one line naming the
+setting, the value and what is allowed, before export spends a second.
+
+The model factory is not imported here: that would load torchvision (or the user's
+package) into the orchestrator, which stays cheap; export reports a factory that fails
+to import or to build in one line (pipeline.models).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+# Dotted key -> (lowest allowed, highest allowed or None, whether the lowest is excluded).
+RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "validate.num_samples": (1, None, False),
+    "validate.corner_samples": (1, None, False),
+    "validate.random_shapes": (0, None, False),
+    "validate.warmup": (0, None, False),
+    "validate.iterations": (1, None, False),
+    "validate.rounds": (1, None, False),
+    "validate.min_seconds": (0, None, False),
+    "validate.cv_warn_threshold": (0, None, True),
+    "compile.min_block_size": (1, None, False),
+    "compile.optimization_level": (0, 5, False),
+    "compile.workspace_size": (0, None, False),
+}
+# Settings where infinity means "never stop": a timing loop that runs forever.
+FINITE = ("validate.min_seconds",)
+# Tolerance gate -> its allowed range (None disables a gate).
+TOLERANCES: dict[str, tuple[float, float | None]] = {
+    "max_abs_err": (0.0, None),
+    "rel_l2_err": (0.0, None),
+    "min_cosine_similarity": (-1.0, 1.0),
+    "min_top1_agreement": (0.0, 1.0),
+}
+
+
+def check_settings(config: dict[str, Any]) -> None:
+    """Every cheap check of the resolved config, in the order a user reads the settings."""
+    for key, (low, high, exclusive) in RANGES.items():
+        _check_range(key, _get(config, key), low, high, exclusive)
+    validate = config["validate"]
+    if validate["rounds"] > validate["iterations"]:
+        raise ConfigError(
+            f"validate.rounds={validate['rounds']} is more than validate.iterations={validate['iterations']}: "
+            "each round times at least one iteration, so rounds must be <= iterations.",
+            f"lower validate.rounds or raise validate.iterations (e.g. validate.rounds={validate['iterations']}).",
+        )
+    _check_tolerances(validate["tolerances"], config["compile"]["precision"])
+    for key in ("paths.outputs", "paths.cache"):
+        check_writable_dir(key, _get(config, key))
+
+
+def _get(config: dict[str, Any], key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def _describe(low: float, high: float | None, exclusive: bool) -> str:
+    if high is not None:
+        return f"between {low:g} and {high:g}"
+    return f"{'>' if exclusive else '>='} {low:g}"
+
+
+def _check_range(key: str, value: Any, low: float, high: float | None, exclusive: bool) -> None:
+    """`value` within [low, high] (or above low when exclusive); NaN is never within anything."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = number and (value > low if exclusive else value >= low) and (high is None or value <= high)
+    if ok and key in FINITE and math.isinf(value):
+        ok = False
+    if not ok:
+        allowed = _describe(low, high, exclusive) + (" and finite" if key in FINITE else "")
+        raise ConfigError(f"{key}={value} is out of range: it must be {allowed}.",
+                          f"set {key} to a value {allowed} (the default is {_default(key)}).")
+
+
+def _default(key: str) -> Any:
+    """The schema's default for `key`, to suggest in a fix."""
+    from pipeline.config import CompileConfig, ValidateConfig
+
+    group, name = key.split(".")
+    return getattr({"compile": CompileConfig, "validate": ValidateConfig}[group], name)
+
+
+def _check_tolerances(tolerances: dict[str, Any], precision: str) -> None:
+    """Each gate None or a finite number in its range; the precision compiled for needs an entry."""
+    if precision not in tolerances:
+        raise ConfigError(f"validate.tolerances has no entry for compile.precision={precision} "
+                          f"(it has {', '.join(sorted(tolerances)) or 'none'}).",
+                          f"keep validate.tolerances.{precision} (set a gate to null to disable it, "
+                          f"e.g. validate.tolerances.{precision}.rel_l2_err=null).")
+    for name, gates in tolerances.items():
+        for gate, (low, high) in TOLERANCES.items():
+            value = (gates or {}).get(gate)
+            if value is None:
+                continue
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value < low or (high is not None and value > high):
+                allowed = _describe(low, high, False)
+                raise ConfigError(f"validate.tolerances.{name}.{gate}={value} is out of range: it must be "
+                                  f"{allowed}, or null to disable the gate.",
+                                  f"set validate.tolerances.{name}.{gate} to a value {allowed}, or null.")
+
+
+def check_writable_dir(key: str, value: str) -> None:
+    """`value` is a writable directory, or one that can be created: no regular file on its way."""
+    path = Path(value).expanduser().absolute()
+    example = "outputs/cache" if key == "paths.cache" else "outputs"
+    fix = f"point {key} at a writable directory (or one that can be created), e.g. {key}={example}."
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={value} is a regular file, not a directory.", fix)
+    existing = path
+    while not existing.exists():  # the nearest ancestor that exists decides whether it can be created
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={value} cannot be created: {existing} is a regular file, not a directory.", fix)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        raise ConfigError(f"{key}={value} {what}.", fix)

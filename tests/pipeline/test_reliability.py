@@ -1,0 +1,260 @@
+"""Every run ends recorded: signals, crashes in native code, dead processes, stores that are down.
+
+Real processes throughout: `python -m pipeline` jobs signalled with SIGTERM and SIGKILL,
+a forward that segfaults through ctypes, two processes racing to create a new SQLite
+store, and a real `mlflow server` stopped in the middle of a job and started again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from testkit import REPO, clean_env, cli_command, half_written, mlflow_client, mlflow_runs
+
+SLOW = ("model._target_=testkit.slow_tiny", "+model.kwargs.seconds=120")
+
+
+def env(**extra: str) -> dict[str, str]:
+    return clean_env(PYTHONPATH=str(REPO / "tests"), **extra)
+
+
+def start(tmp: Path, *extra: str, **env_extra: str) -> subprocess.Popen:
+    out = open(tmp / "job.log", "w")  # noqa: SIM115  (closed with the process)
+    return subprocess.Popen(cli_command(tmp, *extra, cache=tmp / "cache"), cwd=REPO, env=env(**env_extra),
+                            stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def run(tmp: Path, *extra: str, timeout: float = 300, cache: Path | None = None,
+        **env_extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(tmp, *extra, cache=cache or tmp / "cache"), cwd=REPO, env=env(**env_extra),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+def run_json(tmp: Path) -> dict:
+    return json.loads((tmp / "run" / "run.json").read_text())
+
+
+def running_run(tmp: Path):
+    """The job's MLflow run once it is open and RUNNING (and its stage worker is at work)."""
+    if not (tmp / "mlflow.db").exists():
+        return None
+    try:
+        runs = mlflow_runs(mlflow_client(tmp))
+    except Exception:  # the store is still being created
+        return None
+    return next((r for r in runs if r.info.status == "RUNNING"), None)
+
+
+def test_sigterm_mid_build_is_recorded_killed(tmp_path):
+    proc = start(tmp_path, *SLOW)
+    wait_for(lambda: running_run(tmp_path), what="the job's MLflow run")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    output = (tmp_path / "job.log").read_text()
+    assert len(error_lines(output)) == 1 and "interrupted by SIGTERM" in output and "Traceback" not in output
+    record = run_json(tmp_path)
+    assert record["status"] == "KILLED" and "SIGTERM" in record["error"]
+    (mlrun,) = mlflow_runs(mlflow_client(tmp_path))
+    assert mlrun.info.status == "KILLED"
+    assert half_written(tmp_path / "cache") == [] and not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_a_sigkilled_run_is_closed_failed_by_the_next_job(tmp_path):
+    proc = start(tmp_path, *SLOW)
+    dead = wait_for(lambda: running_run(tmp_path), what="the job's MLflow run")
+    assert dead.data.tags["pipeline.pid"] == str(proc.pid) and dead.data.tags["pipeline.host"] == socket.gethostname()
+    assert run_json(tmp_path)["status"] == "RUNNING"  # run.json exists from before the first stage
+    proc.kill()
+    proc.wait(30)
+    (tmp_path / "next").mkdir()
+    later = run(tmp_path / "next", f"tracking.store={tmp_path}/mlflow.db", f"tracking.artifacts={tmp_path}/mlartifacts")
+    assert later.returncode == 0, later.stdout + later.stderr
+    runs = {r.info.run_id: r for r in mlflow_runs(mlflow_client(tmp_path))}
+    closed = runs[dead.info.run_id]
+    assert closed.info.status == "FAILED" and "ended without closing the run" in closed.data.tags["error"]
+    assert run_json(tmp_path)["status"] == "FAILED"
+    assert sum(r.info.status == "FINISHED" for r in runs.values()) == 1
+
+
+def test_a_segfault_in_a_stage_is_one_line_and_a_failed_run(tmp_path):
+    proc = run(tmp_path, "model._target_=testkit.segfault_net")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 3, output[-3000:]
+    (line,) = error_lines(output)
+    assert "stage export crashed" in line and "SIGSEGV" in line and "Traceback" not in output
+    assert run_json(tmp_path)["status"] == "FAILED"
+    (mlrun,) = mlflow_runs(mlflow_client(tmp_path))
+    assert mlrun.info.status == "FAILED" and "SIGSEGV" in mlrun.data.tags["error"]
+    assert half_written(tmp_path / "cache") == []
+    assert not (tmp_path / "cache" / "export").exists() or not any(
+        p for p in (tmp_path / "cache" / "export").iterdir() if not p.name.startswith("."))
+
+
+def test_a_crashing_job_does_not_stop_its_sweep(tmp_path):
+    cmd = [sys.executable, "-m", "pipeline", "-m", "model=tiny_cnn", "input=image_64", "validate=quick",
+           "target=onnxruntime", "model._target_=testkit.segfault_net", "+model.kwargs.crash=true,false",
+           "model.task=regression", f"paths.outputs={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    assert "2 jobs, 1 failed" in output and "SIGSEGV" in output
+    statuses = sorted(r.info.status for r in mlflow_runs(mlflow_client(tmp_path))
+                      if r.data.tags.get("sweep.role") != "parent")
+    assert statuses == ["FAILED", "FINISHED"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MB tmpfs, nearly full: where the cache runs out of space mid-stage."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+        (mount / "filler").write_bytes(b"\0" * (free - 48 * 1024))
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_naming_it(tmp_path, tiny_disk):
+    proc = run(tmp_path, cache=tiny_disk / "cache")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 3, output[-3000:]
+    (line,) = error_lines(output)
+    assert "stage export" in line and f"the disk holding {tiny_disk}" in line and "MB free" in line
+    assert "Traceback" not in output
+    assert run_json(tmp_path)["status"] == "FAILED"
+    assert half_written(tiny_disk / "cache") == []
+
+
+RACE = r"""
+import sys
+from pipeline import tracking
+settings = {"store": sys.argv[1], "artifacts": sys.argv[2], "experiment": "race", "enabled": True,
+            "log_artifacts": False}
+client = tracking.make_client(settings)
+experiment = tracking.open_experiment(client, settings)
+run = client.create_run(experiment, run_name=sys.argv[3])
+client.set_terminated(run.info.run_id, status="FINISHED")
+"""
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_two_processes_creating_a_new_sqlite_store_both_succeed(tmp_path, attempt):
+    db, artifacts = tmp_path / "mlflow.db", tmp_path / "art"
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(db), str(artifacts), f"job{i}"], cwd=REPO,
+                              env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    runs = mlflow_runs(mlflow_client(tmp_path), "race")
+    assert sorted(r.info.run_name for r in runs) == ["job0", "job1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_tracking_server_fails_in_seconds_before_any_stage(tmp_path):
+    started = time.monotonic()
+    proc = run(tmp_path, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}")
+    elapsed = time.monotonic() - started
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and elapsed < 20, (elapsed, output[-2000:])
+    (line,) = error_lines(output)
+    assert "does not answer" in line and "Traceback" not in output
+    assert not (tmp_path / "cache").exists()  # nothing was built
+
+
+def test_an_unwritable_sqlite_store_fails_before_any_stage(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    proc = run(tmp_path, f"tracking.store={tmp_path}/a_file/mlflow.db")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-2000:]
+    (line,) = error_lines(output)
+    assert "cannot be written" in line and not (tmp_path / "cache").exists()
+
+
+def start_server(port: int, root: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root}/server.db", "--default-artifact-root", f"{root}/artifacts",
+           "--workers", "1"]
+    server = subprocess.Popen(cmd, cwd=root, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            import urllib.request
+
+            urllib.request.urlopen(f"{url}/health", timeout=2).close()
+            return True
+        except OSError:
+            return False
+
+    wait_for(up, timeout=90, what="mlflow server")
+    return server
+
+
+def stop(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait(30)
+
+
+@pytest.mark.slow
+def test_a_server_lost_mid_run_loses_nothing_and_sync_sends_it(tmp_path):
+    port, root = free_port(), tmp_path / "server"
+    root.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(port, root)
+    try:
+        job = start(tmp_path, "model._target_=testkit.slow_tiny", "+model.kwargs.seconds=8",
+                    MLFLOW_TRACKING_URI=uri)
+        client = mlflow_client(uri=uri)
+        wait_for(lambda: any(r.info.status == "RUNNING" for r in mlflow_runs(client)), what="the job's run")
+        stop(server)
+        assert job.wait(300) == 4
+        output = (tmp_path / "job.log").read_text()
+        (line,) = error_lines(output)
+        assert "pipeline.tracking sync" in line and "Traceback" not in output
+        record = run_json(tmp_path)
+        assert record["status"] == "FINISHED" and record["tracking"]["recorded"] is False
+        assert record["metrics"]["latency_p50_ms"] > 0  # the results are on disk
+        server = start_server(port, root)
+        sync = subprocess.run([sys.executable, "-m", "pipeline.tracking", "sync", str(tmp_path / "run")], cwd=REPO,
+                              env=clean_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=120)
+        assert sync.returncode == 0, sync.stdout + sync.stderr
+        (mlrun,) = mlflow_runs(mlflow_client(uri=uri))
+        assert mlrun.info.run_id == record["tracking"]["run_id"]  # the job's own run, now closed
+        assert mlrun.info.status == "FINISHED" and mlrun.data.metrics["latency_p50_ms"] > 0
+        assert run_json(tmp_path)["tracking"]["recorded"] is True
+    finally:
+        stop(server)
