@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench bench-sweep ui cache lint clean
+.PHONY: install run test bench bench-sweep ui serve cache lint clean
 
 install: $(STAMP)
 
@@ -29,10 +29,15 @@ bench: install   ## engine speed vs hand-written ORT, orchestrator cost, then th
 bench-sweep: install
 	$(PY) bench/sweep.py
 
-ui: install    ## MLflow UI over the pipeline's store, on 127.0.0.1
+ui: install    ## MLflow UI over the pipeline's store, on 127.0.0.1 (prints the runs table's link)
+	@$(PY) -c "from pipeline.tracking import local_ui_link; print('runs table:', local_ui_link({'store': 'outputs/mlflow.db', 'experiment': 'pipeline', 'artifacts': 'outputs/mlartifacts'}))"
 	$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 \
 		--backend-store-uri sqlite:///$(abspath outputs/mlflow.db) \
 		--default-artifact-root $(abspath outputs/mlartifacts)
+
+serve: install  ## a registered model over REST: make serve MODEL=models:/tiny_cnn/latest [PORT=5001]
+	PATH=$(abspath $(VENV))/bin:$$PATH MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath outputs/mlflow.db)} \
+		$(PY) -m mlflow models serve -m $(MODEL) --env-manager local --host 127.0.0.1 --port $(or $(PORT),5001)
 
 cache: install  ## what the stage cache holds; prune with $(PY) -m pipeline.cache prune --help
 	$(PY) -m pipeline.cache list

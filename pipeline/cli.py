@@ -49,7 +49,8 @@ def run_job(cfg: DictConfig) -> float | None:
         if not isinstance(err, PipelineError) and not in_sweep:
             raise  # a bug: the traceback is the useful message
         line = err.one_line() if isinstance(err, PipelineError) else f"{type(err).__name__}: {err}".splitlines()[0]
-        console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
+        if not getattr(err, "reported", False):  # the runner prints the errors it records
+            console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
         _save_log(console, run_dir)
         if debug:
             raise
@@ -96,10 +97,15 @@ def print_summary(console: Console, result) -> None:
     else:
         _print_measurements(console, m)
     console.print(f"artifacts: {result.run_dir}", markup=False)
-    if result.tracking:
+    if result.tracking.get("recorded"):
+        from pipeline.tracking import ui_link
+
         t = result.tracking
-        console.print(f"mlflow: run {t['run_id']} in experiment {t['experiment']!r} at {t['tracking_uri']} "
-                      "(make ui to browse)", markup=False)
+        console.print(f"mlflow: run {t['run_id']} in experiment {t['experiment']!r} at {t['tracking_uri']}",
+                      markup=False)
+        console.print(f"  runs table: {ui_link(t['tracking_uri'], t['experiment_id'])}"
+                      f"{'  (make ui serves it)' if t['tracking_uri'].startswith('sqlite') else ''}", markup=False)
+        console.print(f"  this run:   {ui_link(t['tracking_uri'], t['experiment_id'], t['run_id'])}", markup=False)
 
 
 def _print_measurements(console: Console, m: dict) -> None:

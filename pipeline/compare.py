@@ -43,7 +43,8 @@ METRIC_COLUMNS = {
 # Measured by validate: "n/m" rather than "-" when the engines could not run here.
 MEASURED = ("p50 ms", "p99 ms", "speedup", "rel L2", "cosine", "top-1")
 COLUMNS = ("job", "overrides", "target", "status", *METRIC_COLUMNS, "error")
-NOT_MEASURED = "n/m: not measured (the engines cannot run on this machine)"
+NOT_MEASURED = ("n/m: not measured (the engines cannot run on this machine); "
+                "~: latency varies too much to trust (latency.trusted=false)")
 FRONT_NOTE = "*: on the Pareto front (no other job has both lower p50 latency and lower rel L2 error)"
 STATUS_STYLES = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan"}
 
@@ -95,6 +96,8 @@ def rows(jobs: list[Job]) -> list[dict[str, str]]:
             value = _value(job, metric)
             row[column] = "n/m" if value is None and not_measured and column in MEASURED else (
                 "-" if value is None else fmt(value))
+        if _value(job, "latency_trusted") == 0 and row["p50 ms"] != "-":
+            row["p50 ms"] += " ~"  # the spread warning fired: this number must not look as good as a quiet one
         row["error"] = short_error(job.get("error"))
         out.append(row)
     return out
@@ -182,8 +185,10 @@ def plot_pareto(jobs: list[Job], path: Path, title: str = "latency against accur
     for target in targets:
         xs, ys = zip(*(_point(j) for j in measured if (j.get("target") or "?") == target), strict=True)
         ax.scatter(xs, ys, color=colours[target], label=target, zorder=3)
-    for j in measured:
-        ax.annotate(names[id(j)], _point(j), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    # Labels of nearby points take turns around them instead of printing over each other.
+    offsets = ((5, 4), (5, -11), (-14, 4), (-14, -11))
+    for i, j in enumerate(sorted(measured, key=_point)):
+        ax.annotate(names[id(j)], _point(j), textcoords="offset points", xytext=offsets[i % len(offsets)], fontsize=8)
     front = pareto_front(jobs)
     if front:
         xs, ys = zip(*map(_point, front), strict=True)
@@ -194,6 +199,9 @@ def plot_pareto(jobs: list[Job], path: Path, title: str = "latency against accur
         # Exact results (eager: error 0) have no place on a log axis; symlog keeps them at 0.
         exact = len(positive) < len(measured)
         ax.set_yscale("symlog" if exact else "log", **({"linthresh": min(positive)} if exact else {}))
+    latencies = [_point(j)[0] for j in measured]
+    if latencies and min(latencies) > 0 and max(latencies) >= 10 * min(latencies):
+        ax.set_xscale("log")  # CPU and GPU engines, or batch 1 and 32, on one readable axis
     if measured:
         ax.legend(fontsize=8)
     else:
@@ -275,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"sweep {sweep_id!r} has no jobs {where}" if sweep_id else f"no runs {where}",
              "run a job first, or pass --experiment NAME / --store PATH")
     title = f"sweep {sweep_id}" if sweep_id else f"every run of experiment {experiment!r}"
-    console = Console(highlight=False, soft_wrap=True)
+    # The terminal's width, or 120 columns when piped: cells wrap inside the table, never past it.
+    console = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120)
     console.print(table(jobs, title))
     if parent:
         console.print(f"parent run: {parent['run_id']} ({parent['status']})", markup=False)

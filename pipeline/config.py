@@ -145,6 +145,8 @@ class TrackingConfig:
     store: str = "${paths.outputs}/mlflow.db"
     artifacts: str = "${paths.outputs}/mlartifacts"
     log_artifacts: bool = True
+    # Engine files are uploaded once per build key; false uploads none (reports and configs still go).
+    log_engines: bool = True
 
 
 @dataclass
@@ -158,6 +160,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # Show full tracebacks for user-facing errors too.
     verbose: bool = False
+    # Register the compiled program in MLflow's model registry (a new version of the model's name).
+    register: bool = False
 
 
 def register() -> None:

@@ -8,6 +8,7 @@ stage's spec and a function that runs the stage, and records what came back.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline import env, layout, ops, shapes, targets
+from pipeline import env, layout, naming, ops, shapes, targets
 from pipeline.cache import StageCache, select
 from pipeline.checks import check_settings
 from pipeline.config import check_known_keys
@@ -63,16 +64,6 @@ class JobResult:
             "stages": [s.__dict__ for s in self.stages], "metrics": self.metrics, "tags": self.tags,
             "tracking": self.tracking, "process": self.process,
         }
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 class Runner:
@@ -125,10 +116,13 @@ class Runner:
         # Started first: the child's start overlaps opening MLflow and the checks below.
         self.worker = StageWorker()
         self.console.print(f"[bold]target[/]: {escape(self.target_reason)}")
-        name = f"{self.config['model']['name']}-{self.target_name}"
+        self.current_stage = "checks"
         if self.sweep:
-            name = f"{name}-{self.sweep['id']}-{self.sweep['job']}"
-        tracker.start(run_name=name, params=flatten(self.config), tags=self.tags())
+            name = naming.child_name(self.sweep["overrides"], self.sweep.get("swept", []), self.target_name)
+        else:
+            name = naming.single_name(self.config["model"]["name"], self.target_name)
+        result.tracking["run_name"] = name
+        tracker.start(run_name=name, params=naming.params(self.config), tags=self.tags())
         self.write_run_files(result)  # run.json exists (RUNNING) from before the first stage
         try:
             with terminate_as_interrupt():
@@ -141,6 +135,10 @@ class Runner:
         except BaseException as err:
             result.status = "FAILED"
             result.error = err.one_line() if hasattr(err, "one_line") else f"{type(err).__name__}: {err}"
+            result.tags["failed_stage"] = self.current_stage
+            if isinstance(err, PipelineError):  # printed now, so the console.log sent to MLflow ends with it
+                self.console.print("[red]error:[/] " + escape(result.error), soft_wrap=True)
+                err.reported = True
             raise
         finally:
             self.worker.close()
@@ -161,6 +159,7 @@ class Runner:
         self.cache.remove_dead_staging()  # what jobs killed outright left behind
         keys: dict[str, str] = {}
         for spec in ORDER:
+            self.current_stage = spec.name
             record = self.run_stage(spec, keys, target)
             keys[spec.name] = record.key
             result.stages.append(record)
@@ -173,6 +172,24 @@ class Runner:
             if run_id:
                 result.tracking["run_id"] = run_id
             write_json(self.run_dir / layout.RUN_JSON, result.as_dict())
+        self.current_stage = "validation gate"
+        result.tags.update(self.trust_tags(result))
+
+    def trust_tags(self, result: JobResult) -> dict[str, str]:
+        """What a reader needs before believing a number: engine identity, latency spread, warnings."""
+        build = next(s for s in result.stages if s.name == "build")
+        digests = [f["sha256"] for f in load_json(self.run_dir / "build" / layout.MANIFEST, "build manifest")["files"]]
+        tags = {"build.key": build.key, "engine.sha256": hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()}
+        notes = [n for s in result.stages for n in s.notes]
+        if notes:
+            tags["warnings"] = " | ".join(notes)[:5000]
+        m = result.metrics
+        if m.get("validated"):
+            cv = max(m.get("latency_cv", 0.0), m.get("eager_latency_cv", 0.0))
+            trusted = cv <= self.config["validate"]["cv_warn_threshold"]
+            tags["latency.trusted"] = "true" if trusted else "false"
+            result.metrics["latency_trusted"] = float(trusted)
+        return tags
 
     def check_validation(self) -> None:
         path = self.run_dir / "validate" / layout.VALIDATE.report
@@ -191,6 +208,8 @@ class Runner:
             recorded = tracker.finish(result, self.run_dir)
             if recorded:
                 result.tracking = {**result.tracking, **recorded, "recorded": True}
+            if recorded and result.status == "FINISHED" and self.config["register"] and not self.sweep:
+                self.register(result, tracker)
         except PipelineError as err:
             result.tracking.update(recorded=False, error=err.one_line())
             write_json(self.run_dir / layout.RUN_JSON, result.as_dict())
@@ -199,6 +218,17 @@ class Runner:
             self.console.print(f"[yellow]warning:[/] {escape(err.one_line())}")
             return
         write_json(self.run_dir / layout.RUN_JSON, result.as_dict())
+
+    def register(self, result: JobResult, tracker) -> None:
+        """register=true: the compiled program as a new version of a registered MLflow model."""
+        if not result.metrics.get("validated"):
+            self.console.print("[yellow]warning:[/] not registered: the engines cannot run on this machine")
+            return
+        with self.console.status("registering the compiled program in MLflow's model registry"):
+            done = tracker.register(self.run_dir, self.config["model"]["name"])
+        result.tracking["registered"] = done
+        self.console.print(f"registered: {done['uri']} (version {done['version']}); serve it with "
+                           f"mlflow models serve -m {done['uri']} --env-manager local", markup=False)
 
     def sweep_tags(self) -> dict[str, str]:
         if not self.sweep:

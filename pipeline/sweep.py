@@ -16,6 +16,7 @@ from on_multirun_end or, if Hydra itself failed, from the entry point.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 import uuid
@@ -26,7 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from rich.markup import escape
 
-from pipeline import layout
+from pipeline import layout, naming
 from pipeline.files import load_json, write_json
 
 SWEEP_FILE = "sweep.json"
@@ -50,13 +51,18 @@ class SweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         overrides = list(config.hydra.overrides.task)
+        params_node = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+        search = OmegaConf.to_container(params_node) if params_node is not None else {}
+        swept = naming.swept_keys(overrides, search if is_search(config.hydra) else None)
         info: dict[str, Any] = {"id": sweep_id, "dir": str(sweep_dir), "started": time.time(),
-                                "overrides": overrides, "autotune": is_search(config.hydra), "parent": None}
+                                "overrides": overrides, "swept": swept, "autotune": is_search(config.hydra),
+                                "parent": None}
         if config.tracking.enabled:
             params = {"sweep.overrides": " ".join(overrides),
                       "sweep.sweeper": OmegaConf.select(config, "hydra.sweeper._target_", default=""),
                       "sweep.launcher": OmegaConf.select(config, "hydra.launcher._target_", default="")}
-            info["parent"] = tracking.start_parent(_settings(config), sweep_id, params)
+            name = naming.sweep_name(overrides, swept, search)
+            info["parent"] = tracking.start_parent(_settings(config), sweep_id, params, name)
         write_json(sweep_dir / SWEEP_FILE, info)
         STATE.clear()
         STATE.update(info=info, config=config, finalized=False)
@@ -76,7 +82,7 @@ def job_context(run_dir: Path) -> dict[str, Any] | None:
         if (folder / SWEEP_FILE).is_file():
             info = load_json(folder / SWEEP_FILE, "sweep description")
             return {"id": info["id"], "parent": info.get("parent"), "job": int(hc.job.num),
-                    "overrides": " ".join(hc.overrides.task)}
+                    "overrides": " ".join(hc.overrides.task), "swept": info.get("swept", [])}
     return None
 
 
@@ -107,9 +113,11 @@ def disk_records(sweep_dir: Path) -> list[dict[str, Any]]:
                   "error": "the job's worker stopped before it recorded a result (killed, or out of memory)"}
         run = load_json(folder / layout.RUN_JSON, "run record") if (folder / layout.RUN_JSON).is_file() else {}
         if run.get("status", "RUNNING") != "RUNNING":  # still RUNNING after the sweep: its process died
+            build = next((st for st in run.get("stages", []) if st.get("name") == "build"), {})
             record.update(target=run.get("target") or "", status=run["status"], error=run.get("error"),
-                          metrics=run.get("metrics", {}), tags=run.get("tags", {}),
-                          run_id=(run.get("tracking") or {}).get("run_id"))
+                          metrics=run.get("metrics", {}), tags=run.get("tags", {}), build_key=build.get("key"),
+                          run_id=(run.get("tracking") or {}).get("run_id"),
+                          run_name=(run.get("tracking") or {}).get("run_name"))
         records.append(record)
     return records
 
@@ -132,8 +140,8 @@ def finalize() -> int:
     STATE["finalized"] = True
     info, config = STATE["info"], STATE["config"]
     sweep_dir = Path(info["dir"])
-    # A sweep's table is wide: give it room also when the output goes to a file or a pipe.
-    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 180)
+    # Tables fit the terminal, and 120 columns when the output goes to a file or a pipe.
+    console = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120)
     if info["parent"]:
         orphans = tracking.close_orphans(_settings(config), info["id"],
                                          "the job's worker stopped before it recorded a result")
@@ -145,29 +153,71 @@ def finalize() -> int:
     console.print(compare.table(jobs, title))
     files = compare.write_report(jobs, sweep_dir / "compare", title)
     best = best_job(jobs)
-    differs = dict(zip((id(j) for j in jobs), compare.varying_overrides(jobs), strict=True))
-    tags = {"jobs.total": str(len(jobs)), "jobs.failed": str(len(failed))}
-    if best:
-        tags.update({"best.job": str(best["job"]), "best.overrides": best["overrides"]})
-        console.print(f"[bold]best[/]: job {best['job']} ({escape(differs[id(best)] or best['overrides'])}): "
-                      f"p50 {best['metrics']['latency_p50_ms']:.3f} ms, speedup {best['metrics'].get('speedup', 0):.2f}x")
-    optuna = sweep_dir / "optimization_results.yaml"
-    if optuna.is_file():
-        results = OmegaConf.load(optuna)
-        tags["best.params"] = " ".join(f"{k}={v}" for k, v in results.get("best_params", {}).items())
-        console.print(f"[bold]autotune best[/]: {escape(tags['best.params'])} (p50 {results.get('best_value')} ms)")
-    for job in failed:
-        console.print(f"[red]failed[/] job {job['job']} ({escape(differs[id(job)])}): {escape(str(job['error']))}")
+    summary = summarise(jobs, best, sweep_dir)
+    for line in summary["lines"]:
+        console.print(line)
     console.print("report: " + escape(str(sweep_dir / "compare")))
     if info["parent"]:
-        metrics = {"jobs_total": len(jobs), "jobs_failed": len(failed)}
-        if best:
-            metrics["best_latency_p50_ms"] = best["metrics"]["latency_p50_ms"]
         status = "FAILED" if failed and not info["autotune"] else "FINISHED"
-        tracking.finish_parent(_settings(config), info["parent"]["run_id"], status, metrics, tags, files)
+        note = compare.markdown(jobs, title) + "".join(f"\n- job {j['job']}: {j['error']}" for j in failed)
+        tracking.finish_parent(_settings(config), info["parent"]["run_id"], status, summary["metrics"],
+                               summary["tags"], files, note=note, child_tags=summary["child_tags"])
         console.print(f"mlflow: parent run {info['parent']['run_id']} in experiment "
                       + escape(repr(info["parent"]["experiment"])))
+        if config.register and best:
+            register_best(config, best, console)
     write_json(sweep_dir / SWEEP_FILE, {**info, "finished": time.time(), "jobs": len(jobs), "failed": len(failed)})
     # An autotune search expects failed trials; it fails only when nothing worked.
     STATE["failed"] = (len(jobs) if best is None else 0) if info["autotune"] else len(failed)
     return STATE["failed"]
+
+
+# The best job's figures copied onto the parent run, as best/<metric>.
+BEST_METRICS = ("latency_p50_ms", "latency_p99_ms", "speedup", "throughput_per_s", "rel_l2_err",
+                "cosine_similarity", "top1_agreement")
+
+
+def summarise(jobs: list[dict[str, Any]], best: dict[str, Any] | None, sweep_dir: Path) -> dict[str, Any]:
+    """Lines to print, and the parent's metrics and tags, and each child's Pareto tag."""
+    from pipeline import compare
+
+    failed = [j for j in jobs if j["status"] != "FINISHED"]
+    differs = dict(zip((id(j) for j in jobs), compare.varying_overrides(jobs), strict=True))
+    front = {id(j) for j in compare.pareto_front(jobs)}
+    metrics: dict[str, float] = {"jobs_total": len(jobs), "jobs_failed": len(failed)}
+    tags = {"jobs.total": str(len(jobs)), "jobs.failed": str(len(failed))}
+    lines: list[str] = []
+    if best:
+        metrics.update({f"best/{k}": best["metrics"][k] for k in BEST_METRICS if k in best["metrics"]})
+        tags.update({"best.job": str(best["job"]), "best.overrides": best["overrides"],
+                     "best.run_id": best.get("run_id") or "", "best.run_name": best.get("run_name") or ""})
+        lines.append(f"[bold]best[/]: job {best['job']} ({escape(differs[id(best)] or best['overrides'])}): "
+                     f"p50 {best['metrics']['latency_p50_ms']:.3f} ms, speedup {best['metrics'].get('speedup', 0):.2f}x")
+        twins = [j for j in jobs if j is not best and j.get("build_key") and j.get("build_key") == best.get("build_key")]
+        if twins:
+            numbers = ", ".join(str(j["job"]) for j in twins)
+            tags["best.same_engine_as"] = numbers
+            lines.append(f"  job(s) {numbers} built the very same engine (build key {best['build_key'][:12]}): "
+                         "their latency differs from the best by noise only")
+        if best["metrics"].get("latency_trusted") == 0.0:
+            lines.append("  [yellow]its latency varies too much to trust[/] (latency.trusted=false)")
+    optuna = sweep_dir / "optimization_results.yaml"
+    if optuna.is_file():
+        results = OmegaConf.load(optuna)
+        tags["best.params"] = " ".join(f"{k}={v}" for k, v in results.get("best_params", {}).items())
+        lines.append(f"[bold]autotune best[/]: {escape(tags['best.params'])} (p50 {results.get('best_value')} ms)")
+    for job in failed:
+        lines.append(f"[red]failed[/] job {job['job']} ({escape(differs[id(job)])}): {escape(str(job['error']))}")
+    child_tags = {j["run_id"]: {"pareto": "true" if id(j) in front else "false",
+                                "best": "true" if j is best else "false"} for j in jobs if j.get("run_id")}
+    return {"lines": lines, "metrics": metrics, "tags": tags, "child_tags": child_tags}
+
+
+def register_best(config: DictConfig, best: dict[str, Any], console) -> None:
+    """register=true on a sweep: the best job's compiled program, registered with the alias `best`."""
+    from pipeline.tracking.registry import register
+
+    run_dir = Path(best["run_dir"])
+    name = OmegaConf.load(run_dir / layout.RUN_CONFIG).model.name
+    done = register(_settings(config), run_dir, name, "best", best.get("run_id"))
+    console.print(f"registered the best job: {escape(done['uri'])} (version {done['version']})")

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.tracking.recovery import (
-    StoreUnavailable,
     TrackingError,
     close_dead_runs,
     preflight,
@@ -43,6 +42,25 @@ def tracking_uri(settings: dict[str, Any]) -> str:
 
 def experiment_name(settings: dict[str, Any]) -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or settings["experiment"]
+
+
+# Where `make ui` serves a local store.
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def ui_link(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's runs table of an experiment (or one run), not its GenAI landing page."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    if run_id:
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def local_ui_link(settings: dict[str, Any]) -> str:
+    """For `make ui`: the runs table of the configured experiment in the local store, if it exists yet."""
+    client = make_client(settings)
+    experiment = client.get_experiment_by_name(experiment_name(settings))
+    return ui_link(LOCAL_UI, experiment.experiment_id) if experiment else f"{LOCAL_UI}/#/experiments"
 
 
 def git_commit() -> str | None:
@@ -164,16 +182,16 @@ class Tracker:
         except BaseException as err:  # reported by finish(), in the main thread
             self._error = err
 
-    def opened(self, timeout: float = 0.0) -> str | None:
-        """The run id once the run is open; raises TrackingError as soon as opening failed."""
+    def opened(self, timeout: float | None = 0.0) -> str | None:
+        """The run id once the run is open (None while opening, or if opening failed).
+
+        The store answered the preflight, so a failure here is a store lost mid-run: the
+        job goes on, its results land on disk, and finish() says how to send them (exit 4).
+        """
         if not self.enabled:
             return None
         self._thread.join(timeout)
-        if self._error is not None:
-            raise StoreUnavailable(f"could not open the MLflow run at {tracking_uri(self.settings)}: "
-                                f"{str(self._error).splitlines()[0] if str(self._error) else type(self._error).__name__}",
-                                "check MLFLOW_TRACKING_URI, or set tracking.enabled=false.")
-        return self.run_id
+        return self.run_id if self._error is None else None
 
     def finish(self, result, run_dir: Path) -> dict[str, str]:
         """Log metrics, tags and artifacts, and close the run with the job's status."""
@@ -181,12 +199,24 @@ class Tracker:
             return {}
         self.opened(timeout=None)
         try:
+            if self._error is not None:
+                raise self._error
             return self._record(result, run_dir)
         except Exception as err:  # the server went away, the disk filled up...
             raise TrackingError(
                 f"the run's results are in {run_dir} but MLflow at {tracking_uri(self.settings)} did not take them "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).",
                 f"once the store is back: python -m pipeline.tracking sync {run_dir}") from None
+
+    def register(self, run_dir: Path, model_name: str, alias: str | None = None) -> dict[str, str]:
+        from pipeline.tracking.registry import register
+
+        try:
+            return register(self.settings, run_dir, model_name, alias, self.run_id)
+        except Exception as err:  # MLflow's own errors, a store gone away
+            raise TrackingError(f"the run finished but could not be registered as model {model_name!r} "
+                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).",
+                                "check the tracking store, or run again with register=false.") from None
 
     def _record(self, result, run_dir: Path) -> dict[str, str]:
         from mlflow.entities import Metric, RunTag
@@ -204,24 +234,49 @@ class Tracker:
         for i in range(0, max(len(metrics), 1), 1000):
             client.log_batch(self.run_id, metrics=metrics[i:i + 1000], tags=tags if i == 0 else [])
         if self.settings["log_artifacts"]:
-            self._log_artifacts(run_dir)
+            self._log_artifacts(run_dir, result.tags.get("build.key"))
         client.set_terminated(self.run_id, status=result.status)
         return {"tracking_uri": tracking_uri(self.settings), "experiment_id": self.experiment_id,
                 "run_id": self.run_id, "experiment": experiment_name(self.settings)}
 
-    def _log_artifacts(self, run_dir: Path) -> None:
+    def _log_artifacts(self, run_dir: Path, build_key: str | None) -> None:
+        """Reports, manifests and configs always; engine files once per build key (and experiment).
+
+        A job whose build came from the cache has byte-identical engines to the run that
+        uploaded them first: it records a reference (engines.run_id) instead of a copy.
+        """
+        from mlflow.entities import RunTag
+
+        owner = self._engines_owner(build_key) if build_key else None
+        skip_engines = owner is not None or not self.settings.get("log_engines", True)
         seen = set()
         for pattern in ARTIFACTS:
             for path in sorted(run_dir.glob(pattern)):
-                if path.is_file() and path not in seen:
-                    seen.add(path)
-                    rel = path.relative_to(run_dir).parent.as_posix()
-                    self.client.log_artifact(self.run_id, str(path), None if rel == "." else rel)
+                if not path.is_file() or path in seen:
+                    continue
+                seen.add(path)
+                rel = path.relative_to(run_dir).parent.as_posix()
+                if skip_engines and rel == "build" and path.suffix != ".json":
+                    continue
+                self.client.log_artifact(self.run_id, str(path), None if rel == "." else rel)
+        tags = [RunTag("engines.run_id", owner)] if owner else []
+        if build_key and not skip_engines:
+            tags.append(RunTag("engines.logged", "true"))
+        if tags:
+            self.client.log_batch(self.run_id, tags=tags)
+
+    def _engines_owner(self, build_key: str) -> str | None:
+        """The first run of this experiment that uploaded the engines of `build_key`."""
+        runs = self.client.search_runs([self.experiment_id], max_results=1, order_by=["attributes.start_time ASC"],
+                                       filter_string=f"tags.`build.key` = '{build_key}' and "
+                                                     "tags.`engines.logged` = 'true'")
+        return runs[0].info.run_id if runs else None
 
 
 # --- sweeps -------------------------------------------------------------------------------
 
-def start_parent(settings: dict[str, Any], sweep_id: str, params: dict[str, Any]) -> dict[str, str]:
+def start_parent(settings: dict[str, Any], sweep_id: str, params: dict[str, Any],
+                 run_name: str | None = None) -> dict[str, str]:
     """Create the store, the experiment and the sweep's parent run (in the launching process)."""
     from mlflow.entities import Param
 
@@ -231,7 +286,7 @@ def start_parent(settings: dict[str, Any], sweep_id: str, params: dict[str, Any]
     commit = git_commit()
     if commit:
         tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
-    run = client.create_run(experiment_id, run_name=f"sweep-{sweep_id}", tags=tags)
+    run = client.create_run(experiment_id, run_name=run_name or f"sweep {sweep_id}", tags=tags)
     items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i:i + 100])
@@ -240,13 +295,20 @@ def start_parent(settings: dict[str, Any], sweep_id: str, params: dict[str, Any]
 
 
 def finish_parent(settings: dict[str, Any], run_id: str, status: str, metrics: dict[str, float],
-                  tags: dict[str, str], files: list[Path]) -> None:
+                  tags: dict[str, str], files: list[Path], note: str = "",
+                  child_tags: dict[str, dict[str, str]] | None = None) -> None:
+    """The sweep's winner on its parent (best/ metrics, best.* tags, the comparison as its description)."""
     from mlflow.entities import Metric, RunTag
 
     client = make_client(settings)
     now_ms = int(time.time() * 1000)
+    if note:
+        tags = {**tags, "mlflow.note.content": note}
     client.log_batch(run_id, metrics=[Metric(k, float(v), now_ms, 0) for k, v in sorted(metrics.items())],
-                     tags=[RunTag(k, str(v)[:5000]) for k, v in sorted(tags.items())])
+                     tags=[RunTag(k, str(v)[:5000] if k != "mlflow.note.content" else str(v)) for k, v in
+                           sorted(tags.items())])
+    for child, values in (child_tags or {}).items():
+        client.log_batch(child, tags=[RunTag(k, v) for k, v in sorted(values.items())])
     for path in files:
         client.log_artifact(run_id, str(path))
     client.set_terminated(run_id, status=status)
@@ -309,49 +371,3 @@ def load_jobs(settings: dict[str, Any], sweep_id: str | None = None,
     jobs = sorted((job_record(r) for r in runs if r.data.tags.get("sweep.role") != "parent"),
                   key=lambda j: (j["job"] is None, j["job"] or 0))
     return parent, jobs
-
-
-# --- results on disk that MLflow does not have yet ----------------------------------------
-
-def sync(run_dir: Path) -> dict[str, str]:
-    """Send a run folder's results (run.json, config.yaml, artifacts) to MLflow and close its run.
-
-    Reuses the run the job opened when the store has it (a server that died mid-run),
-    else creates one; the run folder's run.json then says it is recorded.
-    """
-    from omegaconf import OmegaConf
-
-    from pipeline import layout
-    from pipeline.files import write_json
-    from pipeline.runner import flatten
-    from pipeline.tracking.recovery import recorded_result
-
-    result = recorded_result(run_dir)
-    config = OmegaConf.to_container(OmegaConf.load(run_dir / layout.RUN_CONFIG))
-    tracker = Tracker({**config["tracking"], "enabled": True})
-    preflight(tracking_uri(tracker.settings))
-    tracker.client = make_client(tracker.settings)
-    tracker.experiment_id = open_experiment(tracker.client, tracker.settings)
-    run_id = (result.raw.get("tracking") or {}).get("run_id")
-    if run_id is None or _missing(tracker.client, run_id):
-        name = f"{config['model']['name']}-{result.raw.get('target')}"
-        run = tracker.client.create_run(tracker.experiment_id, run_name=name,
-                                        tags={"run_dir": str(run_dir.resolve()), "synced": "true"})
-        run_id = run.info.run_id
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in sorted(flatten(config).items())]
-        for i in range(0, len(items), 100):
-            tracker.client.log_batch(run_id, params=items[i:i + 100])
-    tracker.run_id = run_id
-    tracking = tracker._record(result, run_dir)
-    write_json(run_dir / layout.RUN_JSON, {**result.raw, "tracking": {**tracking, "recorded": True}})
-    return tracking
-
-
-def _missing(client, run_id: str) -> bool:
-    try:
-        client.get_run(run_id)
-        return False
-    except Exception:  # MLflow raises its own error types for an unknown id
-        return True

@@ -225,7 +225,10 @@ def start_server(port: int, root: Path) -> subprocess.Popen:
 
 
 def stop(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGKILL)
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:  # stopped already
+        pass
     server.wait(30)
 
 
@@ -239,7 +242,9 @@ def test_a_server_lost_mid_run_loses_nothing_and_sync_sends_it(tmp_path):
         job = start(tmp_path, "model._target_=testkit.slow_tiny", "+model.kwargs.seconds=8",
                     MLFLOW_TRACKING_URI=uri)
         client = mlflow_client(uri=uri)
-        wait_for(lambda: any(r.info.status == "RUNNING" for r in mlflow_runs(client)), what="the job's run")
+        # Open, with its params logged (the last thing opening does): the store is lost mid-run.
+        wait_for(lambda: any(r.info.status == "RUNNING" and r.data.params for r in mlflow_runs(client)),
+                 what="the job's run")
         stop(server)
         assert job.wait(300) == 4
         output = (tmp_path / "job.log").read_text()
@@ -258,3 +263,23 @@ def test_a_server_lost_mid_run_loses_nothing_and_sync_sends_it(tmp_path):
         assert run_json(tmp_path)["tracking"]["recorded"] is True
     finally:
         stop(server)
+
+
+@pytest.mark.slow
+def test_a_store_lost_while_the_run_opens_still_keeps_the_results(tmp_path):
+    """The server answers the preflight, then is gone before the run is open: exit 4, sync later."""
+    port, root = free_port(), tmp_path / "server"
+    root.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(port, root)
+    job = start(tmp_path, "model._target_=testkit.slow_tiny", "+model.kwargs.seconds=8", MLFLOW_TRACKING_URI=uri)
+    try:
+        wait_for(lambda: (tmp_path / "run" / "run.json").is_file(), what="the job's run.json")
+        stop(server)  # right after the preflight: opening the run fails in the background
+        assert job.wait(300) == 4
+        record = run_json(tmp_path)
+        assert record["status"] == "FINISHED" and record["tracking"]["recorded"] is False
+        assert "pipeline.tracking sync" in record["tracking"]["error"]
+    finally:
+        stop(server)
+        job.kill()

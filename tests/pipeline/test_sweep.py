@@ -41,7 +41,7 @@ def children_and_parent(tmp: Path):
 def failing_sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     proc = run_sweep(tmp, "compile.torch_executed_ops=[aten.relu.default]",
-                     "compile.require_full_compilation=false,true")
+                     "compile.require_full_compilation=false,true", "register=true")
     return tmp, proc
 
 
@@ -66,13 +66,30 @@ def test_one_parent_with_a_finished_and_a_failed_child(failing_sweep):
         assert tags["mlflow.parentRunId"] == parent.info.run_id
         assert tags["sweep.id"] == sweep_id and tags["sweep.job"] == str(job)
         assert f"require_full_compilation={'false' if job == 0 else 'true'}" in tags["sweep.overrides"].lower()
-        assert child.info.run_name.endswith(f"{sweep_id}-{job}")
+        # Named by what the sweep varies, and the target.
+        assert child.info.run_name.lower() == f"require_full_compilation={'false' if job == 0 else 'true'} onnxruntime"
     assert "require_full_compilation=true but" in children[1].data.tags["error"]
     client = mlflow_client(tmp)
     assert "console.log" in {a.path for a in client.list_artifacts(children[1].info.run_id)}
     assert parent.info.status == "FAILED"
     assert parent.data.tags["jobs.total"] == "2" and parent.data.tags["jobs.failed"] == "1"
     assert parent.data.tags["best.job"] == "0"
+    assert parent.info.run_name == "sweep require_full_compilation=false,true"
+    # The winner on the parent: its run, its figures, and the comparison as the parent's description.
+    assert parent.data.tags["best.run_id"] == children[0].info.run_id
+    assert parent.data.tags["best.run_name"] == children[0].info.run_name
+    assert parent.data.metrics["best/latency_p50_ms"] == children[0].data.metrics["latency_p50_ms"]
+    note = parent.data.tags["mlflow.note.content"]
+    assert "| job |" in note.replace("|  |", "| job |") and "require_full_compilation=true but" in note
+    assert [c.data.tags["best"] for c in children] == ["true", "false"]
+    assert children[0].data.tags["pareto"] == "true"
+    for child in children:
+        assert not any(k.startswith(("paths.", "tracking.")) for k in child.data.params)
+    assert children[1].data.tags["failed_stage"] == "partition"
+    best = client.get_model_version_by_alias("tiny_cnn", "best")  # register=true: the winner, registered
+    assert best.run_id == children[0].info.run_id
+    for tag in ("build.key", "engine.sha256", "latency.trusted"):
+        assert tag in children[0].data.tags
     logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.md", "comparison.csv", "pareto.png", "stage_times.png"} <= logged
 
@@ -134,3 +151,15 @@ def test_a_killed_worker_is_a_failed_row_and_the_sweep_still_reports(tmp_path):
     (parent,), children = children_and_parent(tmp_path)
     assert parent.info.status == "FAILED"
     assert all(c.info.status != "RUNNING" for c in children)
+
+
+def test_compare_fits_120_columns_when_piped(failing_sweep):
+    tmp, _ = failing_sweep
+    proc = subprocess.run([sys.executable, "-m", "pipeline.compare", "--sweep", "latest", "--store",
+                           str(tmp / "mlflow.db")], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines and max(len(line) for line in lines) <= 120
+    overrides = "".join(line.split("│")[3].strip() for line in lines if line.startswith("│"))
+    assert "require_full_compilation=true" in overrides.lower()  # the full value, wrapped inside its cell

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -25,23 +26,26 @@ def test_run_is_finished_and_matches_the_job(tiny_job, tracked):
     client, run = tracked
     assert run.info.status == "FINISHED"
     assert run.info.run_id == tiny_job.result.tracking["run_id"]
-    assert run.info.run_name == "tiny_cnn-onnxruntime"
+    assert re.fullmatch(r"tiny_cnn onnxruntime \d\d-\d\d \d\d:\d\d:\d\d", run.info.run_name)
     assert tiny_job.result.tracking["tracking_uri"] == f"sqlite:///{(tiny_job.outputs / 'mlflow.db').resolve()}"
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.name == "pipeline"
     assert exp.artifact_location == (tiny_job.outputs / "mlartifacts" / "pipeline").resolve().as_uri()
 
 
-def test_params_are_the_flattened_config(tracked):
+def test_params_are_the_settings_that_matter(tracked):
     _, run = tracked
     p = run.data.params
     assert p["model.name"] == "tiny_cnn"
     assert p["compile.min_block_size"] == "5"
     assert p["compile.require_full_compilation"] == "False"
     assert p["target.name"] == "onnxruntime"
-    assert p["input.tensors"].startswith("[{'name': 'x', 'shape': [1, 3, 64, 64]")
+    assert p["input.x"] == "1x3x64x64 float32"  # a shape a person reads, not a Python repr
     assert p["validate.iterations"] == "10"
     assert p["validate.tolerances.fp32.rel_l2_err"] == "0.001"
+    # Folders, tracking settings and other precisions' tolerances are noise in the runs table.
+    assert not [k for k in p if k.startswith(("paths.", "tracking.", "validate.tolerances.fp16"))]
+    assert "verbose" not in p and "input.tensors" not in p
 
 
 def test_metrics(tiny_job, tracked):
@@ -70,7 +74,17 @@ def test_tags(tracked):
     check = subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=REPO)
     assert check.returncode == 0
     assert {t[f"cache.{s}"] for s in STAGES} == {"miss"}
-    assert t["status"] == "FINISHED" and "error" not in t
+    assert t["status"] == "FINISHED" and "error" not in t and "failed_stage" not in t
+
+
+def test_trust_signals(tiny_job, tracked):
+    _, run = tracked
+    t, m = run.data.tags, run.data.metrics
+    assert t["build.key"] == tiny_job.record("build").key and len(t["engine.sha256"]) == 64
+    noisy = max(m["latency_cv"], m["eager_latency_cv"]) > 0.1  # validate.cv_warn_threshold
+    assert t["latency.trusted"] == ("false" if noisy else "true") and m["latency_trusted"] == float(not noisy)
+    if noisy:
+        assert "varies too much to trust" in t["warnings"]
 
 
 def test_artifacts(tiny_job, tracked):
@@ -115,5 +129,20 @@ def test_tracking_uri_from_the_environment(tiny_job, tmp_path, monkeypatch):
 
 def test_tracking_disabled_writes_no_store(tiny_job, tmp_path):
     job = run_job(tmp_path, "target=onnxruntime", "tracking.enabled=false", cache=tiny_job.cache)
-    assert job.result.status == "FINISHED" and job.result.tracking == {}
+    assert job.result.status == "FINISHED" and "recorded" not in job.result.tracking
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_engines_are_uploaded_once_per_build(tiny_job, tmp_path):
+    """Two jobs with the same build key: the second records a reference, not another copy."""
+    first = run_job(tmp_path, "target=onnxruntime", cache=tiny_job.cache)
+    second = run_job(tmp_path, "target=onnxruntime", "target.intra_op_num_threads=1", cache=tiny_job.cache,
+                     run_dir=tmp_path / "run2")
+    client = mlflow_client(tmp_path)
+    runs = {r.info.run_id: r for r in mlflow_runs(client)}
+    one, two = runs[first.result.tracking["run_id"]], runs[second.result.tracking["run_id"]]
+    assert one.data.tags["build.key"] == two.data.tags["build.key"]
+    assert "build/accel_0.ort.onnx" in artifact_paths(client, one.info.run_id)
+    logged = artifact_paths(client, two.info.run_id)
+    assert "build/accel_0.ort.onnx" not in logged and "build/engines.json" in logged
+    assert two.data.tags["engines.run_id"] == one.info.run_id

@@ -1,0 +1,81 @@
+"""`register=true`: the compiled program as an MLflow model, a registered version and an alias.
+
+The model is the run folder's stage outputs plus pipeline/tracking/serving.py ("models
+from code": nothing pickled), so `mlflow models serve -m models:/<name>@<alias>
+--env-manager local` answers REST predictions with the engine, in an environment
+where this package is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline import layout
+
+# What pipeline.load needs of a run folder (each stage folder with its manifest).
+MODEL_PARTS = (*layout.LOAD_STAGES, layout.RUN_CONFIG)
+
+
+def _copy_run(run_dir: Path, into: Path) -> Path:
+    """The parts of the run the model needs, hard-linked where the disk allows."""
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    target = into / "run"
+    target.mkdir()
+    for part in MODEL_PARTS:
+        src = run_dir / part
+        if src.is_dir():
+            shutil.copytree(src, target / part, copy_function=link_or_copy)
+        else:
+            shutil.copy2(src, target / part)
+    return target
+
+
+def _signature(run_dir: Path):
+    """Input and output schema from export's opt sample, with a free batch dimension."""
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    import pipeline
+    from pipeline import shapes
+
+    sample = shapes.load_samples(run_dir / "export" / layout.EXPORT.example)["opt"]
+    out = pipeline.load(run_dir)(*sample.args, **sample.kwargs)
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    example = np.asarray(sample.args[0] if sample.args else next(iter(sample.kwargs.values())))
+    return infer_signature(example, out.detach().cpu().float().numpy())
+
+
+def register(settings: dict[str, Any], run_dir: Path, model_name: str, alias: str | None,
+             source_run: str | None) -> dict:
+    """Log the compiled program as a pyfunc model, register a version of `model_name`, point `alias` at it."""
+    import mlflow
+    import torch
+
+    from pipeline.tracking import make_client, tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(settings))
+    # Logged inside the job's own (finished) run: the model sits under the run in the UI, and in
+    # its experiment's artifact store, not in MLflow's default experiment.
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=source_run):
+        model_run = _copy_run(run_dir, Path(tmp))
+        info = mlflow.pyfunc.log_model(
+            name="compiled", python_model=str(Path(__file__).with_name("serving.py")),
+            artifacts={"run": str(model_run)}, signature=_signature(run_dir),
+            registered_model_name=model_name, await_registration_for=60,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "onnxruntime", "omegaconf"],
+            tags={"source_run_id": source_run or ""})
+    version = info.registered_model_version
+    if not alias:  # MLflow reserves `latest`: models:/<name>/latest already means the newest version
+        return {"model": model_name, "version": str(version), "uri": f"models:/{model_name}/{version}"}
+    make_client(settings).set_registered_model_alias(model_name, alias, version)
+    return {"model": model_name, "version": str(version), "alias": alias, "uri": f"models:/{model_name}@{alias}"}
