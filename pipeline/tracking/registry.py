@@ -8,7 +8,6 @@ where this package is installed.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,18 +21,14 @@ MODEL_PARTS = (*layout.LOAD_STAGES, layout.RUN_CONFIG)
 
 def _copy_run(run_dir: Path, into: Path) -> Path:
     """The parts of the run the model needs, hard-linked where the disk allows."""
-    def link_or_copy(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
+    from pipeline.cache import link_tree
 
     target = into / "run"
     target.mkdir()
     for part in MODEL_PARTS:
         src = run_dir / part
         if src.is_dir():
-            shutil.copytree(src, target / part, copy_function=link_or_copy)
+            link_tree(src, target / part)
         else:
             shutil.copy2(src, target / part)
     return target
