@@ -1,6 +1,7 @@
 """Compile PyTorch models into inference engines, one declarative command per build.
 
-`pipeline.load(run_dir)` turns a finished run back into a callable module.
+`pipeline.load(run_dir)` turns a finished run back into a callable module; so does
+`pipeline.load("runs:/<run_id>")` for a run in MLflow (MLFLOW_TRACKING_URI, or the local store).
 """
 
 
@@ -16,4 +17,12 @@ def load(run_dir, imports=(), trusted: bool = False):
     from pipeline.hybrid import load as _load
 
     names = (imports,) if isinstance(imports, str) else tuple(imports)
+    if isinstance(run_dir, str) and run_dir.startswith("runs:/"):
+        import tempfile
+        from pathlib import Path
+
+        from pipeline.tracking import download_run
+
+        # Downloaded files are someone's upload: loaded as untrusted as any run folder.
+        run_dir = download_run(run_dir, Path(tempfile.mkdtemp(prefix="pipeline-run-")))
     return _load(run_dir, imports=names, trusted=trusted)

@@ -36,6 +36,7 @@ def run_job(cfg: DictConfig) -> float | None:
     context = sweep.job_context(run_dir) if in_sweep else None
     debug = cfg.verbose or os.environ.get("PIPELINE_DEBUG") == "1"
     try:
+        label_custom_model(cfg)
         runner = Runner(cfg, run_dir, console, sweep=context)
         result = runner.run(Tracker(runner.config["tracking"]))
     except KeyboardInterrupt as err:  # SIGINT, or SIGTERM (errors.Terminated): recorded KILLED by the runner
@@ -72,6 +73,17 @@ def run_job(cfg: DictConfig) -> float | None:
                                 "search with targets whose engines run on this machine.")
         return sweep.failed_value()
     return latency
+
+
+def label_custom_model(cfg: DictConfig) -> None:
+    """model._target_ given without model.name: label runs by the factory, not by the preset it replaced."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    if "model._target_" in keys and "model.name" not in keys:
+        with open_dict(cfg):
+            cfg.model.name = str(cfg.model._target_).rsplit(".", 1)[-1]
 
 
 def _save_log(console: Console, run_dir: Path) -> None:

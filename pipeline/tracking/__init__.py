@@ -30,11 +30,6 @@ from pipeline.tracking.recovery import (
     process_identity,
 )
 
-# Run-folder files logged as artifacts: engines, reports, manifests, configs and the log.
-ARTIFACTS = ("build/*", "*/manifest.json", "partition/*.json", "validate/report.json",
-             "lower/ops.json", "export/model.json", "convert/segments.json", "config.yaml",
-             "run.json", "console.log")
-
 
 def tracking_uri(settings: dict[str, Any]) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(settings['store']).resolve()}"
@@ -234,43 +229,15 @@ class Tracker:
         for i in range(0, max(len(metrics), 1), 1000):
             client.log_batch(self.run_id, metrics=metrics[i:i + 1000], tags=tags if i == 0 else [])
         if self.settings["log_artifacts"]:
-            self._log_artifacts(run_dir, result.tags.get("build.key"))
+            self._log_artifacts(run_dir, {s.name: s.key for s in result.stages})
         client.set_terminated(self.run_id, status=result.status)
         return {"tracking_uri": tracking_uri(self.settings), "experiment_id": self.experiment_id,
                 "run_id": self.run_id, "experiment": experiment_name(self.settings)}
 
-    def _log_artifacts(self, run_dir: Path, build_key: str | None) -> None:
-        """Reports, manifests and configs always; engine files once per build key (and experiment).
+    def _log_artifacts(self, run_dir: Path, keys: dict[str, str]) -> None:
+        from pipeline.tracking.artifacts import log_run
 
-        A job whose build came from the cache has byte-identical engines to the run that
-        uploaded them first: it records a reference (engines.run_id) instead of a copy.
-        """
-        from mlflow.entities import RunTag
-
-        owner = self._engines_owner(build_key) if build_key else None
-        skip_engines = owner is not None or not self.settings.get("log_engines", True)
-        seen = set()
-        for pattern in ARTIFACTS:
-            for path in sorted(run_dir.glob(pattern)):
-                if not path.is_file() or path in seen:
-                    continue
-                seen.add(path)
-                rel = path.relative_to(run_dir).parent.as_posix()
-                if skip_engines and rel == "build" and path.suffix != ".json":
-                    continue
-                self.client.log_artifact(self.run_id, str(path), None if rel == "." else rel)
-        tags = [RunTag("engines.run_id", owner)] if owner else []
-        if build_key and not skip_engines:
-            tags.append(RunTag("engines.logged", "true"))
-        if tags:
-            self.client.log_batch(self.run_id, tags=tags)
-
-    def _engines_owner(self, build_key: str) -> str | None:
-        """The first run of this experiment that uploaded the engines of `build_key`."""
-        runs = self.client.search_runs([self.experiment_id], max_results=1, order_by=["attributes.start_time ASC"],
-                                       filter_string=f"tags.`build.key` = '{build_key}' and "
-                                                     "tags.`engines.logged` = 'true'")
-        return runs[0].info.run_id if runs else None
+        log_run(self.client, self.experiment_id, self.run_id, run_dir, keys, self.settings.get("log_engines", True))
 
 
 # --- sweeps -------------------------------------------------------------------------------
@@ -371,3 +338,12 @@ def load_jobs(settings: dict[str, Any], sweep_id: str | None = None,
     jobs = sorted((job_record(r) for r in runs if r.data.tags.get("sweep.role") != "parent"),
                   key=lambda j: (j["job"] is None, j["job"] or 0))
     return parent, jobs
+
+
+def download_run(source: str, dst: Path, settings: dict[str, Any] | None = None) -> Path:
+    """`runs:/<run_id>` as a local run folder (pipeline.load of an MLflow run)."""
+    from pipeline.tracking.artifacts import download_run as fetch
+
+    run_id = source.removeprefix("runs:/").strip("/").split("/")[0]
+    settings = settings or {"store": "outputs/mlflow.db", "artifacts": "outputs/mlartifacts"}
+    return fetch(make_client(settings), run_id, dst)

@@ -22,6 +22,7 @@ from testkit import (
     half_written,
     mlflow_client,
     mlflow_runs,
+    run_cli,
 )
 
 
@@ -124,6 +125,16 @@ def test_good_job_prints_a_summary(cli):
     assert run.info.status == "FINISHED" and run.info.run_id in out.output
     assert {run.data.tags[f"cache.{s}"] for s in STAGES[:-1]} == {"hit"}
     assert (out.tmp / "run" / "console.log").read_text().strip()
+    # The direct links: the experiment's runs table (not MLflow's landing page) and the run.
+    assert f"#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning" in out.output
+    assert f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in out.output
+
+
+def test_a_custom_factory_is_labelled_by_its_name_not_the_preset(tmp_path):
+    proc = run_cli(tmp_path, "model=resnet18", "model._target_=pipeline.zoo.tiny_cnn", "target=onnxruntime")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (run,) = mlflow_runs(mlflow_client(tmp_path))
+    assert run.info.run_name.startswith("tiny_cnn onnxruntime ") and run.data.params["model.name"] == "tiny_cnn"
 
 
 def test_good_job_logs_its_console_to_mlflow(cli):

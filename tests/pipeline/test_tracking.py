@@ -145,4 +145,40 @@ def test_engines_are_uploaded_once_per_build(tiny_job, tmp_path):
     assert "build/accel_0.ort.onnx" in artifact_paths(client, one.info.run_id)
     logged = artifact_paths(client, two.info.run_id)
     assert "build/accel_0.ort.onnx" not in logged and "build/engines.json" in logged
-    assert two.data.tags["engines.run_id"] == one.info.run_id
+    assert "export/program.pt2" not in logged and "export/program.pt2" in artifact_paths(client, one.info.run_id)
+    assert two.data.tags["files.build"] == one.info.run_id and one.data.tags["stored.build"] == one.data.tags["build.key"]
+
+
+LOAD_FROM_MLFLOW = r"""
+import sys
+import torch
+import pipeline
+x = torch.load(sys.argv[2])
+with torch.no_grad():
+    y = pipeline.load(sys.argv[1])(x)
+torch.save(y[0] if isinstance(y, (tuple, list)) else y, sys.argv[3])
+"""
+
+
+def test_pipeline_load_of_an_mlflow_run_in_a_fresh_process(tiny_job, tmp_path):
+    """runs:/<id> of a run that stored nothing itself (a cache hit): its files come from the run that did."""
+    import sys
+
+    from testkit import REPO, clean_env
+
+    first = run_job(tmp_path, "target=onnxruntime", cache=tiny_job.cache)
+    second = run_job(tmp_path, "target=onnxruntime", cache=tiny_job.cache, run_dir=tmp_path / "run2")
+    x = torch.randn(1, 3, 64, 64)
+    torch.save(x, tmp_path / "x.pt")
+    proc = subprocess.run([sys.executable, "-c", LOAD_FROM_MLFLOW, f"runs:/{second.result.tracking['run_id']}",
+                           str(tmp_path / "x.pt"), str(tmp_path / "y.pt")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300,
+                          env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}",
+                                        PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import pipeline
+
+    with torch.no_grad():
+        expected = pipeline.load(first.run_dir)(x)
+    expected = expected[0] if isinstance(expected, (tuple, list)) else expected
+    assert torch.allclose(torch.load(tmp_path / "y.pt"), expected, atol=1e-6)
