@@ -27,7 +27,7 @@ def job_dir() -> tuple[Path, bool]:
 
 def run_job(cfg: DictConfig) -> float | None:
     """One job; in a sweep a failure is recorded and returned as NaN so the sweep goes on."""
-    from pipeline import sweep
+    from pipeline import sweep, worker
     from pipeline.runner import Runner
     from pipeline.tracking import Tracker
 
@@ -37,6 +37,7 @@ def run_job(cfg: DictConfig) -> float | None:
     debug = cfg.verbose or os.environ.get("PIPELINE_DEBUG") == "1"
     try:
         label_custom_model(cfg)
+        worker.warm_up()  # the stage worker's server imports torch while the runner checks the config
         runner = Runner(cfg, run_dir, console, sweep=context)
         result = runner.run(Tracker(runner.config["tracking"]))
     except KeyboardInterrupt as err:  # SIGINT, or SIGTERM (errors.Terminated): recorded KILLED by the runner

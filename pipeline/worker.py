@@ -134,6 +134,14 @@ def _standard_start_method():
         multiprocessing.set_start_method(previous, force=True)
 
 
+def warm_up() -> None:
+    """Start the forkserver (and its torch import) now, while the job still composes and checks."""
+    from multiprocessing import forkserver
+
+    _context()
+    forkserver.ensure_running()
+
+
 class StageWorker:
     """The job's side: start the child early (its start overlaps the job's checks), send stages, watch it."""
 

@@ -57,14 +57,22 @@ def run_json(tmp: Path) -> dict:
 
 
 def running_run(tmp: Path):
-    """The job's MLflow run once it is open and RUNNING (and its stage worker is at work)."""
+    """The job's MLflow run once it is open and RUNNING (and its stage worker is at work).
+
+    Read under the lock the job creates the store with, so this reader never migrates a
+    store the job is still creating.
+    """
+    import fcntl
+
     if not (tmp / "mlflow.db").exists():
         return None
-    try:
-        runs = mlflow_runs(mlflow_client(tmp))
-    except Exception:  # the store is still being created
-        return None
-    return next((r for r in runs if r.info.status == "RUNNING"), None)
+    with open(tmp / ".mlflow.db.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            runs = mlflow_runs(mlflow_client(tmp))
+        except Exception:  # the store is still being created
+            return None
+    return next((r for r in runs if r.info.status == "RUNNING" and r.data.params), None)
 
 
 def test_sigterm_mid_build_is_recorded_killed(tmp_path):
@@ -72,8 +80,9 @@ def test_sigterm_mid_build_is_recorded_killed(tmp_path):
     wait_for(lambda: running_run(tmp_path), what="the job's MLflow run")
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 128 + signal.SIGTERM
+    code = proc.wait(60)
     output = (tmp_path / "job.log").read_text()
+    assert code == 128 + signal.SIGTERM, output[-3000:]
     assert len(error_lines(output)) == 1 and "interrupted by SIGTERM" in output and "Traceback" not in output
     record = run_json(tmp_path)
     assert record["status"] == "KILLED" and "SIGTERM" in record["error"]
