@@ -126,5 +126,5 @@ def _print_measurements(console: Console, m: dict) -> None:
     console.print(f"accuracy vs eager: max abs {m['max_abs_err']:.3g}, rel L2 {m['rel_l2_err']:.3g}, "
                   f"cosine {m['cosine_similarity']:.6f}{top1}")
     console.print(f"latency p50 {m['latency_p50_ms']:.3f} ms (p99 {m['latency_p99_ms']:.3f}) vs eager "
-                  f"{m['eager_latency_p50_ms']:.3f} ms: speedup {m['speedup']:.2f}x, "
+                  f"{m['eager/latency_p50_ms']:.3f} ms: speedup {m['speedup']:.2f}x, "
                   f"{m['throughput_per_s']:.1f}/s")

@@ -111,17 +111,29 @@ def pareto_front(jobs: list[Job]) -> list[Job]:
     return [j for _, _, j in sorted(front, key=lambda p: (p[0], p[1]))]
 
 
-def table(jobs: list[Job], title: str) -> Table:
-    """Cells, title and caption are Text: overrides and errors like `[aten.relu.default]` print as they are."""
+# Columns left out of terminal tables narrower than WIDE (comparison.md and .csv keep them all).
+SECONDARY = ("accel ops", "engines", "build s", "p99 ms", "top-1")
+WIDE = 160
+
+
+def table(jobs: list[Job], title: str, width: int | None = None) -> Table:
+    """Cells, title and caption are Text: overrides and errors like `[aten.relu.default]` print as they are.
+
+    In a narrow terminal (or 120 columns when piped) the secondary columns are left out, so
+    the overrides and errors keep room to read instead of wrapping a few letters a line.
+    """
     front = {id(j) for j in pareto_front(jobs)}
+    columns = [c for c in COLUMNS if width is None or width >= WIDE or c not in SECONDARY]
     out = Table(title=Text(title), title_justify="left", caption=Text(f"{FRONT_NOTE}\n{NOT_MEASURED}"),
                 caption_justify="left")
     out.add_column("")
-    for column in COLUMNS:
-        out.add_column(column, justify="right" if column in METRIC_COLUMNS or column == "job" else "left",
-                       overflow="fold")
+    for column in columns:
+        numeric = column in METRIC_COLUMNS or column == "job"
+        out.add_column(column, justify="right" if numeric else "left", overflow="fold",
+                       no_wrap=numeric or column in ("target", "status"),
+                       min_width=20 if column == "overrides" else None)
     for job, row in zip(jobs, rows(jobs), strict=True):
-        cells = [Text(row[c], style=STATUS_STYLES.get(row[c], "") if c == "status" else "") for c in COLUMNS]
+        cells = [Text(row[c], style=STATUS_STYLES.get(row[c], "") if c == "status" else "") for c in columns]
         on_front = id(job) in front
         out.add_row("*" if on_front else "", *cells, style="bold" if on_front else None)
     return out
@@ -285,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     title = f"sweep {sweep_id}" if sweep_id else f"every run of experiment {experiment!r}"
     # The terminal's width, or 120 columns when piped: cells wrap inside the table, never past it.
     console = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120)
-    console.print(table(jobs, title))
+    console.print(table(jobs, title, console.width))
     if parent:
         console.print(f"parent run: {parent['run_id']} ({parent['status']})", markup=False)
     if args.out:

@@ -185,7 +185,7 @@ class Runner:
             tags["warnings"] = " | ".join(notes)[:5000]
         m = result.metrics
         if m.get("validated"):
-            cv = max(m.get("latency_cv", 0.0), m.get("eager_latency_cv", 0.0))
+            cv = max(m.get("latency_cv", 0.0), m.get("eager/latency_cv", 0.0))
             trusted = cv <= self.config["validate"]["cv_warn_threshold"]
             tags["latency.trusted"] = "true" if trusted else "false"
             result.metrics["latency_trusted"] = float(trusted)

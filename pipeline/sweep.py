@@ -150,7 +150,7 @@ def finalize() -> int:
     jobs = disk_records(sweep_dir)
     failed = [j for j in jobs if j["status"] != "FINISHED"]
     title = f"sweep {info['id']}: {len(jobs)} jobs, {len(failed)} failed"
-    console.print(compare.table(jobs, title))
+    console.print(compare.table(jobs, title, console.width))
     files = compare.write_report(jobs, sweep_dir / "compare", title)
     best = best_job(jobs)
     summary = summarise(jobs, best, sweep_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 from testkit import REPO, STAGES, artifact_paths, mlflow_client, mlflow_runs, run_job
 
-METRICS = ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput_per_s", "eager_latency_p50_ms",
+METRICS = ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput_per_s", "eager/latency_p50_ms",
            "speedup", "max_abs_err", "rel_l2_err", "cosine_similarity", "top1_agreement", "num_segments",
            "num_accelerated_segments", "accelerated_op_fraction", "engine_bytes")
 
@@ -59,6 +60,9 @@ def test_metrics(tiny_job, tracked):
     assert m["accelerated_op_fraction"] == 1.0 and m["top1_agreement"] == 1.0
     assert m["engine_bytes"] == (tiny_job.run_dir / "build" / "accel_0.ort.onnx").stat().st_size
     assert m["latency_p50_ms"] <= m["latency_p90_ms"] <= m["latency_p99_ms"]
+    # Eager's figures live under eager/: no metric name is another's prefix with an underscore.
+    assert not [k for k in m if k.startswith(("eager_", "best_"))]
+    assert m["rel_l2_err_log10"] == pytest.approx(math.log10(max(m["rel_l2_err"], 1e-30)))
 
 
 def test_tags(tracked):
@@ -81,7 +85,7 @@ def test_trust_signals(tiny_job, tracked):
     _, run = tracked
     t, m = run.data.tags, run.data.metrics
     assert t["build.key"] == tiny_job.record("build").key and len(t["engine.sha256"]) == 64
-    noisy = max(m["latency_cv"], m["eager_latency_cv"]) > 0.1  # validate.cv_warn_threshold
+    noisy = max(m["latency_cv"], m["eager/latency_cv"]) > 0.1  # validate.cv_warn_threshold
     assert t["latency.trusted"] == ("false" if noisy else "true") and m["latency_trusted"] == float(not noisy)
     if noisy:
         assert "varies too much to trust" in t["warnings"]
