@@ -152,7 +152,7 @@ def recorded_result(run_dir: Path) -> Any:
     from pipeline import layout
 
     data = json.loads((run_dir / layout.RUN_JSON).read_text())
-    stages = [SimpleNamespace(name=s["name"], hit=s["hit"]) for s in data.get("stages", [])]
+    stages = [SimpleNamespace(name=s["name"], hit=s["hit"], key=s.get("key")) for s in data.get("stages", [])]
     return SimpleNamespace(status=data.get("status", "FAILED"), error=data.get("error"), stages=stages,
                            metrics=data.get("metrics", {}), tags=data.get("tags", {}),
                            target_reason=data.get("target_reason") or "", raw=data)
