@@ -29,6 +29,19 @@ def libraries() -> dict[str, str]:
     return {name: v for name in LIBRARIES if (v := library_version(name))}
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine runs under `pid` (someone else's counts as alive)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:

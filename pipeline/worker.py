@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import env
 from pipeline.errors import PipelineError, StageCrashed
 
 # Imported once by the forkserver, so each job's worker starts with them loaded.
@@ -79,9 +80,7 @@ def _exit_with_job(job_pid: int) -> None:
     """A worker whose job was killed outright (SIGKILL) must not run on alone: its parent is the forkserver."""
     while True:
         time.sleep(1.0)
-        try:
-            os.kill(job_pid, 0)
-        except ProcessLookupError:
+        if not env.pid_alive(job_pid):
             os._exit(1)
 
 

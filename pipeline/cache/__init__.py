@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import env
 from pipeline.files import describe_files, load_json, read_manifest, write_json
 from pipeline.layout import MANIFEST
 from pipeline.stage import Metrics, StageSpec
@@ -80,8 +81,6 @@ def select(config: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
 
 def environment(libraries: tuple[str, ...]) -> dict[str, Any]:
     """Python, the device, and the installed versions of `libraries` only."""
-    from pipeline import env
-
     versions = env.libraries()
     return {"python": platform.python_version(), **env.device_info(),
             "libraries": {name: versions[name] for name in sorted(set(libraries)) if name in versions}}
@@ -241,7 +240,7 @@ class StageCache:
         for folder in sorted(self.root.glob(f"*/{STAGING_PREFIX}*")):
             key, _, rest = folder.name.removeprefix(STAGING_PREFIX).partition("-")
             owner, _, pid = rest.rpartition("-")[0].rpartition("-")
-            if owner != host or not pid.isdigit() or _pid_alive(int(pid)):
+            if owner != host or not pid.isdigit() or env.pid_alive(int(pid)):
                 continue
             with self.lock(folder.parent.name, key, blocking=False) as held:
                 if held and folder.exists():
@@ -320,12 +319,3 @@ def _only_mine(path: Path) -> bool:
     st = path.lstat()
     return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True

@@ -241,15 +241,20 @@ def stop(server: subprocess.Popen) -> None:
     server.wait(30)
 
 
-@pytest.mark.slow
-def test_a_server_lost_mid_run_loses_nothing_and_sync_sends_it(tmp_path):
+def server_and_slow_job(tmp_path: Path):
+    """A real mlflow server on a free port, and a job tracking to it that builds for a few seconds."""
     port, root = free_port(), tmp_path / "server"
     root.mkdir()
     uri = f"http://127.0.0.1:{port}"
     server = start_server(port, root)
+    job = start(tmp_path, "model._target_=testkit.slow_tiny", "+model.kwargs.seconds=8", MLFLOW_TRACKING_URI=uri)
+    return port, root, uri, server, job
+
+
+@pytest.mark.slow
+def test_a_server_lost_mid_run_loses_nothing_and_sync_sends_it(tmp_path):
+    port, root, uri, server, job = server_and_slow_job(tmp_path)
     try:
-        job = start(tmp_path, "model._target_=testkit.slow_tiny", "+model.kwargs.seconds=8",
-                    MLFLOW_TRACKING_URI=uri)
         client = mlflow_client(uri=uri)
         # Open, with its params logged (the last thing opening does): the store is lost mid-run.
         wait_for(lambda: any(r.info.status == "RUNNING" and r.data.params for r in mlflow_runs(client)),
@@ -272,16 +277,13 @@ def test_a_server_lost_mid_run_loses_nothing_and_sync_sends_it(tmp_path):
         assert run_json(tmp_path)["tracking"]["recorded"] is True
     finally:
         stop(server)
+        job.kill()
 
 
 @pytest.mark.slow
 def test_a_store_lost_while_the_run_opens_still_keeps_the_results(tmp_path):
     """The server answers the preflight, then is gone before the run is open: exit 4, sync later."""
-    port, root = free_port(), tmp_path / "server"
-    root.mkdir()
-    uri = f"http://127.0.0.1:{port}"
-    server = start_server(port, root)
-    job = start(tmp_path, "model._target_=testkit.slow_tiny", "+model.kwargs.seconds=8", MLFLOW_TRACKING_URI=uri)
+    _, _, _, server, job = server_and_slow_job(tmp_path)
     try:
         wait_for(lambda: (tmp_path / "run" / "run.json").is_file(), what="the job's run.json")
         stop(server)  # right after the preflight: opening the run fails in the background
