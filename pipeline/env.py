@@ -12,7 +12,7 @@ import importlib.metadata
 import platform
 
 LIBRARIES = ("torch", "torchvision", "transformers", "onnx", "onnxscript", "onnxruntime", "tensorrt",
-             "tensorrt_rtx", "torch_tensorrt")
+             "tensorrt_rtx", "torch_tensorrt", "triton")
 
 
 def library_version(dist: str) -> str | None:
@@ -63,3 +63,10 @@ def device_info() -> dict[str, str]:
         return {"device": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}",
                 "kind": "cuda"}
     return {"device": _cpu_name(), "compute_capability": "none", "kind": "cpu"}
+
+
+def device_tags(kind: str) -> dict[str, str]:
+    """Where the engines run ('cuda' or 'cpu') and that device's model (the GPU's name, or the CPU's)."""
+    info = device_info()
+    return {"device": kind, "device.name": info["device"] if kind == "cuda" and info["kind"] == "cuda"
+            else _cpu_name()}

@@ -29,7 +29,7 @@ from pipeline.errors import ArtifactError
 from pipeline.files import load_json, require_manifest
 
 # Keys of a segment in engines.json that name files of the build folder.
-FILE_KEYS = ("engine", "shapes", "network", "program", "layers")
+FILE_KEYS = ("engine", "shapes", "network", "program", "layers", "args")
 
 
 class EngineModule(torch.nn.Module):
@@ -71,6 +71,7 @@ def assemble(lower_dir: Path, partition_dir: Path, build_dir: Path, target, impo
                 inside(build_dir, segment[key], f"segment {segment['name']}'s {key}")
     code_ok = trusted or allow_code(build_dir, target)
     gm = segments.fuse(target.graph_module(programs.load(lower_dir, imports, trusted=trusted)), recipe)
+    programs.without_input_checks(gm)
     options = {**target.runtime_options(gm), "trusted": code_ok}
     for name, _ in segments.accelerated(gm):
         if name not in built:

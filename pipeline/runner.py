@@ -85,7 +85,7 @@ class Runner:
     def run_stage(self, spec: StageSpec, keys: dict[str, str], target) -> StageRecord:
         """One stage through the cache: linked if an entry exists, else run by the worker and published."""
         material = self.cache.material(spec, self.config, target, self.run_dir, keys)
-        visible = select(self.config, spec.reads + spec.labels)
+        visible = select(self.config, spec.reads_for(self.config) + spec.labels)
 
         def execute(staging: Path):
             request = Request(stage=spec.name, config=visible, target=target.name, settings=target.settings,
@@ -153,6 +153,7 @@ class Runner:
         check_settings(self.config)  # ranges and paths: before the target, before any stage
         target = targets.make(self.target_name, self.config["target"])
         target.configure(OmegaConf.create(self.config["compile"]))
+        self.settle_target(result, target)
         # Fail on a bad op name or input spec before any heavy work.
         ops.resolve(self.config["compile"]["torch_executed_ops"])
         shapes.check(OmegaConf.create(self.config["input"]))
@@ -174,6 +175,18 @@ class Runner:
             write_json(self.run_dir / layout.RUN_JSON, result.as_dict())
         self.current_stage = "validation gate"
         result.tags.update(self.trust_tags(result))
+
+    def settle_target(self, result: JobResult, target) -> None:
+        """Record what the target resolved (device=auto, providers, artifact) in config.yaml and the tags.
+
+        pipeline.load rebuilds engines from config.yaml's target, so it must name the device used.
+        """
+        resolved = {k: v for k, v in target.settings.items() if k in self.config["target"]}
+        if resolved != {k: self.config["target"][k] for k in resolved}:
+            self.config["target"].update(resolved)
+            OmegaConf.save(OmegaConf.create(self.config), self.run_dir / layout.RUN_CONFIG)
+        result.tags.update(env.device_tags(target.device()))
+        self.console.print(f"[bold]device[/]: {escape(result.tags['device'])} ({escape(result.tags['device.name'])})")
 
     def trust_tags(self, result: JobResult) -> dict[str, str]:
         """What a reader needs before believing a number: engine identity, latency spread, warnings."""
@@ -244,7 +257,7 @@ class Runner:
         tags = {"target": self.target_name, "target.requested": self.requested,
                 "run_dir": str(self.run_dir.resolve()),
                 **self.sweep_tags(),
-                "model": self.config["model"]["name"], "device": info["device"],
+                "model": self.config["model"]["name"], "machine.device": info["device"],
                 "compute_capability": info["compute_capability"]}
         tags.update({f"lib.{k}": v for k, v in env.libraries().items()})
         return tags

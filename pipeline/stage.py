@@ -53,6 +53,9 @@ class StageSpec:
     reads: tuple[str, ...] = ()
     # Config keys it may show in messages but that change none of its files (model.name): not keyed.
     labels: tuple[str, ...] = ()
+    # (key, value) -> more keys it reads only when that setting has that value (int8 builds read the
+    # calibration settings; fp32 builds must not rebuild when those change).
+    reads_when: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
     # upstream stage -> the only files of it read: keyed by their sha256, not the upstream key,
     # so sweeps whose settings give the same partition recipe share convert and build.
     content: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -65,6 +68,12 @@ class StageSpec:
     # False: never reused. A config key: reused only when that setting is true (validate.cache).
     cacheable: bool | str = True
 
+    def reads_for(self, config: dict[str, Any]) -> tuple[str, ...]:
+        """The keys this job's config makes it read: `reads`, plus those of every `reads_when` that holds."""
+        extra = tuple(k for (key, value), keys in self.reads_when.items()
+                      if str(lookup(config, key)) == value for k in keys)
+        return self.reads + tuple(k for k in extra if k not in self.reads)
+
     def written_files(self) -> tuple[str, ...]:
         if self.writes is None:
             return ()
@@ -73,7 +82,11 @@ class StageSpec:
     def is_cached(self, config: dict[str, Any]) -> bool:
         if isinstance(self.cacheable, bool):
             return self.cacheable
-        value: Any = config
-        for part in self.cacheable.split("."):
-            value = value[part]
-        return bool(value)
+        return bool(lookup(config, self.cacheable))
+
+
+def lookup(config: dict[str, Any], dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value

@@ -78,3 +78,48 @@ def measure(candidates: dict[str, Callable[[], object]], *, warmup: int, iterati
         if on_progress:
             on_progress(done)
     return {name: LatencyStats.from_samples(ms, batch_size) for name, ms in samples.items()}
+
+
+def allocated_mb(device: str) -> float:
+    """What torch's allocator holds on the GPU now (0 on the CPU)."""
+    if device != "cuda":
+        return 0.0
+    import torch
+
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated() / 2**20
+
+
+def transient_peak_mb(fn: Callable[[], object]) -> float:
+    """What one call allocates on top of what was resident, at its peak (torch's allocator), MB.
+
+    Memory that another allocator takes (ONNX Runtime's CUDA arena) is not seen here.
+    """
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` captured once in a CUDA graph and replayed (trtexec's --useCudaGraph): launch costs gone.
+
+    Warmed up on a side stream first, as capture requires; raises if `fn` cannot be captured
+    (host synchronisation, CPU work, a module that already replays graphs of its own).
+    """
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay

@@ -18,7 +18,8 @@ FILES = layout.CONVERT
 def run(ctx: StageContext) -> Metrics:
     recipe = load_json(ctx.inputs["partition"] / layout.PARTITION.recipe, "partition recipe")
     fused = segments.fuse(ctx.target.graph_module(programs.load(ctx.inputs["lower"])), recipe)
-    captured = {key: segments.capture_inputs(fused, sample)
+    device = ctx.target.trace_device()  # where export traced: the program's weights live there
+    captured = {key: segments.capture_inputs(fused, sample.to(device))
                 for key, sample in shapes.load_samples(ctx.inputs["export"] / layout.EXPORT.example).items()}
     converted = []
     # Targets that truncate float64 inside their own converters get the segments unchanged.

@@ -1,5 +1,9 @@
 """Export: the model, cast to the requested precision, through torch.export.
 
+It traces on the device the engines run on (Target.trace_device): torch.export bakes
+devices into the graph, so a program traced on the CPU would not run on the GPU. The
+samples are saved on the CPU; every later stage moves them where it needs them.
+
 Dynamic dimensions of the input spec become torch.export Dims, traced at the opt sizes;
 the model runs eagerly at every corner first, so a shape it rejects fails in one line
 before anything is built, and a dimension the model specialises is named.
@@ -13,6 +17,7 @@ from pipeline.errors import ConfigError
 from pipeline.files import write_json
 from pipeline.models import build_model, cast_model, caster, flat_outputs, weights_digest
 from pipeline.stage import INPUT_KEYS, MODEL_KEYS, Metrics, StageContext, StageSpec
+from pipeline.targets import PLACING
 
 FILES = layout.EXPORT
 
@@ -124,14 +129,16 @@ def run(ctx: StageContext) -> Metrics:
     precision = cfg.compile.precision
     model = build_model(cfg.model)
     digest = weights_digest(model)
-    model = cast_model(model, precision)
+    device = ctx.target.trace_device()
+    model = cast_model(model, precision).to(device)
     cast = caster(precision)
     examples = corner_samples(cfg.input, cast)
+    placed = {name: sample.to(device) for name, sample in examples.items()}
     eager = {name: _probe(model, sample, cfg, f"{name} ({shapes.label(sample.dims)})")
-             for name, sample in examples.items()}
-    with ctx.console.status(f"torch.export of {cfg.model.name}"):
-        program = _export(model, examples["opt"], cfg)
-        _check_corners(program, eager, examples, cfg)
+             for name, sample in placed.items()}
+    with ctx.console.status(f"torch.export of {cfg.model.name} on {device}"):
+        program = _export(model, placed["opt"], cfg)
+        _check_corners(program, eager, placed, cfg)
     # The factory's module (for custom ops) and the modules of the output types, for any later process.
     factory_module = cfg.model._target_.rpartition(".")[0]
     programs.save(program, ctx.out, imports=programs.needed_imports(program, factory_module))
@@ -157,10 +164,11 @@ def torch_empty(dtype):
 
 
 # model.name and model.task are labels: renaming a model changes no exported byte.
+# It asks the target only where its engines run (PLACING), so targets of one device share it.
 SPEC = StageSpec(
-    name="export", version=3, run=run,
+    name="export", version=4, run=run,
     reads=(*MODEL_KEYS, *INPUT_KEYS, "compile.precision"),
-    labels=("model.name", "input.name"),
+    labels=("model.name", "input.name"), asks=PLACING,
     libraries=("torch", "torchvision", "transformers"),
     writes=FILES,
 )

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from omegaconf import OmegaConf
-from testkit import REPO, clean_env, compose, run_job
+from testkit import compose, inductor_job_or_skip, reload_in_fresh_process
 
 from pipeline import targets
 from pipeline.errors import TargetUnavailable
-from pipeline.models import build_model
 from pipeline.targets.inductor import InductorTarget
 
 RELOAD = r"""
@@ -21,7 +17,7 @@ import torch
 
 import pipeline
 from pipeline.hybrid import EngineModule
-from pipeline.targets.inductor import AotiRunner
+from pipeline.targets.inductor_runtime import AotiRunner
 
 module = pipeline.load(sys.argv[1])
 engines = [name for name, m in module.named_modules()
@@ -34,18 +30,15 @@ torch.save({"engines": engines, "y": y[0] if isinstance(y, (tuple, list)) else y
 
 @pytest.fixture(scope="module")
 def inductor_job(tmp_path_factory):
-    reason = InductorTarget.unavailable_reason()  # imports torch._inductor: not at collection
-    if reason:
-        pytest.skip(f"target=inductor cannot run here: {reason}")
-    root = tmp_path_factory.mktemp("inductor")
-    return run_job(root / "out", "target=inductor", "tracking.enabled=false", cache=root / "cache")
+    return inductor_job_or_skip(tmp_path_factory, "inductor")
 
 
 def test_config_composes_and_registers(tmp_path):
     settings = OmegaConf.to_container(compose(tmp_path, "target=inductor").target)
-    assert settings == {"name": "inductor", "max_autotune": False}
+    assert settings == {"name": "inductor", "device": "auto", "mode": "default", "memory_format": "contiguous",
+                        "artifact": "auto"}
     assert targets.target_class("inductor") is InductorTarget
-    assert compose(tmp_path, "target=inductor", "target.max_autotune=true").target.max_autotune is True
+    assert compose(tmp_path, "target=inductor", "target.mode=max-autotune").target.mode == "max-autotune"
 
 
 def test_whole_graph_is_one_segment_that_validates(inductor_job):
@@ -64,16 +57,7 @@ def test_whole_graph_is_one_segment_that_validates(inductor_job):
 
 
 def test_reload_in_a_fresh_process(inductor_job, tmp_path):
-    cfg = OmegaConf.load(inductor_job.run_dir / "config.yaml")
-    x = torch.randn(list(cfg.input.tensors[0].shape), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        ref = build_model(cfg.model)(x)
-    torch.save(x, tmp_path / "x.pt")
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(inductor_job.run_dir), str(tmp_path / "x.pt"),
-                           str(tmp_path / "y.pt")], cwd=REPO, env=clean_env(), capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.load(tmp_path / "y.pt")
+    ref, got = reload_in_fresh_process(inductor_job.run_dir, RELOAD, tmp_path)
     assert got["engines"] == ["accel_0"]
     torch.testing.assert_close(got["y"], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
@@ -83,4 +67,4 @@ def test_without_a_compiler_the_target_says_what_to_install(tmp_path):
 
     with config.patch({"cpp.cxx": (str(tmp_path / "no-such-compiler"),)}):
         with pytest.raises(TargetUnavailable, match="needs a C.. compiler.*apt-get install g"):
-            targets.make("inductor", {"name": "inductor", "max_autotune": False})
+            targets.make("inductor", {"name": "inductor"})

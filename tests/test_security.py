@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from testkit import clean_env, run_job
+from testkit import clean_env, inductor_job_or_skip, run_job
 
 import pipeline
 from pipeline import programs
@@ -248,13 +248,7 @@ def test_engines_that_are_code_need_trust_unless_they_are_your_own_cache(run):
 
 @pytest.fixture(scope="module")
 def inductor_run(tmp_path_factory):
-    from pipeline.targets.inductor import InductorTarget
-
-    reason = InductorTarget.unavailable_reason()
-    if reason:
-        pytest.skip(f"target=inductor cannot run here: {reason}")
-    root = tmp_path_factory.mktemp("inductor-trust")
-    return run_job(root / "out", "target=inductor", "tracking.enabled=false", cache=root / "cache")
+    return inductor_job_or_skip(tmp_path_factory, "inductor-trust")
 
 
 def test_shared_libraries_load_from_your_own_cache_or_when_trusted(inductor_run, tmp_path):

@@ -272,3 +272,40 @@ def raw_bert(hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
     return BertModel(BertConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                                 num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
                                 vocab_size=1000, max_position_embeddings=128, attn_implementation="sdpa"))
+
+
+# --- Inductor jobs and reloading in a fresh process ----------------------------------------
+
+def inductor_job_or_skip(tmp_path_factory, name: str, *extra: str) -> Job:
+    """A tiny_cnn job on target=inductor (untracked, its own cache), or a skip saying what is missing."""
+    import pytest
+
+    from pipeline.targets.inductor import InductorTarget
+
+    reason = InductorTarget.unavailable_reason()  # imports torch._inductor: not at collection
+    if reason:
+        pytest.skip(f"target=inductor cannot run here: {reason}")
+    root = tmp_path_factory.mktemp(name)
+    return run_job(root / "out", "target=inductor", "tracking.enabled=false", *extra, cache=root / "cache")
+
+
+def reload_in_fresh_process(run_dir: Path, script: str, tmp: Path, env: dict[str, str] | None = None,
+                            timeout: float = 300):
+    """(eager output of the run's model on a seeded input, what `script` saved from the run on that input).
+
+    `script` gets argv: run folder, input file, output file, as the loading user would.
+    """
+    import torch
+    from omegaconf import OmegaConf
+
+    from pipeline.models import build_model
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    x = torch.randn(list(cfg.input.tensors[0].shape), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = build_model(cfg.model)(x)
+    torch.save(x, tmp / "x.pt")
+    proc = subprocess.run([sys.executable, "-c", script, str(run_dir), str(tmp / "x.pt"), str(tmp / "y.pt")],
+                          cwd=REPO, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ref, torch.load(tmp / "y.pt")

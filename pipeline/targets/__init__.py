@@ -27,7 +27,10 @@ from omegaconf import MISSING
 from pipeline.errors import ConfigError, TargetUnavailable
 
 # The aspects a stage may ask of a target (StageSpec.asks), for its cache key material.
-LOWERING, PARTITIONING, CONVERTING, BUILDING, RUNNING = "lowering", "partitioning", "converting", "building", "running"
+# PLACING: only where the engines run (export traces on that device, so later stages inherit it).
+PLACING, LOWERING, PARTITIONING, CONVERTING, BUILDING, RUNNING = (
+    "placing", "lowering", "partitioning", "converting", "building", "running")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -42,7 +45,29 @@ class AutoSettings(TargetSettings):
     """target=auto: the first target of `prefer` that can execute on this machine."""
 
     name: str = "auto"
-    prefer: list[str] = field(default_factory=lambda: ["torch_tensorrt", "tensorrt", "onnxruntime", "eager"])
+    # `name` or `name@variant` (a device, or a target's own variant such as onnxruntime@tensorrt for
+    # its TensorRT execution provider): GPU engines first, then the CPU targets.
+    prefer: list[str] = field(default_factory=lambda: [
+        "torch_tensorrt", "tensorrt", "onnxruntime@tensorrt", "inductor@cuda", "onnxruntime@cuda",
+        "onnxruntime@cpu", "eager@cpu"])
+
+
+def cuda_missing() -> str | None:
+    """None where torch sees a CUDA GPU, else why engines for one cannot run here."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return "no CUDA GPU here (torch.cuda.is_available() is False)"
+
+
+def resolve_device(asked: str) -> str:
+    """target.device: auto is CUDA where torch sees a GPU, else the CPU."""
+    if asked not in DEVICES:
+        raise ConfigError(f"target.device={asked!r} is not a device.", f"use one of {', '.join(DEVICES)}.")
+    if asked == "auto":
+        return "cpu" if cuda_missing() else "cuda"
+    return asked
 
 
 class Target:
@@ -70,6 +95,11 @@ class Target:
 
     def __init__(self, settings: dict[str, Any]):
         self.settings = dict(settings)
+        if "device" in self.settings:
+            self.settings["device"] = self.resolve_device(self.settings["device"])
+
+    def resolve_device(self, asked: str) -> str:
+        return resolve_device(asked)
 
     # --- availability -----------------------------------------------------------------
 
@@ -80,11 +110,31 @@ class Target:
 
     def can_execute(self) -> str | None:
         """None if this machine can run the built engines, else why not (builds may still work)."""
-        return None
+        return cuda_missing() if self.device() == "cuda" else None
 
     def device(self) -> str:
-        """Where inputs must live for this target's engines: 'cpu' or 'cuda'."""
-        return "cpu"
+        """Where inputs must live for this target's engines: 'cpu' or 'cuda'.
+
+        Targets that run on either take `target.device` (auto|cpu|cuda), resolved when the
+        target is made so that keys and reports hold the device actually used.
+        """
+        return self.settings.get("device", "cpu")
+
+    def trace_device(self) -> str:
+        """Where export traces and convert captures: the engines' device where it exists here.
+
+        torch.export bakes devices into the graph (an arange's device=, a mask's .to()), so a
+        program traced on the CPU would not run on the GPU; a build-only machine (TensorRT-RTX
+        on a CPU) still traces on its CPU.
+        """
+        return "cuda" if self.device() == "cuda" and cuda_missing() is None else "cpu"
+
+    @classmethod
+    def variant(cls, name: str) -> dict[str, Any] | None:
+        """Settings for `target=auto`'s `name@variant`; None: no such variant. Devices by default."""
+        if name in ("cpu", "cuda") and "device" in cls.Settings.__dataclass_fields__:
+            return {"device": name}
+        return None
 
     def configure(self, compile_cfg) -> None:
         """Check and translate this job's compile settings before any stage runs (errors here are the user's)."""
@@ -105,6 +155,8 @@ class Target:
 
     def key_material(self, aspect: str) -> dict[str, Any]:
         """What of this target changes a stage's output, for the stage that asks `aspect`."""
+        if aspect == PLACING:
+            return {"device": self.trace_device()}
         if aspect == LOWERING:
             return {"lowering": self.lowering}
         if aspect == PARTITIONING:
@@ -116,6 +168,8 @@ class Target:
         return {"name": self.name, **self.settings}
 
     def libraries_for(self, aspect: str) -> tuple[str, ...]:
+        if aspect == PLACING:
+            return ()
         return self.lowering_libraries if aspect == LOWERING else self.libraries
 
     def precision_asked(self, precision: str) -> str:
@@ -215,19 +269,31 @@ def resolve(target_cfg: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
         return name, target_cfg, f"target={name} was asked for"
     passed_over = []
     for candidate in target_cfg["prefer"]:
-        settings = None
-        if candidate in registry():
-            cls = target_class(candidate)
-            reason = cls.unavailable_reason()
-            if reason is None:
-                # auto must pick a target whose engines can also execute here, not only build.
-                settings = default_settings(candidate)
-                reason = cls(settings).can_execute()
-        else:
-            reason = f"no target named {candidate}"
+        settings, reason = candidate_settings(candidate)
         if reason is None:
             why = "; ".join(passed_over) or "it is the first preference"
-            return candidate, settings, f"target=auto chose {candidate} ({why})"
+            return candidate.partition("@")[0], settings, f"target=auto chose {candidate} ({why})"
         passed_over.append(f"not {candidate}: {reason}")
     raise TargetUnavailable("target=auto found no target that can run here: " + "; ".join(passed_over) + ".",
                             "install onnxruntime (pip install onnxruntime), or set target=eager.")
+
+
+def candidate_settings(candidate: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(settings, None) if `name[@variant]` can build and execute here, else (None, why not)."""
+    name, _, variant = candidate.partition("@")
+    if name not in registry():
+        return None, f"no target named {name}"
+    cls = target_class(name)
+    extra = cls.variant(variant) if variant else {}
+    if extra is None:
+        return None, f"{name} has no variant {variant!r}"
+    reason = cls.unavailable_reason()
+    if reason:
+        return None, reason
+    # auto must pick a target whose engines can also execute here, not only build.
+    settings = {**default_settings(name), **extra}
+    try:
+        reason = cls(settings).can_execute()
+    except ConfigError as err:
+        reason = err.problem
+    return (None, reason) if reason else (settings, None)

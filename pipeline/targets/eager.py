@@ -12,6 +12,8 @@ class Settings(TargetSettings):
     """The reference: everything stays in PyTorch."""
 
     name: str = "eager"
+    # auto: CUDA where torch sees a GPU, else the CPU (the baseline runs where the engines would).
+    device: str = "auto"
 
 
 class EagerTarget(Target):

@@ -1,11 +1,19 @@
-"""AOTInductor: the whole graph compiled ahead of time into one shared library.
+"""PyTorch's own compiler: the whole graph compiled by Inductor, on the CPU or a CUDA GPU.
 
 Inductor takes any aten graph, so partition makes one segment of the whole program and
-a sweep over `target=onnxruntime,inductor,eager` compares PyTorch's own compiler with
-the others on the same harness. Convert re-exports the segment as a torch.export
-program (AOTInductor compiles ExportedPrograms only); build packages the compiled
-library and its weights as one `.pt2` that loads in any process without recompiling.
-Engines run on the CPU: the segment is exported with the CPU example inputs it captured.
+a sweep over `target=onnxruntime,inductor,eager` compares PyTorch's compiler with the
+others on the same harness. Convert re-exports the segment as a torch.export program on
+the engines' device and keeps its example inputs; build makes one of two artifacts
+(pipeline/targets/inductor_runtime.py says what each holds):
+
+- `aoti`: an AOTInductor package, the default on the CPU: self-contained, loads with no
+  compiler.
+- `compile_cache`: the program plus torch.compile's portable cache artifacts, the default
+  on CUDA: AOTInductor packages cannot hold the CUDA graphs that modes max-autotune and
+  reduce-overhead use, and loading any AOTInductor package segfaults with some PyTorch
+  builds (2.11+cu130 on H100 and H200). A fresh process loads it hot in seconds.
+
+`target.artifact` picks one explicitly; `choose_artifact` is the rule.
 """
 
 from __future__ import annotations
@@ -15,58 +23,70 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ArtifactError, CompileError
+from pipeline.errors import ArtifactError, CompileError, ConfigError
 from pipeline.targets import Target, TargetSettings
+from pipeline.targets.inductor_runtime import CUDAGRAPH_MODES, first_line
 from pipeline.targets.onnx_base import value_info
+
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ARTIFACTS = ("auto", "aoti", "compile_cache")
+MEMORY_FORMATS = ("contiguous", "channels_last")
 
 
 @dataclass
 class Settings(TargetSettings):
-    """AOTInductor: the whole graph as one ahead-of-time compiled library (CPU)."""
+    """Inductor, named as torch.compile names its settings."""
 
     name: str = "inductor"
-    # Benchmark kernel and GEMM template choices at build time: slower builds, maybe faster engines.
-    max_autotune: bool = False
+    # auto: CUDA where torch sees a GPU, else the CPU.
+    device: str = "auto"
+    # torch.compile's mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    # (on CUDA, reduce-overhead and max-autotune replay CUDA graphs).
+    mode: str = "default"
+    # contiguous | channels_last: weights and 4-D inputs in this layout (GPU convolutions prefer channels_last).
+    memory_format: str = "contiguous"
+    # auto | aoti | compile_cache: auto is aoti on the CPU, compile_cache on CUDA.
+    artifact: str = "auto"
 
 
-def first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-class AotiRunner:
-    """A loaded `.pt2` package: tensors in, a tuple of tensors out."""
-
-    def __init__(self, path: Path):
-        import torch._inductor
-
-        self.path = str(path)
-        self.runner = torch._inductor.aoti_load_package(self.path)
-
-    def __call__(self, *args):
-        out = self.runner(*args)
-        # The hybrid graph indexes segment outputs: always hand back a tuple.
-        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-    def __repr__(self) -> str:
-        return f"AotiRunner({self.path})"
+def choose_artifact(settings: dict[str, Any]) -> str:
+    """The artifact build makes: asked for, or by device; refusing the pairs that cannot work."""
+    asked, device, mode = settings["artifact"], settings["device"], settings["mode"]
+    for key, allowed in (("artifact", ARTIFACTS), ("mode", MODES), ("memory_format", MEMORY_FORMATS)):
+        if settings[key] not in allowed:
+            raise ConfigError(f"target.{key}={settings[key]!r} is not one of {', '.join(allowed)}.",
+                              f"set target.{key} to one of {', '.join(allowed)}.")
+    chosen = asked if asked != "auto" else ("compile_cache" if device == "cuda" else "aoti")
+    if chosen == "aoti" and device == "cuda" and mode in CUDAGRAPH_MODES:
+        raise ConfigError(f"target.mode={mode} replays CUDA graphs, which an AOTInductor package cannot hold.",
+                          "use target.artifact=compile_cache (the default on CUDA), or "
+                          "target.mode=max-autotune-no-cudagraphs.")
+    if chosen == "aoti" and settings["memory_format"] != "contiguous":
+        raise ConfigError("target.memory_format=channels_last is applied by torch.compile, not by AOTInductor.",
+                          "use target.artifact=compile_cache, or target.memory_format=contiguous.")
+    return chosen
 
 
 class InductorTarget(Target):
     name = "inductor"
     Settings = Settings
-    libraries = ("torch",)
-    # An AOTInductor package is a shared library: loading it runs its code.
+    libraries = ("torch", "triton")
+    # AOTInductor packages are shared libraries and torch.compile's caches hold generated code.
     engines_are_code = True
+
+    def __init__(self, settings: dict[str, Any]):
+        super().__init__({**Settings().__dict__, **settings})
+        self.settings["artifact"] = choose_artifact(self.settings)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        # AOTInductor writes C++ and compiles it at build time; ask Inductor's own compiler search.
+        # Inductor writes C++ (CPU) and compiles it at build time; ask Inductor's own compiler search.
         from torch._inductor import cpp_builder, exc
 
         try:
             cpp_builder.get_cpp_compiler()
         except exc.InvalidCxxCompiler as err:
-            return (f"AOTInductor needs a C++ compiler and found none ({err}); install one "
+            return (f"Inductor needs a C++ compiler and found none ({err}); install one "
                     "(apt-get install g++) or point CXX at it")
         return None
 
@@ -74,7 +94,8 @@ class InductorTarget(Target):
         return node.op == "call_function"
 
     def converter_settings(self) -> dict[str, Any]:
-        return {}  # convert only re-exports the segment; max_autotune matters to build
+        # Convert re-exports the segment on its device and keeps its inputs; the rest matters to build.
+        return {"device": self.settings["device"], "files": 2}
 
     def convert(self, name: str, module, args: tuple, out: Path, compile_cfg,
                 profiles: list[dict[str, list]] | None = None) -> dict[str, Any]:
@@ -92,36 +113,55 @@ class InductorTarget(Target):
                 f"torch.export of segment {name} failed: {first_line(err)}",
                 "keep the failing ops in PyTorch with compile.torch_executed_ops, or try target=eager.",
             ) from err
+        torch.save(tuple(a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args),
+                   out / f"{name}.args.pt")
         with torch.no_grad():
             outputs = module(*args)
-        return {"name": name, "program": path.name, "profiles": profiles or [],
+        return {"name": name, "program": path.name, "args": f"{name}.args.pt", "profiles": profiles or [],
                 "inputs": [value_info(a) for a in args], "outputs": [value_info(o) for o in outputs]}
 
     def build(self, segment: dict[str, Any], convert_dir: Path, out: Path, compile_cfg) -> dict[str, Any]:
+        from pipeline.targets import inductor_runtime
+
+        started = time.perf_counter()
+        artifact = self.settings["artifact"]
+        try:
+            if artifact == "compile_cache":
+                built = inductor_runtime.build_compile_cache(segment, convert_dir, out, self.settings)
+            else:
+                built = self.build_aoti(segment, convert_dir, out)
+        except ConfigError:
+            raise
+        except Exception as err:  # Inductor, Triton and the C++ compiler fail in many ways
+            raise CompileError(
+                f"Inductor ({artifact}) could not build segment {segment['name']}: {first_line(err)}",
+                "keep the failing ops in PyTorch with compile.torch_executed_ops, try target.mode=default, "
+                "or use another target.",
+            ) from err
+        return {**segment, **built, "artifact": artifact, "device": self.settings["device"],
+                "build_seconds": round(time.perf_counter() - started, 3)}
+
+    def build_aoti(self, segment: dict[str, Any], convert_dir: Path, out: Path) -> dict[str, Any]:
         import torch._inductor
 
         from pipeline import programs
 
         engine = out / f"{segment['name']}.pt2"
-        started = time.perf_counter()
         program = programs.load_program(convert_dir / segment["program"])  # never unpickles
-        try:
-            torch._inductor.aoti_compile_and_package(
-                program, package_path=str(engine),
-                inductor_configs={"max_autotune": bool(self.settings.get("max_autotune", False))})
-        except Exception as err:  # Inductor and the C++ compiler fail in many ways
-            raise CompileError(
-                f"AOTInductor could not build segment {segment['name']}: {first_line(err)}",
-                "keep the failing ops in PyTorch with compile.torch_executed_ops, or use another target.",
-            ) from err
-        return {**segment, "engine": engine.name, "bytes": engine.stat().st_size,
-                "build_seconds": round(time.perf_counter() - started, 3)}
+        configs = {"max_autotune": self.settings["mode"].startswith("max-autotune")}
+        torch._inductor.aoti_compile_and_package(program, package_path=str(engine), inductor_configs=configs)
+        return {"engine": engine.name, "bytes": engine.stat().st_size}
 
     def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
+        from pipeline.targets import inductor_runtime
+
         if not options.get("trusted"):  # hybrid.assemble decides (pipeline.load: trusted=True or your own cache)
-            raise ArtifactError(f"{build_dir / segment['engine']} is a shared library from an untrusted folder.",
+            raise ArtifactError(f"{build_dir / segment['engine']} is compiled code from an untrusted folder.",
                                 "load it with pipeline.load(run_dir, trusted=True) only if you trust its author.")
-        return AotiRunner(build_dir / segment["engine"])
+        if segment.get("artifact") == "compile_cache":
+            return inductor_runtime.load_compile_cache(segment, build_dir, {**self.settings,
+                                                                            "device": segment["device"]})
+        return inductor_runtime.AotiRunner(build_dir / segment["engine"])
 
 
 TARGET = InductorTarget

@@ -18,7 +18,7 @@ from pipeline.errors import ArtifactError
 from pipeline.files import read_manifest
 from pipeline.hybrid import EngineModule
 from pipeline.models import build_model
-from pipeline.targets.onnxruntime import OrtSession
+from pipeline.targets.onnxruntime_session import OrtSession
 
 # Runs in a fresh interpreter: nothing of the test process (modules, registered custom ops).
 RELOAD = r"""

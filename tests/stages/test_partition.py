@@ -166,7 +166,7 @@ def test_eager_target_accelerates_nothing(resnet18_eager):
     assert [s["kind"] for s in report["segments"]] == ["torch"]
     for info in report["kept_in_torch"].values():
         assert all("eager" in reason for reason in info["reasons"])
-    assert job.json("build/engines.json") == {"target": "eager", "settings": {"name": "eager"}, "segments": []}
+    assert job.json("build/engines.json") == {"target": "eager", "settings": {"name": "eager", "device": "cpu"}, "segments": []}
     assert_passed(job)
     assert job.json("validate/report.json")["accuracy"]["rel_l2_err"] <= 1e-6  # the same PyTorch ops
 

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Run the GPU tests and the GPU benchmark on a machine that has a GPU, PyTorch and Triton
+# but no package index (the lent H100/H200 machines: Python 3.12, torch 2.11+cu130).
+#
+#   tools/gpu-machine.sh fetch          # here, with an index: wheels for what that machine lacks -> .whl/
+#   tools/gpu-machine.sh test           # there: install .whl/ into /tmp/site, then make test-gpu
+#   tools/gpu-machine.sh bench [args]   # there: install .whl/, then bench/gpu.py [args]
+#   tools/gpu-machine.sh smoke          # there: the issue's command, resnet50 fp16 with target=auto
+#
+# Wheels are pure Python (the machine has numpy, onnx, onnxscript, onnxruntime, transformers);
+# antlr4-python3-runtime 4.9.3 ships only as a source archive, so `fetch` builds its wheel.
+# MLflow and its server stack are not carried (about 100 MB with pyarrow and pandas): runs
+# there use tracking.enabled=false, and `python -m pipeline.tracking sync` records them later.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=.whl
+SITE=/tmp/site
+PY=${PY:-python3}
+PACKAGES=(hydra-core==1.3.2 omegaconf==2.3.0 rich==13.9.4 markdown-it-py==3.0.0 mdurl==0.1.2
+          pygments==2.19.1 pytest==8.3.5 pluggy==1.5.0 iniconfig==2.0.0)
+
+fetch() {
+    mkdir -p "$WHEELS"
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
+        -d "$WHEELS" "${PACKAGES[@]}"
+    python3 -m pip wheel --quiet --no-deps -w "$WHEELS" antlr4-python3-runtime==4.9.3
+    du -sh "$WHEELS"
+}
+
+install() {
+    # Only what the machine lacks: its own torch, numpy, onnx and PyYAML stay in charge.
+    local missing=()
+    for whl in "$WHEELS"/*.whl; do
+        local dist
+        dist=$(basename "$whl" | cut -d- -f1)
+        $PY -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2>/dev/null || missing+=("$whl")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "${missing[@]}"
+    fi
+    export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+}
+
+case "${1:-}" in
+    fetch) fetch ;;
+    test) install; make --no-print-directory test-gpu PY="$PY" ;;
+    bench) install; shift; PYTHONUNBUFFERED=1 $PY bench/gpu.py "$@" ;;
+    smoke) install; PYTHONUNBUFFERED=1 $PY -m pipeline model=resnet50 compile.precision=fp16 tracking.enabled=false \
+               paths.outputs="${OUTPUTS:-/tmp/pipeline-outputs}" ;;
+    *) echo "usage: tools/gpu-machine.sh fetch|test|bench [bench/gpu.py args]|smoke" >&2; exit 2 ;;
+esac
