@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -139,16 +140,69 @@ def table(jobs: list[Job], title: str, width: int | None = None) -> Table:
     return out
 
 
+# The parent run's description: the columns that pick a winner. MLflow renders it as an HTML
+# table sized by its content, so these fit its pane; the other figures are in comparison.md/.csv.
+NOTE_COLUMNS = ("job", "overrides", "target", "status", "p50 ms", "speedup", "rel L2", "top-1")
+# comparison.md: the figures that pick a winner first (what MLflow's pane shows before it
+# scrolls sideways), the long overrides after them; errors follow the table in full.
+REPORT_COLUMNS = ("job", "target", "status", "p50 ms", "speedup", "rel L2", "top-1", "overrides", "cosine",
+                  "p99 ms", "accel ops", "engines", "build s")
+
+
+def _md_cell(text: str) -> str:
+    """A table cell as text, not markup: `[aten.relu.default]`, `__init__` or `a|b` print as they are."""
+    text = re.sub(r"([\\`*<>\[\]|])", r"\\\1", " ".join(str(text).split()))
+    return re.sub(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", r"\\_", text)  # min_block_size stays as it is
+
+
+def _failures(jobs: list[Job]) -> list[str]:
+    """Every failed job's full error, fix included: prose that wraps to any pane, escaped so it is never markup."""
+    failed = [(label, j, o) for label, j, o in zip(labels(jobs), jobs, varying_overrides(jobs), strict=True)
+              if j.get("error")]
+    lines = ["", "Errors of the failed jobs, in full:", ""] if failed else []
+    for label, job, overrides in failed:
+        lines.append(f"- job {label}" + (f" ({_md_cell(overrides)})" if overrides else "") + f": {_md_cell(job['error'])}")
+    return lines
+
+
 def markdown(jobs: list[Job], title: str) -> str:
+    """comparison.md: the table as aligned text in a code block, then every failed job's full error.
+
+    MLflow's artifact pane draws a markdown table with equal-width columns: 15 columns in
+    its ~500-pixel pane left a few letters a line (`compil/e.min/_block/...`). A code
+    block keeps each job on one line (the pane scrolls sideways) and reads the same in a terminal.
+    """
+    front = {id(j) for j in pareto_front(jobs)}
+    columns = REPORT_COLUMNS
+    grid = [("", *columns)] + [("*" if id(j) in front else "", *(row[c] for c in columns))
+                               for j, row in zip(jobs, rows(jobs), strict=True)]
+    widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
+    right = [c == "job" or c in METRIC_COLUMNS for c in ("", *columns)]
+
+    def text(cells) -> str:
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)).rstrip()
+
+    lines = [f"## {title}", "", "```text", text(grid[0]), text(["-" * w for w in widths]), *map(text, grid[1:]), "```"]
+    return "\n".join([*lines, "", FRONT_NOTE, "", NOT_MEASURED, *_failures(jobs), ""])
+
+
+def note(jobs: list[Job], title: str, run_link=None) -> str:
+    """The parent run's description: a compact markdown table (job numbers link to their runs), full errors.
+
+    run_link(run_id) gives a job's link in the MLflow UI; without it job numbers are plain.
+    """
     front = {id(j) for j in pareto_front(jobs)}
 
     def line(cells) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(cells) + " |"
 
-    lines = [f"## {title}", "", line(("", *COLUMNS)), line(["---"] * (len(COLUMNS) + 1))]
+    lines = [f"## {_md_cell(title)}", "", line(("", *NOTE_COLUMNS)), line(["---"] * (len(NOTE_COLUMNS) + 1))]
     for job, row in zip(jobs, rows(jobs), strict=True):
-        lines.append(line(("*" if id(job) in front else "", *(row[c] for c in COLUMNS))))
-    return "\n".join([*lines, "", FRONT_NOTE, "", NOT_MEASURED, ""])
+        cells = {c: _md_cell(row[c]) for c in NOTE_COLUMNS}
+        if run_link and job.get("run_id"):
+            cells["job"] = f"[{cells['job']}]({run_link(job['run_id'])})"
+        lines.append(line(("\\*" if id(job) in front else "", *cells.values())))
+    return "\n".join([*lines, "", _md_cell(FRONT_NOTE), "", _md_cell(NOT_MEASURED), *_failures(jobs), ""])
 
 
 def write_csv(jobs: list[Job], path: Path) -> Path:
@@ -185,6 +239,16 @@ def _save(fig, path: Path) -> Path:
     return Path(path)
 
 
+def _log_axis(axis, set_scale) -> None:
+    """A log axis labelled 0.2, 0.5, 1, 2, 5 ms: matplotlib's own minor labels (3x10^-1 4x10^-1) overlap."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    set_scale("log")
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot_pareto(jobs: list[Job], path: Path, title: str = "latency against accuracy error") -> Path:
     plt = _pyplot()
     names = dict(zip(map(id, jobs), labels(jobs), strict=True))
@@ -213,7 +277,7 @@ def plot_pareto(jobs: list[Job], path: Path, title: str = "latency against accur
         ax.set_yscale("symlog" if exact else "log", **({"linthresh": min(positive)} if exact else {}))
     latencies = [_point(j)[0] for j in measured]
     if latencies and min(latencies) > 0 and max(latencies) >= 10 * min(latencies):
-        ax.set_xscale("log")  # CPU and GPU engines, or batch 1 and 32, on one readable axis
+        _log_axis(ax.xaxis, ax.set_xscale)  # CPU and GPU engines, or batch 1 and 32, on one readable axis
     if measured:
         ax.legend(fontsize=8)
     else:

@@ -43,12 +43,20 @@ def experiment_name(settings: dict[str, Any]) -> str:
 LOCAL_UI = "http://127.0.0.1:5000"
 
 
+def ui_path(experiment_id: str, run_id: str | None = None) -> str:
+    """The UI's address of an experiment's runs table (or one run), relative to wherever it is served.
+
+    `workflowType=machine_learning` is on both: without it MLflow 3 opens its GenAI pages
+    (an "Evaluations" breadcrumb, a run page without the runs table's context) in a fresh browser.
+    """
+    runs = f"#/experiments/{experiment_id}/runs"
+    return f"{runs}/{run_id}?workflowType=machine_learning" if run_id else f"{runs}?workflowType=machine_learning"
+
+
 def ui_link(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """The MLflow UI's runs table of an experiment (or one run), not its GenAI landing page."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    if run_id:
-        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{base}/{ui_path(experiment_id, run_id)}"
 
 
 def local_ui_link(settings: dict[str, Any]) -> str:

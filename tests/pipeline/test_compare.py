@@ -96,13 +96,34 @@ def test_table_colours_status_and_marks_the_front(jobs):
 
 
 def test_markdown_has_one_line_per_job(jobs):
+    """comparison.md: aligned text in a code block (MLflow's artifact pane squeezes markdown tables), full errors."""
     md = compare.markdown(jobs, "sweep x")
     assert md.startswith("## sweep x\n")
-    table_lines = [line for line in md.splitlines() if line.startswith("|")]
-    assert len(table_lines) == 2 + len(jobs)
-    assert table_lines[0].split("|")[2].strip() == "job" and set(table_lines[1]) <= {"|", "-", " "}
-    assert table_lines[2 + 2].startswith("| * | 2 |")
-    assert all(line.count("|") == len(compare.COLUMNS) + 2 for line in table_lines)
+    block = md.split("```text\n", 1)[1].split("\n```", 1)[0].splitlines()
+    assert len(block) == 2 + len(jobs) and block[0].split()[:2] == ["job", "target"]
+    assert len({len(line.rstrip()) for line in block[:2]}) == 1 and set(block[1]) <= {"-", " "}
+    assert block[2 + 2].startswith("*    2  tensorrt") and "compile.min_block_size=2 target=tensorrt" in block[4]
+    # The failed job's error in full, fix and brackets included, after the table.
+    assert "compile.torch_executed_ops=\\[aten.foo.default\\]" in md.split("```")[-1]
+    assert "x" * 200 in md and md.count("Fix:") == 1
+
+
+def test_note_is_a_compact_table_linking_each_job(jobs):
+    note = compare.note(jobs, "sweep x", lambda run_id: f"#/experiments/1/runs/{run_id}")
+    table = [line for line in note.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(jobs)
+    assert [c.strip() for c in table[0].split("|")[1:-1]] == ["", *compare.NOTE_COLUMNS]
+    assert table[2 + 2].startswith("| \\* | [2](#/experiments/1/runs/run2) | compile.min_block_size=2 target=tensorrt |")
+    assert all(line.count("|") == len(compare.NOTE_COLUMNS) + 2 for line in table)
+    assert "- job 4 (compile.min_block_size=4 target=onnxruntime): convert failed" in note
+    assert "\\[aten.foo.default\\]" in note and "min_block_size" in note  # brackets escaped, words untouched
+    assert "[0](" not in compare.note(jobs, "sweep x")  # no link function: plain numbers
+
+
+def test_ui_links_open_the_model_training_pages():
+    assert tracking.ui_path("3") == "#/experiments/3/runs?workflowType=machine_learning"
+    assert tracking.ui_path("3", "abc") == "#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert tracking.ui_link("http://host:8080/", "3", "abc") == "http://host:8080/#/experiments/3/runs/abc?workflowType=machine_learning"
 
 
 def test_csv_round_trips_raw_numbers(jobs, tmp_path):
