@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench bench-sweep ui serve cache lint clean
+.PHONY: install run test test-gpu bench bench-sweep bench-gpu bench-quant ui serve cache lint clean
 
 install: $(STAMP)
 
@@ -22,12 +22,23 @@ test: install   ## pytest's exit 5 (no tests collected) is a failure, not a pass
 	$(PY) -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
+# On a GPU machine (tools/gpu-machine.sh test prepares one without an index: make test-gpu PY=python3).
+test-gpu:   ## the GPU tests only (each skips, saying why, where CUDA is absent)
+	$(PY) -m pytest -q -m gpu -rs tests/test_gpu.py; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no GPU tests" >&2; exit 1; fi; exit $$status
+
+bench-gpu:   ## ResNet-50 fp16 channels_last, batch 1 and 32: eager, ours, hand-written torch.compile
+	$(PY) bench/gpu.py
+
 bench: install   ## engine speed vs hand-written ORT, orchestrator cost, then the six-job sweep
 	$(PY) bench/run.py
 	$(PY) bench/sweep.py
 
 bench-sweep: install
 	$(PY) bench/sweep.py
+
+bench-quant: install  ## int8 vs fp32 engines (ResNet-50, BERT-base) on this CPU: speed and accuracy
+	$(PY) bench/quant.py
 
 ui: install    ## MLflow UI over the pipeline's store, on 127.0.0.1 (prints the runs table's link)
 	@$(PY) -c "from pipeline.tracking import local_ui_link; print('runs table:', local_ui_link({'store': 'outputs/mlflow.db', 'experiment': 'pipeline', 'artifacts': 'outputs/mlartifacts'}))"
@@ -38,6 +49,42 @@ ui: install    ## MLflow UI over the pipeline's store, on 127.0.0.1 (prints the 
 serve: install  ## a registered model over REST: make serve MODEL=models:/tiny_cnn/latest [PORT=5001]
 	PATH=$(abspath $(VENV))/bin:$$PATH MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath outputs/mlflow.db)} \
 		$(PY) -m mlflow models serve -m $(MODEL) --env-manager local --host 127.0.0.1 --port $(or $(PORT),5001)
+
+# `make server`: one MLflow tracking server for jobs on many machines (README, Clusters), as root:
+# PostgreSQL from Debian's postgresql package (a cluster named mlflow made with pg_createcluster),
+# basic-auth on, artifacts served from SERVER_ARTIFACTS. Secrets come from the environment only:
+#   PGPASSWORD=... MLFLOW_AUTH_ADMIN_PASSWORD=... MLFLOW_FLASK_SERVER_SECRET_KEY=... make server
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 5000
+SERVER_DIR ?= $(abspath outputs/server)
+SERVER_ARTIFACTS ?= $(SERVER_DIR)/artifacts
+PG_PORT ?= 5433
+PG_VERSION = $(lastword $(sort $(notdir $(wildcard /usr/lib/postgresql/*))))
+SERVER_DB = postgresql+psycopg2://mlflow@127.0.0.1:$(PG_PORT)
+# psql reads the role's password from PGPASSWORD (\getenv), so it is never on a command line.
+define SERVER_SQL
+\getenv pw PGPASSWORD
+SELECT format('CREATE ROLE mlflow LOGIN PASSWORD %L', :'pw') WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'mlflow')\gexec
+SELECT 'CREATE DATABASE mlflow OWNER mlflow' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'mlflow')\gexec
+SELECT 'CREATE DATABASE mlflow_auth OWNER mlflow' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'mlflow_auth')\gexec
+endef
+export SERVER_SQL
+
+server: install  ## MLflow server on PostgreSQL with basic-auth (stop: Ctrl-C, then pg_ctlcluster <version> mlflow stop)
+	@[ "$$(id -u)" = 0 ] || { echo "error: make server runs PostgreSQL through Debian's pg_createcluster: run it as root." >&2; exit 2; }
+	@[ -n "$(PG_VERSION)" ] && command -v pg_createcluster >/dev/null || { echo "error: PostgreSQL is not installed: apt-get install postgresql (as root)." >&2; exit 2; }
+	@for name in PGPASSWORD MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY; do \
+		[ -n "$$(printenv $$name)" ] || { echo "error: $$name is not set: export it (the database role's password, the MLflow admin's password, a random key shared by server replicas)." >&2; exit 2; }; done
+	@$(PY) -c "import psycopg2, flask_wtf" 2>/dev/null || $(PY) -m pip install --quiet -e ".[server]"
+	@pg_lsclusters -h | awk '{print $$1, $$2}' | grep -qx "$(PG_VERSION) mlflow" || pg_createcluster $(PG_VERSION) mlflow --port $(PG_PORT)
+	@pg_ctlcluster $(PG_VERSION) mlflow status >/dev/null || pg_ctlcluster $(PG_VERSION) mlflow start
+	@printf '%s\n' "$$SERVER_SQL" | runuser -u postgres -- psql -q -v ON_ERROR_STOP=1 -p $(PG_PORT)
+	@mkdir -p $(SERVER_DIR) && printf '%s\n' "[mlflow]" "default_permission = READ" "admin_username = admin" \
+		"database_uri = $(SERVER_DB)/mlflow_auth" "auth_cache_ttl_seconds = 60" \
+		"authorization_function = mlflow.server.auth:authenticate_request_basic_auth" > $(SERVER_DIR)/basic_auth.ini
+	cd $(SERVER_DIR) && MLFLOW_AUTH_CONFIG_PATH=$(SERVER_DIR)/basic_auth.ini MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+		$(abspath $(PY)) -m mlflow server --app-name basic-auth --backend-store-uri $(SERVER_DB)/mlflow \
+		--artifacts-destination $(SERVER_ARTIFACTS) --host $(SERVER_HOST) --port $(SERVER_PORT)
 
 cache: install  ## what the stage cache holds; prune with $(PY) -m pipeline.cache prune --help
 	$(PY) -m pipeline.cache list

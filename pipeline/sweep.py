@@ -11,6 +11,12 @@ on_multirun_end). In an Optuna search a failed trial raises, which the Optuna sw
 records as a failed trial and, with max_failure_rate=1, goes on. The end of the
 sweep reads every job's run.json, so a worker that died is still a row; `finalize` runs
 from on_multirun_end or, if Hydra itself failed, from the entry point.
+
+Cluster launchers lose jobs Hydra never hears of as failures: a job SLURM cancelled
+(scancel, a dead node) or a Ray worker that died raises in the launching process while
+the launcher collects results in job order, which would end the wait with later jobs
+still running. `isolate_lost_jobs` makes such a job a failed result, so the launcher
+waits for every other job (see its docstring for what it wraps).
 """
 
 from __future__ import annotations
@@ -66,11 +72,74 @@ class SweepCallback(Callback):
         write_json(sweep_dir / SWEEP_FILE, info)
         STATE.clear()
         STATE.update(info=info, config=config, finalized=False)
+        isolate_lost_jobs(str(OmegaConf.select(config, "hydra.launcher._target_", default="")))
         Console(highlight=False).print(f"[bold]sweep[/] {sweep_id}: jobs in " + escape(str(sweep_dir))
                                        + (f", MLflow parent run {info['parent']['run_id']}" if info["parent"] else ""))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         finalize()
+
+
+def isolate_lost_jobs(launcher: str) -> None:
+    """A job the cluster lost is a failed result, not an exception that stops the launcher's wait.
+
+    hydra-submitit-launcher returns `[job.results()[0] for job in jobs]`: results() raises
+    for a job SLURM cancelled, and hydra-ray-launcher's `ray.get` raises for a worker that
+    died. Wrapping those two calls (submitit's Job.results; the `ray` the Ray launcher's
+    module calls) turns the loss into what a failed job returns (NaN, or a failure an
+    Optuna search records), so the launcher goes on to the next job; the job's row comes
+    from its run.json (KILLED after a SIGTERM it caught, else FAILED). Installed once per
+    launching process, only for these launchers.
+    """
+    if "hydra_submitit_launcher" in launcher:
+        from submitit.core import core
+
+        if not getattr(core.Job.results, "pipeline_isolated", False):
+            core.Job.results = _isolated(core.Job.results)
+    elif "hydra_ray_launcher" in launcher:
+        from hydra_plugins.hydra_ray_launcher import _core
+
+        if not isinstance(_core.ray, _RayLostJobs):
+            _core.ray = _RayLostJobs(_core.ray)
+
+
+def _lost(error: BaseException, where: str):
+    """What a lost job of the current sweep returns to the sweeper (a Hydra JobReturn), after one warning line."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    first = (str(error).strip().splitlines() or [""])[0]
+    print(f"warning: {where} ended without a result ({type(error).__name__}: {first}); the sweep goes on",
+          file=sys.stderr, flush=True)
+    if STATE.get("info", {}).get("autotune"):
+        return JobReturn(status=JobStatus.FAILED, _return_value=error)
+    return JobReturn(status=JobStatus.COMPLETED, _return_value=failed_value())
+
+
+def _isolated(results):
+    def wrapper(job):
+        try:
+            return results(job)
+        except Exception as err:  # UncompletedJobError (cancelled, timed out), FailedJobError
+            return [_lost(err, f"submitit job {job.job_id}")]
+
+    wrapper.pipeline_isolated = True
+    return wrapper
+
+
+class _RayLostJobs:
+    """The `ray` module as hydra-ray-launcher's _core sees it, with get() answering for dead workers."""
+
+    def __init__(self, ray):
+        self._ray = ray
+
+    def __getattr__(self, name: str):
+        return getattr(self._ray, name)
+
+    def get(self, ref, *args, **kwargs):
+        try:
+            return self._ray.get(ref, *args, **kwargs)
+        except self._ray.exceptions.RayError as err:  # WorkerCrashedError, TaskCancelledError, OOM, node died
+            return _lost(err, f"Ray task {ref}")
 
 
 def job_context(run_dir: Path) -> dict[str, Any] | None:
@@ -159,11 +228,14 @@ def finalize() -> int:
     console.print("report: " + escape(str(sweep_dir / "compare")))
     if info["parent"]:
         status = "FAILED" if failed and not info["autotune"] else "FINISHED"
-        note = compare.markdown(jobs, title) + "".join(f"\n- job {j['job']}: {j['error']}" for j in failed)
-        tracking.finish_parent(_settings(config), info["parent"]["run_id"], status, summary["metrics"],
+        parent = info["parent"]
+        note = compare.note(jobs, title, lambda run_id: tracking.ui_path(parent["experiment_id"], run_id))
+        tracking.finish_parent(_settings(config), parent["run_id"], status, summary["metrics"],
                                summary["tags"], files, note=note, child_tags=summary["child_tags"])
-        console.print(f"mlflow: parent run {info['parent']['run_id']} in experiment "
-                      + escape(repr(info["parent"]["experiment"])))
+        console.print(f"mlflow: parent run {parent['run_id']} in experiment {parent['experiment']!r}", markup=False)
+        console.print(f"  runs table: {tracking.ui_link(parent['tracking_uri'], parent['experiment_id'])}", markup=False)
+        console.print("  the sweep:  "
+                      + tracking.ui_link(parent["tracking_uri"], parent["experiment_id"], parent["run_id"]), markup=False)
         if config.register and best:
             register_best(config, best, console)
     write_json(sweep_dir / SWEEP_FILE, {**info, "finished": time.time(), "jobs": len(jobs), "failed": len(failed)})
