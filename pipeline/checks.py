@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline import calibration
 from pipeline.errors import ConfigError
 
 # Dotted key -> (lowest allowed, highest allowed or None, whether the lowest is excluded).
@@ -58,6 +59,7 @@ def check_settings(config: dict[str, Any]) -> None:
             f"lower validate.rounds or raise validate.iterations (e.g. validate.rounds={validate['iterations']}).",
         )
     _check_tolerances(validate["tolerances"], config["compile"]["precision"])
+    calibration.check(config)  # int8: the target can quantize, the data loads and fits; keyed by its sha256
     for key in ("paths.outputs", "paths.cache"):
         check_writable_dir(key, _get(config, key))
 

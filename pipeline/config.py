@@ -19,11 +19,30 @@ from omegaconf import MISSING
 
 
 class Precision(str, Enum):
-    """Precision the model is cast to before export (strongly typed engines follow it)."""
+    """Precision the model is cast to before export (strongly typed engines follow it).
+
+    int8 keeps the model in fp32 through export and convert; build quantizes each segment
+    with the target's own tool, calibrated with the `calibration` group's data.
+    """
 
     fp32 = "fp32"
     fp16 = "fp16"
     bf16 = "bf16"
+    int8 = "int8"
+
+
+class CalibrationSource(str, Enum):
+    """Where int8 calibration batches come from (pipeline.calibration)."""
+
+    random = "random"
+    folder = "folder"
+    factory = "factory"
+
+
+class CalibrationMethod(str, Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
 
 
 @dataclass
@@ -89,6 +108,46 @@ class CompileConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """Data that sets int8 ranges (compile.precision=int8); hashed by content into the build key."""
+
+    source: CalibrationSource = CalibrationSource.random
+    # source=folder: .npy/.pt files, one batch each (a tensor, or a dict by input name), read in name order.
+    folder: str | None = None
+    # source=factory: an importable callable returning an iterable of batches (tensor, tuple or dict).
+    _target_: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Batches used; fewer available is an error, more are ignored.
+    num_samples: int = 16
+    method: CalibrationMethod = CalibrationMethod.minmax
+    # Per-output-channel weight scales (what TensorRT and ORT's CPU kernels expect for convolutions).
+    per_channel: bool = True
+    # Random source: seed of the generated batches (different from validation's inputs).
+    seed: int = 1234
+    # Filled in by the pipeline before any stage: sha256 of the batches, so the build key follows content.
+    digest: str | None = None
+
+
+@dataclass
+class QuantizeConfig:
+    """The accuracy-aware loop: layers kept in fp32 when the int8 build fails validate.tolerances.int8."""
+
+    # Rebuilds after the first int8 build; 0 disables the loop (the gate then only fails in validate).
+    max_rounds: int = 3
+    # Worst layers (by quantization SQNR) moved to fp32 in each round.
+    layers_per_round: int = 2
+    # Calibration batches the loop checks accuracy on (against fp32 eager).
+    eval_samples: int = 8
+    # Layers (ONNX node names) always kept in fp32.
+    exclude: list[str] = field(default_factory=list)
+    # ONNX op types to quantize; empty: the quantizer's default (ORT: Conv, MatMul, Add, Mul, Relu, ...).
+    # Transformers do better with [MatMul, Gemm] (quantize=transformer): fewer requantized sums.
+    op_types: list[str] = field(default_factory=list)
+    # Iterations timing each round's program (0: no per-round latency).
+    latency_iterations: int = 20
+
+
+@dataclass
 class Tolerance:
     """Accuracy gates against eager PyTorch; None disables a gate."""
 
@@ -103,6 +162,8 @@ def _default_tolerances() -> dict[str, Tolerance]:
         "fp32": Tolerance(rel_l2_err=1e-3, min_cosine_similarity=0.9999),
         "fp16": Tolerance(rel_l2_err=1e-2, min_cosine_similarity=0.999),
         "bf16": Tolerance(rel_l2_err=5e-2, min_cosine_similarity=0.99),
+        # Calibrated int8 (QDQ, per-channel) of a CNN lands near cosine 0.9998; a broken layer far below.
+        "int8": Tolerance(rel_l2_err=5e-2, min_cosine_similarity=0.999, min_top1_agreement=0.9),
     }
 
 
@@ -127,6 +188,8 @@ class ValidateConfig:
     tolerances: dict[str, Tolerance] = field(default_factory=_default_tolerances)
     # Re-use a previous validation of the same build instead of measuring again.
     cache: bool = False
+    # On a GPU: time the compiled module replayed from a CUDA graph (trtexec --useCudaGraph).
+    cuda_graph: bool = False
 
 
 @dataclass
@@ -156,6 +219,8 @@ class Config:
     compile: CompileConfig = MISSING
     target: Any = MISSING
     validate: ValidateConfig = MISSING
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # Show full tracebacks for user-facing errors too.

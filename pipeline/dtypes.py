@@ -10,8 +10,12 @@ from __future__ import annotations
 
 # Precision (compile.precision) -> the floating dtype a model is cast to.
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "float8_e4m3fn"}
-# Floating dtype -> the precision it computes in (what "precision achieved" reports).
-DTYPE_PRECISIONS = {dtype: precision for precision, dtype in PRECISION_DTYPES.items()}
+# Quantized precisions -> the floating dtype the model keeps: it is exported in fp32, and build
+# quantizes (the engine's inputs and outputs stay float32).
+QUANTIZED_PRECISIONS = {"int8": "float32"}
+# Floating dtype -> the precision it computes in (what "precision achieved" reports); int8 tensors
+# (QDQ/QLinear engines, TensorRT INT8 layers) report int8.
+DTYPE_PRECISIONS = {**{dtype: precision for precision, dtype in PRECISION_DTYPES.items()}, "int8": "int8"}
 # Names accepted for input tensors (input.tensors[].dtype): torch names and precision shorthands.
 INPUT_DTYPES = {"float32", "float16", "bfloat16", "int64", "int32", "bool"}
 # Compute dtypes a TensorRT engine may run in (Torch-TensorRT's enabled_precisions before 2.13).
@@ -26,6 +30,16 @@ def canonical(name: str) -> str | None:
     """A torch dtype name for `name` (a torch name or a precision shorthand), or None."""
     name = str(name).removeprefix("torch.")
     return PRECISION_DTYPES.get(name, name if name in INPUT_DTYPES | ENGINE_DTYPES else None)
+
+
+def model_dtype(precision: str) -> str:
+    """The floating dtype a model is cast to for compile.precision (int8 keeps float32)."""
+    return QUANTIZED_PRECISIONS.get(precision) or PRECISION_DTYPES[precision]
+
+
+def is_quantized(precision: str) -> bool:
+    """True where build quantizes (int8) rather than export casting the model."""
+    return precision in QUANTIZED_PRECISIONS
 
 
 def torch_dtype(name: str):

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.dtypes import PRECISION_DTYPES
+from pipeline.dtypes import model_dtype
 from pipeline.errors import ConfigError, PipelineError
 
 
@@ -21,15 +21,16 @@ def caster(precision: str):
     """Floating inputs follow the model's precision; integer inputs (token ids) never do."""
     import torch
 
-    dtype = getattr(torch, PRECISION_DTYPES[precision])
+    dtype = getattr(torch, model_dtype(precision))
     return lambda t: t.to(dtype) if t.is_floating_point() else t
 
 
 def cast_model(model, precision: str):
-    """fp16/bf16 cast the model; fp32 leaves it as built (a model that computes in float64 stays so)."""
+    """fp16/bf16 cast the model; fp32 and int8 leave it as built (a float64 model stays so)."""
     import torch
 
-    return model if precision == "fp32" else model.to(getattr(torch, PRECISION_DTYPES[precision]))
+    dtype = model_dtype(precision)
+    return model if dtype == "float32" else model.to(getattr(torch, dtype))
 
 
 def _factory(target: str):

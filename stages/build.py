@@ -7,8 +7,9 @@ assembled hybrid module to save, so a run's build folder is what users deploy.
 from __future__ import annotations
 
 from pipeline import hybrid, layout, shapes
+from pipeline.dtypes import is_quantized
 from pipeline.files import load_json, write_json
-from pipeline.stage import Metrics, StageContext, StageSpec
+from pipeline.stage import INPUT_KEYS, Metrics, StageContext, StageSpec
 from pipeline.targets import BUILDING
 
 FILES = layout.BUILD
@@ -16,8 +17,12 @@ FILES = layout.BUILD
 
 def run(ctx: StageContext) -> Metrics:
     converted = load_json(ctx.inputs["convert"] / layout.CONVERT.segments, "converted segments")
-    engines = []
-    for segment in converted["segments"]:
+    engines, quantized = [], {}
+    if is_quantized(ctx.config.compile.precision):  # calibrated, with accuracy-aware rounds
+        from pipeline.quantize.loop import build_int8
+
+        engines, quantized = build_int8(ctx, converted["segments"])
+    for segment in converted["segments"] if not quantized else []:
         with ctx.console.status(f"building {segment['name']} with {ctx.target.name}"):
             engines.append(ctx.target.build(segment, ctx.inputs["convert"], ctx.out, ctx.config.compile))
     listing = {"target": ctx.target.name, "settings": ctx.target.build_settings(), "segments": engines}
@@ -29,7 +34,7 @@ def run(ctx: StageContext) -> Metrics:
             listing["package"] = ctx.target.package(gm, example.to(ctx.target.device()), ctx.out)
         write_json(ctx.out / FILES.engines, listing)
     engine_bytes = sum(p.stat().st_size for p in ctx.out.iterdir() if p.name != FILES.engines)
-    metrics = {"num_engines": len(engines), "engine_bytes": engine_bytes}
+    metrics = {"num_engines": len(engines), "engine_bytes": engine_bytes, **quantized}
     seconds = [e["build_seconds"] for e in engines if "build_seconds" in e]
     if seconds:
         metrics["engine_build_seconds"] = sum(seconds)
@@ -40,5 +45,8 @@ def run(ctx: StageContext) -> Metrics:
 SPEC = StageSpec(
     name="build", version=3, run=run, inputs=("export", "lower", "partition", "convert"),
     reads=("compile.optimization_level", "compile.workspace_size", "compile.precision"),
+    # int8: the calibration data (by content: calibration.digest), the rounds and their gate.
+    reads_when={("compile.precision", "int8"): (*INPUT_KEYS, "model.task", "calibration", "quantize",
+                                                "validate.tolerances.int8")},
     content={"partition": (layout.PARTITION.recipe,)}, asks=BUILDING, writes=FILES,
 )

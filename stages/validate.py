@@ -13,18 +13,18 @@ eager model at the same precision on the same device, interleaved in one process
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
 
-from pipeline import hybrid, layout, shapes
-from pipeline.dtypes import precisions_of
+from pipeline import hybrid, layout, shapes, timing
+from pipeline.dtypes import is_quantized, precisions_of
 from pipeline.errors import ArtifactError
 from pipeline.files import load_json, write_json
 from pipeline.models import build_model, cast_model, caster, flat_outputs, weights_digest
 from pipeline.stage import INPUT_KEYS, MODEL_KEYS, Metrics, StageContext, StageSpec
 from pipeline.targets import RUNNING
-from pipeline.timing import measure
 
 FILES = layout.VALIDATE
 
@@ -76,11 +76,15 @@ def achieved_precision(engines: dict[str, Any], wanted: str) -> tuple[str | None
     """
     dtypes = {d for seg in engines["segments"] for d in seg.get("precision", [])}
     if not any("precision" in seg for seg in engines["segments"]):
+        if is_quantized(wanted):  # quantized engines must show it: no report is no int8
+            return None, [f"asked for {wanted} but no engine reports {wanted} compute "
+                          f"({len(engines['segments'])} engine(s); nothing was quantized)"]
         return None, []
     names = precisions_of(dtypes)
     achieved = "+".join(names) or None
     if wanted != "fp32" and wanted not in names:
-        return achieved, [f"asked for {wanted} but the engines compute in {achieved or 'no floating type'} "
+        what = " (no QDQ/QLinear kernels, no INT8 tensors)" if is_quantized(wanted) else ""
+        return achieved, [f"asked for {wanted} but the engines compute in {achieved or 'no floating type'}{what} "
                           f"(tensor dtypes: {', '.join(sorted(dtypes))})"]
     return achieved, []
 
@@ -98,6 +102,7 @@ def run(ctx: StageContext) -> Metrics:
         )
     engines = load_json(ctx.inputs["build"] / layout.BUILD.engines, "engine list")
     achieved, failures = achieved_precision(engines, ctx.target.precision_asked(precision))
+    achieved = achieved or graph_precision(ctx)
     tags = {"precision.achieved": achieved} if achieved else {}
     not_here = ctx.target.can_execute()
     if not_here:
@@ -108,23 +113,76 @@ def run(ctx: StageContext) -> Metrics:
                                             "accuracy": None, "latency": None, "warnings": list(ctx.notes)})
         return {"validated": 0.0, **tags}
     device = ctx.target.device()
-    compiled = hybrid.assemble(ctx.inputs["lower"], ctx.inputs["partition"], ctx.inputs["build"],
-                               ctx.target).to(device)
+    compiled, loading = load_compiled(ctx, device)
     checks = shape_checks(cfg.input, cfg.validate)
     accuracy, per_shape, accuracy_failures = check_accuracy(ctx, reference, compiled, checks, device)
     failures += accuracy_failures
-    latency = time_latency(ctx, cast_model(reference, precision).to(device), compiled, checks, device)
+    before = timing.allocated_mb(device)
+    eager = cast_model(reference, precision).to(device)
+    resident = {"compiled": loading["resident_mb"], "eager": timing.allocated_mb(device) - before}
+    latency = time_latency(ctx, eager, compiled, checks, device)
+    memory = gpu_memory(ctx, {"eager": eager, "compiled": compiled}, resident) if device == "cuda" else None
     report = {
         "validated": True, "passed": not failures, "failures": failures,
         "precision": precision, "precision_achieved": achieved, "device": device,
         "num_samples": sum(c[2] for c in checks),
         "accuracy": accuracy, "shapes": per_shape, "tolerance": dict(cfg.validate.tolerances[precision]),
-        "latency": {**latency["opt"], "method": "cuda events" if device == "cuda" else "perf_counter, per iteration",
-                    "at": latency},
+        "latency": {**latency["opt"], "method": latency_method(device, latency), "at": latency},
+        "engine_load_seconds": loading["seconds"], "gpu_memory_mb": memory,
         "warnings": list(ctx.notes),
     }
     write_json(ctx.out / FILES.report, report)
-    return {**report_metrics(accuracy, per_shape, latency, failures), **tags}
+    metrics = {**report_metrics(accuracy, per_shape, latency, failures), **tags,
+               "engine_load_seconds": loading["seconds"]}
+    if memory:
+        metrics.update({"gpu_mem_peak_mb": memory["compiled"]["peak"], "eager/gpu_mem_peak_mb": memory["eager"]["peak"]})
+    return metrics
+
+
+def load_compiled(ctx: StageContext, device: str):
+    """The hybrid program on `device`, with how long loading took (engines compiling or warming included)."""
+    before, started = timing.allocated_mb(device), time.perf_counter()
+    with ctx.console.status(f"loading the engines on {device}"):
+        compiled = hybrid.assemble(ctx.inputs["lower"], ctx.inputs["partition"], ctx.inputs["build"],
+                                   ctx.target).to(device)
+    return compiled, {"seconds": round(time.perf_counter() - started, 3),
+                      "resident_mb": timing.allocated_mb(device) - before}
+
+
+def graph_precision(ctx: StageContext) -> str | None:
+    """The float precisions of the lowered program's ops, for engines that describe no network of their own.
+
+    The engines were built from exactly this graph (ONNX export, Inductor), so its dtypes
+    are what they compute in.
+    """
+    from pipeline import programs
+    from pipeline.dtypes import name_of
+
+    gm = ctx.target.graph_module(programs.load(ctx.inputs["lower"]))
+    dtypes = {name_of(v.dtype) for n in gm.graph.nodes if n.op == "call_function"
+              for v in [n.meta.get("val")] if isinstance(v, torch.Tensor)}
+    return "+".join(precisions_of(dtypes)) or None
+
+
+def latency_method(device: str, latency: dict[str, Any]) -> str:
+    if device != "cuda":
+        return "perf_counter, per iteration"
+    graphed = latency["opt"].get("cuda_graph")
+    return "CUDA events on the current stream" + (", compiled module replayed from a CUDA graph" if graphed else "")
+
+
+def gpu_memory(ctx: StageContext, modules: dict[str, Any], resident: dict[str, float]) -> dict[str, Any]:
+    """Peak GPU memory of each module at opt: what it holds (weights, engines, graph pools) plus one call's peak."""
+    cfg = ctx.config
+    sample = shapes.make(cfg.input, shapes.corners(cfg.input)["opt"], 1, seed_offset=1)[0].to(
+        "cuda", caster(cfg.compile.precision))
+    out: dict[str, Any] = {"method": "torch's CUDA allocator (memory another allocator takes is not seen)"}
+    for who, module in modules.items():
+        with torch.no_grad():
+            transient = timing.transient_peak_mb(lambda m=module: sample(m))
+        out[who] = {"resident": round(resident[who], 3), "transient": round(transient, 3),
+                    "peak": round(resident[who] + transient, 3)}
+    return out
 
 
 def check_accuracy(ctx: StageContext, reference, compiled, checks, device: str):
@@ -177,8 +235,11 @@ def time_latency(ctx: StageContext, eager, compiled, checks, device: str) -> dic
                     sample(module)
             return fn
 
+        compiled_fn, graphed = call(compiled), False
+        if vcfg.cuda_graph and device == "cuda":
+            compiled_fn, graphed = graph_or_warn(ctx, compiled_fn)
         with ctx.console.status(f"timing eager and compiled at {name} (interleaved)") as status:
-            stats = measure({"eager": call(eager), "compiled": call(compiled)}, warmup=vcfg.warmup,
+            stats = timing.measure({"eager": call(eager), "compiled": compiled_fn}, warmup=vcfg.warmup,
                             iterations=vcfg.iterations, rounds=vcfg.rounds, min_seconds=vcfg.min_seconds,
                             batch_size=shapes.batch_size(cfg.input, dims), cuda=device == "cuda",
                             on_progress=lambda r, n=name: status.update(f"timing eager and compiled at {n}: round {r}"))
@@ -187,8 +248,19 @@ def time_latency(ctx: StageContext, eager, compiled, checks, device: str) -> dic
                 ctx.warn(f"{who} latency at {name} varies too much to trust: coefficient of variation {st.cv:.1%} "
                          f"> {vcfg.cv_warn_threshold:.0%}; quiet the machine or raise validate.iterations")
         latency[name] = {"dims": dims, "compiled": stats["compiled"].as_dict(), "eager": stats["eager"].as_dict(),
-                         "speedup": stats["eager"].p50_ms / stats["compiled"].p50_ms}
+                         "speedup": stats["eager"].p50_ms / stats["compiled"].p50_ms, "cuda_graph": graphed}
     return latency
+
+
+def graph_or_warn(ctx: StageContext, fn):
+    """(fn replayed from a CUDA graph, True), or (fn, False) with a warning where it cannot be captured."""
+    try:
+        return timing.cuda_graphed(fn), True
+    except Exception as err:  # capture fails in many ways (host syncs, graphs of the module's own)
+        torch.cuda.synchronize()
+        ctx.warn(f"validate.cuda_graph: the compiled module cannot be captured in a CUDA graph "
+                 f"({(str(err).splitlines() or [type(err).__name__])[0]}); timed without one")
+        return fn, False
 
 
 def report_metrics(accuracy: dict[str, Any], per_shape: list, latency: dict[str, Any], failures: list) -> Metrics:

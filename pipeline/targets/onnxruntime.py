@@ -14,19 +14,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import CompileError
-from pipeline.targets import TargetSettings
+from pipeline.errors import CompileError, ConfigError, TargetUnavailable
+from pipeline.targets import TargetSettings, resolve_device
 from pipeline.targets.onnx_base import OnnxTarget
 
 LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
           "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
+GPU = ["CUDAExecutionProvider"]
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
 
 
 @dataclass
 class Settings(TargetSettings):
     name: str = "onnxruntime"
-    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    # auto: CUDA where torch sees a GPU and onnxruntime has its CUDA provider, else the CPU.
+    device: str = "auto"
+    # Empty: from the device (cpu: CPU; cuda: CUDA, then CPU for what CUDA lacks). Named
+    # providers decide the device themselves (TensorrtExecutionProvider or CUDA: the GPU).
+    providers: list[str] = field(default_factory=list)
+    # Bind inputs and outputs where they live instead of copying through NumPy (always on a GPU).
+    io_binding: bool = False
     # disable | basic | extended | all
     graph_optimization_level: str = "all"
     # 0 lets ONNX Runtime choose (one thread per physical core).
@@ -58,33 +71,47 @@ def session_options(settings: dict[str, Any], allow_spinning: bool | None = None
     return opts
 
 
-class OrtSession:
-    """One accelerated segment running in an ONNX Runtime session: tensors in, a tuple out."""
-
-    def __init__(self, path: Path, settings: dict[str, Any], allow_spinning: bool | None):
-        import onnxruntime as ort
-
-        self.path = str(path)
-        self.session = ort.InferenceSession(self.path, session_options(settings, allow_spinning),
-                                            providers=settings["providers"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def __call__(self, *args):
-        import torch
-
-        feeds = {name: a.detach().cpu().contiguous().numpy() for name, a in zip(self.input_names, args, strict=False)}
-        return tuple(torch.from_numpy(o) for o in self.session.run(self.output_names, feeds))
-
-    def __repr__(self) -> str:
-        return f"OrtSession({self.path}, providers={self.session.get_providers()})"
-
-
 class OnnxRuntimeTarget(OnnxTarget):
     name = "onnxruntime"
     Settings = Settings
     libraries = ("onnx", "onnxscript", "onnxruntime")
-    runtime_settings = ("intra_op_num_threads", "inter_op_num_threads", "execution_mode", "allow_spinning")
+    runtime_settings = ("intra_op_num_threads", "inter_op_num_threads", "execution_mode", "allow_spinning",
+                        "io_binding")
+    # onnxruntime@tensorrt in target=auto's list: TensorRT's provider, CUDA and CPU for the rest.
+    VARIANTS = {"tensorrt": ["TensorrtExecutionProvider", *GPU, "CPUExecutionProvider"],
+                "cuda": [*GPU, "CPUExecutionProvider"], "cpu": ["CPUExecutionProvider"]}
+
+    def __init__(self, settings: dict[str, Any]):
+        super().__init__(settings)
+        if not self.settings.get("providers"):
+            self.settings["providers"] = self.VARIANTS[self.settings.get("device", "cpu")]
+
+    def resolve_device(self, asked: str) -> str:
+        """Named providers decide; else auto is CUDA only where a GPU and the CUDA provider both exist."""
+        named = self.settings.get("providers") or []
+        if named:
+            device = "cuda" if set(named) & {*GPU, "TensorrtExecutionProvider"} else "cpu"
+            if asked not in ("auto", device):
+                raise ConfigError(f"target.device={asked} but target.providers={named} run on {device}.",
+                                  "set one of them only: target.device, or target.providers.")
+            return device
+        device = resolve_device(asked)
+        if asked == "auto" and device == "cuda" and GPU[0] not in available_providers():
+            return "cpu"
+        return device
+
+    @classmethod
+    def variant(cls, name: str) -> dict[str, Any] | None:
+        if name not in cls.VARIANTS:
+            return None
+        return {"device": "cpu" if name == "cpu" else "cuda", "providers": cls.VARIANTS[name]}
+
+    def can_execute(self) -> str | None:
+        missing = [p for p in self.settings["providers"] if p not in available_providers()]
+        if missing:
+            return (f"onnxruntime here has no {', '.join(missing)} "
+                    f"(available: {', '.join(available_providers())}; pip install -e '.[onnxruntime-gpu]')")
+        return super().can_execute()
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -92,19 +119,23 @@ class OnnxRuntimeTarget(OnnxTarget):
             return "onnxruntime is not installed (pip install onnxruntime)"
         return None
 
-    def device(self) -> str:
-        gpu = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
-        return "cuda" if gpu & set(self.settings["providers"]) else "cpu"
+    def configure(self, compile_cfg) -> None:
+        """A provider this onnxruntime lacks fails here, before any stage: build needs it too."""
+        self._check_providers()
 
     def _check_providers(self) -> None:
         import onnxruntime as ort
 
         missing = [p for p in self.settings["providers"] if p not in ort.get_available_providers()]
         if missing:
-            raise CompileError(
+            raise TargetUnavailable(
                 f"onnxruntime here has no {', '.join(missing)} (available: {', '.join(ort.get_available_providers())}).",
-                "set target.providers to available ones, or install onnxruntime-gpu for CUDA.",
+                "set target.providers to available ones, or pip install -e '.[onnxruntime-gpu]' for CUDA "
+                "(after pip uninstall onnxruntime).",
             )
+
+    # compile.precision=int8 (pipeline.quantize): how this target quantizes.
+    quantizer = "onnxruntime.quantization static QDQ (quant_pre_process, quantize_static)"
 
     def build(self, segment: dict[str, Any], convert_dir: Path, out: Path, compile_cfg) -> dict[str, Any]:
         import onnxruntime as ort
@@ -113,16 +144,23 @@ class OnnxRuntimeTarget(OnnxTarget):
         engine = out / f"{segment['name']}.ort.onnx"
         opts = session_options(self.settings)
         opts.optimized_model_filepath = str(engine)
+        source = convert_dir / segment["onnx"]
+        if segment.get("quantize"):  # compile.precision=int8: ORT's static QDQ quantization first
+            from pipeline.quantize import ort_qdq
+
+            source = ort_qdq.quantize(source, out, segment["name"], segment["quantize"])
         try:
-            session = ort.InferenceSession(str(convert_dir / segment["onnx"]), opts,
-                                           providers=self.settings["providers"])
+            session = ort.InferenceSession(str(source), opts, providers=self.settings["providers"])
         except Exception as err:  # onnxruntime raises its own exception types per failure
             raise CompileError(
                 f"onnxruntime could not build segment {segment['name']}: {str(err).splitlines()[0]}",
                 "an op or dtype has no kernel in the chosen provider: use compile.precision=fp32 "
                 "on CPU, keep the op in PyTorch with compile.torch_executed_ops, or pick another provider.",
             ) from err
-        return {**segment, "engine": engine.name, "providers": session.get_providers()}
+        entry = {**segment, "engine": engine.name, "providers": session.get_providers()}
+        if segment.get("quantize"):  # what ORT made of the QDQ graph: int8 kernels, and how much
+            entry.update(ort_qdq.inspect(source, engine))
+        return entry
 
     def runtime_options(self, gm) -> dict[str, Any]:
         from pipeline import segments
@@ -134,7 +172,11 @@ class OnnxRuntimeTarget(OnnxTarget):
         return {"allow_spinning": spinning}
 
     def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
-        return OrtSession(build_dir / segment["engine"], self.settings, options.get("allow_spinning"))
+        from pipeline.targets.onnxruntime_session import OrtSession
+
+        opts = session_options(self.settings, options.get("allow_spinning"))
+        binding = bool(self.settings.get("io_binding")) or self.device() == "cuda"
+        return OrtSession(build_dir / segment["engine"], opts, self.settings["providers"], binding)
 
 
 TARGET = OnnxRuntimeTarget

@@ -92,6 +92,8 @@ class TensorRTTarget(OnnxTarget):
     name = "tensorrt"
     Settings = Settings
     libraries = ("onnx", "onnxscript", "tensorrt", "tensorrt_rtx")
+    # compile.precision=int8 (pipeline.quantize.tensorrt_qdq): a QDQ graph, strongly typed INT8 engine.
+    quantizer = "QDQ ONNX from modelopt (or onnxruntime.quantization), built as explicit INT8"
 
     def __init__(self, settings: dict[str, Any]):
         super().__init__(settings)
@@ -128,8 +130,8 @@ class TensorRTTarget(OnnxTarget):
 
     def libraries_for(self, aspect: str) -> tuple[str, ...]:
         """Only the TensorRT library this target builds with changes its engines."""
-        if aspect == "lowering":
-            return self.lowering_libraries
+        if aspect in ("lowering", "placing"):
+            return super().libraries_for(aspect)
         return ("onnx", "onnxscript", self.library)
 
     def can_execute(self, library: str | None = None) -> str | None:
@@ -216,8 +218,14 @@ class TensorRTTarget(OnnxTarget):
         log = logger(self.library)
         mark = len(log.messages)
         builder = trt.Builder(log)
+        parsed, parse_dir, quantized = segment, convert_dir, {}
+        if segment.get("quantize"):  # compile.precision=int8: a QDQ graph, built as explicit INT8
+            from pipeline.quantize import int8_facts, tensorrt_qdq
+
+            qdq, tool = tensorrt_qdq.quantize(segment, convert_dir, out)
+            parsed, parse_dir, quantized = {**segment, "onnx": qdq.name}, out, int8_facts(qdq, tool)
         # The parser holds the weights the network points at: it must outlive the build.
-        network, _parser = self._parse(trt, builder, segment, convert_dir, mark)
+        network, _parser = self._parse(trt, builder, parsed, parse_dir, mark)
         config = self._builder_config(trt, builder, compile_cfg)
         self._add_profiles(builder, network, config, segment)
         plan = self._build_plan(trt, builder, network, config, segment["name"], mark)
@@ -227,7 +235,7 @@ class TensorRTTarget(OnnxTarget):
         description = self._describe(trt, network, mark)
         write_json(network_file, description)
         dtypes = sorted({t["dtype"] for d in description["layers"] for t in d["inputs"] + d["outputs"] if t})
-        return {**segment, "engine": engine_file.name, "network": network_file.name,
+        return {**segment, **quantized, "engine": engine_file.name, "network": network_file.name,
                 "library": self.library, "library_version": trt.__version__, "precision": dtypes,
                 "num_layers": len(description["layers"]),
                 "input_names": [t["name"] for t in description["inputs"]],

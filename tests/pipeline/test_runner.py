@@ -145,7 +145,7 @@ def test_target_auto_picks_onnxruntime_and_says_why(tmp_path):
     assert runner.config["target"]["name"] == "onnxruntime"
     assert runner.config["target"]["providers"] == ["CPUExecutionProvider"]
     reason = runner.target_reason
-    assert reason.startswith("target=auto chose onnxruntime (")
+    assert reason.startswith("target=auto chose onnxruntime@cpu (")
     # Both TensorRT routes come first in `prefer`; the reason says why each was passed over.
     assert "(not torch_tensorrt: " in reason and "; not tensorrt: " in reason
     if importlib.util.find_spec("torch_tensorrt") is None:

@@ -1,0 +1,216 @@
+"""Int8 calibration data: loaded, checked against the input spec and hashed before any stage runs.
+
+Calibration batches come from the `calibration` group: `random` draws them from the input
+spec (its own seed, so they are never validation's inputs), `folder` reads .npy/.pt files
+(one batch each: a tensor, a tuple in input order, or a dict by input name) and `factory`
+calls a user's importable callable that yields such batches, the way one feeds real images
+or token ids. Every way of getting it wrong (a missing folder, a wrong shape, too few
+batches, a factory that raises) is one ConfigError line before export spends a second.
+
+The data's sha256 goes into the config (`calibration.digest`) and so into build's cache
+key: a folder whose files change gives a new key even though its path did not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import itertools
+from pathlib import Path
+from typing import Any
+
+from pipeline import shapes
+from pipeline.dtypes import is_quantized, torch_dtype
+from pipeline.errors import ArtifactError, ConfigError
+
+SUFFIXES = (".npy", ".pt")
+# Loop settings -> lowest allowed value (a ConfigError names the setting otherwise).
+LOWEST = {"calibration.num_samples": 1, "quantize.max_rounds": 0, "quantize.layers_per_round": 1,
+          "quantize.eval_samples": 1, "quantize.latency_iterations": 0}
+
+
+def check(config: dict[str, Any]) -> None:
+    """compile.precision=int8: the target can quantize and the data fits; records its digest in the config."""
+    if not is_quantized(config["compile"]["precision"]):
+        return
+    from omegaconf import OmegaConf
+
+    from pipeline.quantize import quantizer_of
+
+    name = config["target"]["name"]
+    reason = quantizer_of(name)[1]
+    if reason:
+        raise ConfigError(f"target {name} cannot build compile.precision=int8: {reason}.",
+                          "use target=onnxruntime (or target=tensorrt), or compile.precision=fp32.")
+    for key, low in LOWEST.items():
+        group, field = key.split(".")
+        value = config[group][field]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{key}={value} is out of range: it must be an integer >= {low}.",
+                              f"set {key} to {low} or more.")
+    input_cfg = OmegaConf.create(config["input"])
+    shapes.check(input_cfg)
+    batches = load(OmegaConf.create(config["calibration"]), input_cfg)
+    config["calibration"]["digest"] = digest(batches)
+
+
+def load(cal, input_cfg) -> list[shapes.Sample]:
+    """The first calibration.num_samples batches of the configured source, each checked against the spec."""
+    count = int(cal.num_samples)
+    source = str(getattr(cal.source, "value", cal.source))
+    if source == "random":
+        return _random(input_cfg, count, int(cal.seed))
+    if source == "folder":
+        items = _folder_items(cal.folder, count)
+    else:
+        items = _factory_items(cal._target_, dict(cal.kwargs or {}), count)
+    return [to_sample(obj, input_cfg, where) for where, obj in items]
+
+
+def _random(input_cfg, count: int, seed: int) -> list[shapes.Sample]:
+    """Seeded batches from the spec; dynamic inputs cycle opt, min, max and random sizes between,
+    so ranges cover every size the engine will see (a sequence of 8 is not one of 64)."""
+    if not shapes.is_dynamic(input_cfg):
+        return shapes.make(input_cfg, shapes.corners(input_cfg)["opt"], count, seed_offset=seed)
+    corners = shapes.corners(input_cfg)
+    sizes = [corners["opt"], corners["min"], corners["max"], *shapes.random_dims(input_cfg, count, seed)]
+    return [shapes.make(input_cfg, sizes[i], 1, seed_offset=seed + i)[0] for i in range(count)]
+
+
+def _folder_items(folder: str | None, count: int) -> list[tuple[str, Any]]:
+    fix = "point calibration.folder at a folder of .npy or .pt files (one batch each)."
+    if not folder:
+        raise ConfigError("calibration.source=folder but calibration.folder is not set.", fix)
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"calibration.folder={folder} is not a folder.", fix)
+    files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
+    if len(files) < count:
+        raise ConfigError(f"calibration.folder={folder} holds {len(files)} .npy/.pt file(s), fewer than "
+                          f"calibration.num_samples={count}.",
+                          f"add batches, or lower calibration.num_samples to {max(len(files), 1)}.")
+    return [(f"calibration file {p.name}", _read(p)) for p in files[:count]]
+
+
+def _read(path: Path):
+    """A .npy without pickles, or a .pt through torch's weights-only unpickler: data, never code."""
+    import numpy as np
+    import torch
+
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # numpy and torch raise many types for a bad file
+        raise ConfigError(f"calibration file {path} cannot be read: {_first_line(err)}.",
+                          "save batches with numpy.save (no pickles) or torch.save of tensors.") from None
+
+
+def _factory_items(target: str | None, kwargs: dict[str, Any], count: int) -> list[tuple[str, Any]]:
+    fix = ("give calibration._target_ an importable callable returning an iterable of batches "
+           "(fix it in Python first: calling it shows the traceback).")
+    if not target:
+        raise ConfigError("calibration.source=factory but calibration._target_ is not set.", fix)
+    module_name, _, attr = target.rpartition(".")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+        items = list(itertools.islice(iter(factory(**kwargs)), count))
+    except Exception as err:  # the user's code: any failure means the same thing
+        raise ConfigError(f"calibration factory {target} failed: {_first_line(err)}.", fix) from None
+    if len(items) < count:
+        raise ConfigError(f"calibration factory {target} yielded {len(items)} batch(es), fewer than "
+                          f"calibration.num_samples={count}.",
+                          f"yield more batches, or lower calibration.num_samples to {max(len(items), 1)}.")
+    return [(f"batch {i} of calibration factory {target}", item) for i, item in enumerate(items)]
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def to_sample(obj, input_cfg, where: str) -> shapes.Sample:
+    """A batch (tensor or array, tuple/list in input order, dict by input name) as a Sample of the spec."""
+    specs = list(input_cfg.tensors)
+    names = [s.name for s in specs]
+    if isinstance(obj, dict):
+        missing = [n for n in names if n not in obj]
+        if missing:
+            raise ConfigError(f"{where} has no input {missing[0]!r} (it has {', '.join(map(str, obj)) or 'nothing'}).",
+                              f"give every input of input.tensors by name: {', '.join(names)}.")
+        values = [obj[n] for n in names]
+    else:
+        values = list(obj) if isinstance(obj, (tuple, list)) else [obj]
+        if len(values) != len(specs):
+            raise ConfigError(f"{where} holds {len(values)} tensor(s) but the model takes {len(specs)} "
+                              f"({', '.join(names)}).", "give one tensor per input, or a dict by input name.")
+    dims: dict[str, int] = {}
+    tensors = [_tensor(v, spec, input_cfg, dims, where) for v, spec in zip(values, specs, strict=True)]
+    args = tuple(t for t, s in zip(tensors, specs, strict=True) if not s.keyword)
+    kwargs = {s.name: t for t, s in zip(tensors, specs, strict=True) if s.keyword}
+    return shapes.Sample(args, kwargs, dims)
+
+
+def _tensor(value, spec, input_cfg, dims: dict[str, int], where: str):
+    """One input's tensor in the spec's dtype; its shape fits the spec (dynamic sizes within min..max)."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        raise ConfigError(f"{where}: input {spec.name} is a {type(value).__name__}, not a tensor or array.",
+                          "give tensors (torch) or arrays (numpy).")
+    dtype = torch_dtype(spec.dtype)
+    if value.is_floating_point() != dtype.is_floating_point:
+        raise ConfigError(f"{where}: input {spec.name} is {str(value.dtype).removeprefix('torch.')}, "
+                          f"but input.tensors says {spec.dtype}.", f"give {spec.name} as {spec.dtype}.")
+    shape = list(value.shape)
+    wrong = len(shape) != len(spec.shape)
+    for size, want in zip(shape, spec.shape, strict=False):
+        if isinstance(want, str):
+            dim = input_cfg.dims[want]
+            wrong = wrong or not int(dim["min"]) <= size <= int(dim["max"]) or dims.setdefault(want, size) != size
+        else:
+            wrong = wrong or size != int(want)
+    if wrong:
+        raise ConfigError(f"{where}: input {spec.name} has shape {shape}, which does not fit input.tensors "
+                          f"({list(spec.shape)}, dims {dict(input_cfg.dims) or 'static'}).",
+                          "save calibration batches in the model's input shape (a batch per file).")
+    return value.to(dtype).contiguous()
+
+
+def digest(batches: list[shapes.Sample]) -> str:
+    """sha256 over every tensor's dtype, shape and bytes, in order: the data's identity, not its path."""
+    import torch
+
+    h = hashlib.sha256()
+    for sample in batches:
+        for name, t in [*enumerate(sample.args), *sorted(sample.kwargs.items())]:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_checked(cal, input_cfg) -> list[shapes.Sample]:
+    """The batches again (in the build's process), refused if they changed since the job was keyed."""
+    batches = load(cal, input_cfg)
+    if cal.digest and digest(batches) != cal.digest:
+        raise ArtifactError("the calibration data changed while the job ran (its sha256 differs from the "
+                            "one the build was keyed by).", "run the job again once the data is final.")
+    return batches
+
+
+def segment_inputs(gm, batches: list[shapes.Sample]) -> dict[str, list[tuple]]:
+    """Each accelerated segment's inputs for every batch, from the fp32 program (hooks on its submodules).
+
+    A segment is calibrated with what really reaches it: the PyTorch ops before it included.
+    """
+    from pipeline import segments
+
+    found: dict[str, list[tuple]] = {}
+    for sample in batches:
+        for name, args in segments.capture_inputs(gm, sample).items():
+            found.setdefault(name, []).append(tuple(a.numpy() if hasattr(a, "numpy") else a for a in args))
+    return found

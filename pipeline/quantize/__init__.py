@@ -1,0 +1,73 @@
+"""Int8 quantization with each field's own tools, behind one small request.
+
+Build hands a target's build() one `QuantizeRequest` per segment (in the segment dict,
+under "quantize"): the segment's calibration inputs, the method, per-channel weights and
+the layers to keep in fp32. The target quantizes with its own tool (onnxruntime: ORT's
+static QDQ quantization, pipeline.quantize.ort_qdq; tensorrt: a QDQ graph it builds as
+a strongly typed INT8 engine) and reports what runs in int8. A target says it can
+quantize through its class attribute `quantizer` (a line saying with what); one without
+it is refused in one line before any stage runs (pipeline.calibration.check).
+
+The accuracy-aware rounds that wrap those builds are pipeline.quantize.loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class QuantizeRequest:
+    """What a target's build() needs to quantize one segment (in memory: never written to engines.json)."""
+
+    # Per calibration batch, the segment's inputs in its ONNX input order (numpy arrays).
+    inputs: list[tuple] = field(default_factory=list)
+    method: str = "minmax"
+    per_channel: bool = True
+    # ONNX node names kept in fp32.
+    exclude: list[str] = field(default_factory=list)
+    # ONNX op types to quantize (empty: the tool's default).
+    op_types: list[str] = field(default_factory=list)
+    # Scratch folder for intermediate models (pre-processed fp32), outside the cached output.
+    workdir: Path = Path(".")
+
+    def summary(self) -> dict[str, Any]:
+        """What engines.json records of the request: the settings, not the data."""
+        return {"method": self.method, "per_channel": self.per_channel, "num_batches": len(self.inputs),
+                "excluded": list(self.exclude), "op_types": list(self.op_types)}
+
+
+def quantizer_of(target_name: str) -> tuple[str | None, str | None]:
+    """(how the target quantizes, None) or (None, why it cannot): from its class attribute `quantizer`."""
+    from pipeline import targets
+
+    registry = targets.registry()
+    cls = targets.target_class(target_name)
+    quantizer = getattr(cls, "quantizer", None)
+    if quantizer:
+        return quantizer, None
+    able = sorted(name for name, c in registry.items() if getattr(c, "quantizer", None))
+    return None, (f"it has no int8 quantizer in this pipeline (targets that quantize: {', '.join(able)}); "
+                  "it would build fp32 engines")
+
+
+def strip(entry: dict[str, Any]) -> dict[str, Any]:
+    """A built segment's entry with its request replaced by the request's summary (JSON-safe)."""
+    request = entry.get("quantize")
+    if isinstance(request, QuantizeRequest):
+        entry = {**entry, "quantize": request.summary()}
+    return entry
+
+
+def replace(request: QuantizeRequest, **changes) -> QuantizeRequest:
+    return dataclasses.replace(request, **changes)
+
+
+def int8_facts(qdq: Path, tool: str) -> dict[str, Any]:
+    """engines.json facts of a QDQ model any target built: its file, the tool, the int8 fractions."""
+    from pipeline.quantize.ort_qdq import int8_fractions
+
+    return {"qdq_model": qdq.name, "quantizer": tool, "int8": int8_fractions(qdq)}

@@ -1,0 +1,64 @@
+"""A QDQ graph for TensorRT: strongly typed networks take int8 from Q/DQ nodes (explicit quantization).
+
+TensorRT 10+/11 and TensorRT-RTX dropped implicit INT8 calibration: the precision comes
+from the graph. NVIDIA Model Optimizer (`modelopt.onnx.quantization.quantize`, the route
+Torch-TensorRT documents for INT8 PTQ) writes such a graph and is used when it imports.
+`nvidia-modelopt[onnx]` pins onnx ~=1.21 and onnxruntime-gpu ~=1.24, which clash with this
+project's onnx/onnxruntime, so it is not a declared dependency: where it is missing the
+graph comes from ONNX Runtime's quantize_static in the form TensorRT accepts (signed int8
+activations and weights, symmetric scales, zero points of 0, float biases).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import CompileError
+
+MODELOPT_METHODS = {"minmax": "max", "entropy": "entropy"}
+
+
+def modelopt_available() -> bool:
+    try:
+        return importlib.util.find_spec("modelopt.onnx.quantization") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def quantize(segment: dict[str, Any], convert_dir: Path, out: Path) -> tuple[Path, str]:
+    """(the segment's QDQ model in `out`, the tool that made it)."""
+    from pipeline.quantize import ort_qdq
+
+    request, name = segment["quantize"], segment["name"]
+    source = convert_dir / segment["onnx"]
+    if modelopt_available():
+        return with_modelopt(source, out, name, request), "modelopt"
+    return ort_qdq.quantize(source, out, name, request, tensorrt=True), "onnxruntime.quantization"
+
+
+def with_modelopt(source: Path, out: Path, name: str, request) -> Path:
+    """modelopt's int8 PTQ: max (minmax) or entropy calibration on the segment's inputs, fp32 elsewhere."""
+    import numpy as np
+    from modelopt.onnx.quantization import quantize as modelopt_quantize
+
+    from pipeline.quantize.ort_qdq import input_names
+
+    if request.method not in MODELOPT_METHODS:
+        raise CompileError(f"modelopt has no {request.method} calibration for int8 (it has minmax and entropy).",
+                           "set calibration.method=minmax or entropy for target=tensorrt.")
+    names = input_names(source)
+    data = {n: np.concatenate([batch[i] for batch in request.inputs]) for i, n in enumerate(names)}
+    qdq = out / f"{name}.qdq.onnx"
+    try:
+        modelopt_quantize(onnx_path=str(source), quantize_mode="int8", calibration_data=data,
+                          calibration_method=MODELOPT_METHODS[request.method], calibration_eps=["cpu"],
+                          nodes_to_exclude=[f"^{re.escape(n)}$" for n in request.exclude] or None,
+                          op_types_to_quantize=list(request.op_types) or None,
+                          high_precision_dtype="fp32", output_path=str(qdq), log_level="WARNING")
+    except Exception as err:  # modelopt raises many types; the first line is the message
+        raise CompileError(f"modelopt could not quantize segment {name}: {str(err).splitlines()[0]}",
+                           "keep the failing layer in fp32 with quantize.exclude, or use compile.precision=fp32.") from err
+    return qdq

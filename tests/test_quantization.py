@@ -1,0 +1,224 @@
+"""compile.precision=int8: calibration, ORT's QDQ quantization, the precision check and the accuracy loop.
+
+Real jobs on small models through the real exporters, ORT's quantizer and TensorRT-RTX's
+builder; bad calibration input is refused in one line before any stage runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import numpy as np
+import pytest
+from testkit import STAGES, cache_entries, compose, make_runner, mlflow_client, mlflow_runs, run_job
+
+from pipeline.errors import CompileError, ConfigError
+
+INT8 = ("target=onnxruntime", "compile.precision=int8")
+OUTLIER = ("model._target_=quantkit.outlier_net", "model.name=outlier", *INT8)
+
+
+@pytest.fixture(scope="module")
+def int8_job(tmp_path_factory):
+    return run_job(tmp_path_factory.mktemp("int8"), *INT8)
+
+
+def test_int8_build_runs_in_int8_and_says_so(int8_job):
+    job = int8_job
+    assert job.result.status == "FINISHED"
+    assert job.result.tags["precision.achieved"] == "int8"
+    assert job.result.metrics["int8_mac_fraction"] == 1.0 and job.result.metrics["int8_op_fraction"] == 1.0
+    (segment,) = job.json("build/engines.json")["segments"]
+    assert segment["precision"] == ["int8"] and segment["int8"]["int8_kernels"] > 0
+    assert (job.run_dir / "build" / segment["qdq_model"]).is_file()
+    assert segment["quantize"] == {"method": "minmax", "per_channel": True, "num_batches": 16, "excluded": [],
+                                   "op_types": []}
+    report = job.json("build/quantization.json")
+    assert report["passed"] and report["kept_fp32"] == [] and len(report["rounds"]) == 1
+    assert "calibration: random, 16 batches, method minmax, per_channel=True" in job.log
+    (run,) = mlflow_runs(mlflow_client(job.outputs))
+    assert run.data.params["calibration.method"] == "minmax" and run.data.params["calibration.num_samples"] == "16"
+    assert run.data.tags["precision.achieved"] == "int8"
+    assert run.data.tags["calibration.sha256"] == job.runner.config["calibration"]["digest"]
+
+
+def test_int8_engine_loads_and_agrees_with_fp32(int8_job):
+    import torch
+
+    import pipeline
+    from pipeline.models import build_model
+
+    module = pipeline.load(int8_job.run_dir)
+    model = build_model(compose(int8_job.outputs).model)
+    x = torch.randn(4, 1, 3, 64, 64, generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        got, ref = torch.cat([module(b) for b in x]), torch.cat([model(b) for b in x])
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.999
+    assert not torch.equal(got, ref)  # quantized: close, not identical
+
+
+def test_calibration_methods_give_different_ranges(int8_job, tmp_path):
+    """entropy and percentile clip where minmax does not (quantize_static alone makes entropy equal minmax)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from pipeline.quantize import QuantizeRequest, ort_qdq
+
+    rng = np.random.default_rng(0)
+    inputs = [(rng.standard_normal((1, 3, 64, 64)).astype(np.float32),) for _ in range(16)]
+    scales = {}
+    for method in ("minmax", "entropy", "percentile"):
+        out = tmp_path / method
+        out.mkdir()
+        qdq = ort_qdq.quantize(int8_job.run_dir / "convert" / "accel_0.onnx", out, "accel_0",
+                               QuantizeRequest(inputs=inputs, method=method, workdir=tmp_path))
+        scales[method] = [float(numpy_helper.to_array(i)) for i in onnx.load(str(qdq)).graph.initializer
+                          if i.name.endswith("_scale") and numpy_helper.to_array(i).size == 1]
+    assert scales["entropy"] != scales["minmax"] and scales["percentile"] != scales["minmax"]
+    assert all(e <= m for e, m in zip(scales["entropy"], scales["minmax"], strict=True))
+
+
+def test_asking_int8_and_getting_none_fails(tmp_path):
+    """Nothing accelerated (every block too small): no engine computes in int8, and the job says so."""
+    with pytest.raises(CompileError, match="asked for int8 but no engine reports int8"):
+        run_job(tmp_path, *INT8, "compile.min_block_size=100000", "tracking.enabled=false")
+
+
+def test_accuracy_loop_keeps_the_outlier_layer_in_fp32(tmp_path):
+    """Naive int8 of a layer fed by huge outliers fails the gate; the loop finds it and passes."""
+    cache = tmp_path / "cache"
+    with pytest.raises(CompileError, match="validation failed: rel_l2_err"):
+        run_job(tmp_path / "naive", *OUTLIER, "quantize.max_rounds=0", cache=cache)
+    job = run_job(tmp_path / "loop", *OUTLIER, "quantize.layers_per_round=1", cache=cache)
+    assert job.result.status == "FINISHED"
+    report = job.json("build/quantization.json")
+    first, last = report["rounds"][0], report["rounds"][-1]
+    assert not first["passed"] and first["cosine_similarity"] < 0.99 and last["passed"]
+    # conv2 reads the outlier tensor: it stays fp32 (reading the fp32 tensor), conv3 and fc stay int8.
+    assert report["kept_fp32"] == ["accel_0/node_conv2d_1"]
+    assert 0.5 < last["int8_mac_fraction"] < 1.0 and last["latency_p50_ms"] > 0
+    assert job.result.metrics["quantize_rounds"] == 1 and job.result.metrics["quantize/round0_cosine_similarity"] < 0.99
+    assert job.result.tags["precision.achieved"] == "fp32+int8"
+    run = next(r for r in mlflow_runs(mlflow_client(tmp_path / "loop")) if r.info.status == "FINISHED")
+    assert run.data.tags["quantize.kept_fp32"] == "accel_0/node_conv2d_1"
+    assert job.json("validate/report.json")["passed"]
+
+
+def save_batches(folder, count: int, shape=(1, 3, 64, 64), seed: int = 0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        np.save(folder / f"{i:03d}.npy", rng.standard_normal(shape, dtype=np.float32))
+    return folder
+
+
+def test_calibration_folder_is_keyed_by_content(tmp_path):
+    folder = save_batches(tmp_path / "calib", 4)
+    ovs = (*INT8, "calibration=folder", f"calibration.folder={folder}", "calibration.num_samples=4",
+           "tracking.enabled=false")
+    first = run_job(tmp_path / "a", *ovs, cache=tmp_path / "cache")
+    np.save(folder / "002.npy", np.ones((1, 3, 64, 64), dtype=np.float32))
+    second = run_job(tmp_path / "b", *ovs, cache=tmp_path / "cache")
+    assert second.record("convert").hit and not second.record("build").hit
+    assert first.record("build").key != second.record("build").key
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    digests = []
+    for path in (folder, moved):  # the same bytes elsewhere: the same digest
+        runner, _, _ = make_runner(tmp_path / "c", *INT8, "calibration=folder", f"calibration.folder={path}",
+                                   "calibration.num_samples=4")
+        from pipeline.calibration import check
+
+        check(runner.config)
+        digests.append(runner.config["calibration"]["digest"])
+    assert digests[0] == digests[1] == second.runner.config["calibration"]["digest"]
+
+
+def test_calibration_from_a_factory_with_entropy(tmp_path):
+    job = run_job(tmp_path, *INT8, "calibration.source=factory", "calibration._target_=quantkit.image_batches",
+                  "+calibration.kwargs.count=8", "calibration.num_samples=8", "calibration.method=entropy",
+                  "tracking.enabled=false")
+    assert job.result.status == "FINISHED" and "calibration: factory, 8 batches, method entropy" in job.log
+    (segment,) = job.json("build/engines.json")["segments"]
+    assert segment["quantize"]["method"] == "entropy" and segment["precision"] == ["int8"]
+
+
+BAD = {
+    "missing_folder": (("calibration=folder", "calibration.folder={tmp}/nope"), "is not a folder"),
+    "folder_unset": (("calibration=folder",), "calibration.folder is not set"),
+    "wrong_shape": (("calibration=folder", "calibration.folder={tmp}/small", "calibration.num_samples=2"),
+                    "has shape [1, 3, 32, 32]"),
+    "too_few": (("calibration=folder", "calibration.folder={tmp}/few", "calibration.num_samples=5"),
+                "holds 2 .npy/.pt file(s), fewer than calibration.num_samples=5"),
+    "factory_raises": (("calibration.source=factory", "calibration._target_=quantkit.raising_batches"),
+                       "calibration factory quantkit.raising_batches failed: RuntimeError: the dataset server is down"),
+    "factory_too_few": (("calibration.source=factory", "calibration._target_=quantkit.image_batches",
+                         "+calibration.kwargs.count=3"), "yielded 3 batch(es), fewer than calibration.num_samples=16"),
+    "target_cannot": (("target=eager",), "target eager cannot build compile.precision=int8"),
+    "rounds_negative": (("quantize.max_rounds=-1",), "quantize.max_rounds=-1 is out of range"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_calibration_is_one_line_before_any_stage(tmp_path, name):
+    save_batches(tmp_path / "small", 2, shape=(1, 3, 32, 32))
+    save_batches(tmp_path / "few", 2)
+    extra, needle = BAD[name]
+    extra = tuple(o.replace("{tmp}", str(tmp_path)) for o in extra)
+    runner, console, _ = make_runner(tmp_path / "out", "target=onnxruntime", "compile.precision=int8", *extra,
+                                     "tracking.enabled=false", cache=tmp_path / "cache")
+    with pytest.raises(ConfigError) as caught:
+        from pipeline.tracking import Tracker
+
+        runner.run(Tracker(runner.config["tracking"]))
+    line = caught.value.one_line()
+    assert needle in line and " Fix: " in line and "\n" not in line
+    log = console.export_text()
+    assert [row for row in log.splitlines() if row.startswith("error:")] == ["error: " + line]
+    assert not any(row.startswith("done ") for row in log.splitlines())
+    assert all(cache_entries(tmp_path / "cache", stage) == [] for stage in STAGES)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx is not installed")
+def test_tensorrt_rtx_int8_engine_has_int8_tensors(tmp_path):
+    """Built ahead of time on this CPU: a strongly typed network whose tensors include INT8."""
+    job = run_job(tmp_path, "target=tensorrt", "target.library=tensorrt_rtx", "compile.precision=int8",
+                  "tracking.enabled=false")
+    assert job.result.status == "FINISHED"
+    (segment,) = job.json("build/engines.json")["segments"]
+    network = job.json(f"build/{segment['network']}")
+    dtypes = {t["dtype"] for layer in network["layers"] for t in layer["inputs"] + layer["outputs"] if t}
+    assert network["strongly_typed"] and "int8" in dtypes
+    assert {"QUANTIZE", "DEQUANTIZE"} <= {layer["type"].rpartition(".")[2] for layer in network["layers"]}
+    assert segment["precision"] == ["float32", "int8"] and segment["int8"]["int8_mac_fraction"] > 0.9
+    assert job.result.tags["precision.achieved"] == "fp32+int8"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is None,
+                    reason="torch_tensorrt cannot be installed here (no NVIDIA wheels): its modelopt route is untested")
+def test_torch_tensorrt_int8(tmp_path):
+    job = run_job(tmp_path, "target=torch_tensorrt", "compile.precision=int8", "tracking.enabled=false")
+    assert "int8" in job.result.tags["precision.achieved"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("modelopt") is None,
+                    reason="nvidia-modelopt is not installed (its [onnx] extra pins onnx/onnxruntime versions "
+                           "this project does not use)")
+def test_modelopt_fake_quantizes_a_module_on_cpu():
+    """The torch half of Torch-TensorRT's int8 route: calibrated fake-quantizers change the outputs a little."""
+    import quantkit
+    import torch
+
+    from pipeline.quantize.torch_modelopt import quantize_module
+    from pipeline.shapes import Sample
+
+    model = quantkit.outlier_net(scale=1.0).eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [Sample((torch.randn(1, 3, 64, 64, generator=gen),), {}, {}) for _ in range(4)]
+    x = torch.randn(1, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        ref = model(x)
+        got = quantize_module(model, batches)(x)
+    assert not torch.equal(got, ref)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.99
