@@ -129,7 +129,7 @@ def run(ctx: StageContext) -> Metrics:
         "accuracy": accuracy, "shapes": per_shape, "tolerance": dict(cfg.validate.tolerances[precision]),
         "latency": {**latency["opt"], "method": latency_method(device, latency), "at": latency},
         "engine_load_seconds": loading["seconds"], "gpu_memory_mb": memory,
-        "warnings": list(ctx.notes),
+        "quantization": quantization_summary(ctx), "warnings": list(ctx.notes),
     }
     write_json(ctx.out / FILES.report, report)
     metrics = {**report_metrics(accuracy, per_shape, latency, failures), **tags,
@@ -137,6 +137,15 @@ def run(ctx: StageContext) -> Metrics:
     if memory:
         metrics.update({"gpu_mem_peak_mb": memory["compiled"]["peak"], "eager/gpu_mem_peak_mb": memory["eager"]["peak"]})
     return metrics
+
+
+def quantization_summary(ctx: StageContext) -> dict[str, Any] | None:
+    """An int8 build's layers kept in fp32 and what each round cost and bought (build/quantization.json)."""
+    path = ctx.inputs["build"] / "quantization.json"
+    if not path.is_file():
+        return None
+    built = load_json(path, "quantization report")
+    return {k: built.get(k) for k in ("kept_fp32", "chosen_round", "rounds")}
 
 
 def load_compiled(ctx: StageContext, device: str):

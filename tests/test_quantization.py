@@ -102,7 +102,8 @@ def test_accuracy_loop_keeps_the_outlier_layer_in_fp32(tmp_path):
     assert job.result.tags["precision.achieved"] == "fp32+int8"
     run = next(r for r in mlflow_runs(mlflow_client(tmp_path / "loop")) if r.info.status == "FINISHED")
     assert run.data.tags["quantize.kept_fp32"] == "accel_0/node_conv2d_1"
-    assert job.json("validate/report.json")["passed"]
+    validated = job.json("validate/report.json")
+    assert validated["passed"] and validated["quantization"]["kept_fp32"] == ["accel_0/node_conv2d_1"]
 
 
 def save_batches(folder, count: int, shape=(1, 3, 64, 64), seed: int = 0):
