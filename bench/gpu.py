@@ -104,7 +104,37 @@ def speed(run_dir: Path, batch: int, mode: str, iterations: int) -> dict:
             "ours_vs_eager": out["eager"]["p50_ms"] / out["ours"]["p50_ms"]}
 
 
-def bench(batch: int, mode: str, iterations: int, root: Path) -> dict:
+PROFILE = """
+import cProfile, pstats, sys, time
+from pathlib import Path
+import torch
+import pipeline
+torch.cuda.init()
+profile = cProfile.Profile()
+started = time.perf_counter()
+profile.enable()
+module = pipeline.load(Path(sys.argv[1]), trusted=True)
+profile.disable()
+print(f"pipeline.load: {time.perf_counter() - started:.2f} s (torch imported, CUDA initialised)")
+from torch._dynamo.utils import compile_times, counters
+print(compile_times(repr="str"))
+print({k: dict(v) for k, v in counters.items() if v})
+stats = pstats.Stats(profile).sort_stats("cumulative")
+stats.print_stats(45)
+stats.sort_stats("tottime").print_stats(25)
+"""
+
+
+def profile_load(run_dir: Path, work: Path) -> None:
+    """Where a warm start's seconds go: pipeline.load under cProfile in a fresh process, empty compiler caches."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-profile"),
+           "TRITON_CACHE_DIR": str(work / "triton-profile")}
+    proc = subprocess.run([sys.executable, "-c", PROFILE, str(run_dir)], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    print(proc.stdout[-20000:], proc.stderr[-3000:], flush=True)
+
+
+def bench(batch: int, mode: str, iterations: int, root: Path, profile: bool = False) -> dict:
     """Cold build, warm rebuild (both subprocesses), then the speed of all three in this process."""
     work = root / f"bs{batch}"
     cache = work / "cache"
@@ -115,6 +145,10 @@ def bench(batch: int, mode: str, iterations: int, root: Path) -> dict:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         runs[tag] = figures(proc, proc.stdout + proc.stderr, run_dir, time.perf_counter() - started)
         print(f"bs{batch} {tag}: {json.dumps(runs[tag])}", flush=True)
+    if profile:
+        profile_load(Path(runs["warm"]["run_dir"]), work)
+        return {"batch": batch, "mode": mode, **runs,
+                "ready_fraction_of_cold": runs["warm"]["engine_load_s"] / runs["cold"]["compile_s"]}
     # The hand-written compile starts from empty compiler caches of its own.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-hand")
     os.environ["TRITON_CACHE_DIR"] = str(work / "triton-hand")
@@ -130,6 +164,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=250)
     parser.add_argument("--out", type=Path, default=None, help="JSON results (appended per batch size)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the runs and compiler caches")
+    parser.add_argument("--profile-load", action="store_true",
+                        help="after the cold and warm runs, profile pipeline.load instead of timing the engines")
     args = parser.parse_args()
     import torch
 
@@ -138,10 +174,12 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-gpu-", dir=args.work) as tmp:
         for batch in args.batch:
-            results.append({"card": card, "torch": torch.__version__, **bench(batch, args.mode, args.iterations, Path(tmp))})
+            measured = bench(batch, args.mode, args.iterations, Path(tmp), args.profile_load)
+            results.append({"card": card, "torch": torch.__version__, **measured})
             if args.out:
                 args.out.write_text(json.dumps(results, indent=2))
-            print_table(results[-1])
+            if not args.profile_load:
+                print_table(results[-1])
 
 
 def print_table(r: dict) -> None:

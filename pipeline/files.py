@@ -36,6 +36,16 @@ def describe_files(folder: Path) -> list[dict[str, Any]]:
     return files
 
 
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """A hard link (no second copy of weights on disk; cache entries are read-only), a copy across devices."""
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write through a temporary file and rename, so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")

@@ -90,10 +90,26 @@ def allocated_mb(device: str) -> float:
     return torch.cuda.memory_allocated() / 2**20
 
 
+def outside_torch_mb(device: str) -> float:
+    """GPU memory in use that torch's allocator did not reserve (ONNX Runtime's arena, TensorRT), MB.
+
+    The device's used memory (cudaMemGetInfo) less what torch reserved; differences of it
+    over a load or a call are what other allocators took, which torch's counters never see.
+    """
+    if device != "cuda":
+        return 0.0
+    import torch
+
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return (total - free - torch.cuda.memory_reserved()) / 2**20
+
+
 def transient_peak_mb(fn: Callable[[], object]) -> float:
     """What one call allocates on top of what was resident, at its peak (torch's allocator), MB.
 
-    Memory that another allocator takes (ONNX Runtime's CUDA arena) is not seen here.
+    Other allocators keep what a call took (ONNX Runtime's arena grows and holds): validate
+    adds their growth since loading, from outside_torch_mb.
     """
     import torch
 

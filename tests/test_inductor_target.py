@@ -68,3 +68,28 @@ def test_without_a_compiler_the_target_says_what_to_install(tmp_path):
     with config.patch({"cpp.cxx": (str(tmp_path / "no-such-compiler"),)}):
         with pytest.raises(TargetUnavailable, match="needs a C.. compiler.*apt-get install g"):
             targets.make("inductor", {"name": "inductor"})
+
+
+def test_cached_coordinate_descent_result_is_kept_by_loaded_kernels(tmp_path, monkeypatch):
+    """pytorch/pytorch#172819: a kernel loaded from the cache must not re-tune what the build tuned."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from torch._inductor.runtime import triton_heuristics as th
+    from torch._inductor.runtime.autotune_cache import AutotuneCache
+
+    from pipeline.targets.inductor_runtime import recheck_autotune_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    meta = {"autotune_local_cache": True, "coordinate_descent_tuning": True}
+    kernel = tmp_path / "ab" / "kernel.py"
+    kernel.parent.mkdir()
+    compiled = th.Config({"XBLOCK": 64}, num_warps=4, num_stages=1)
+    cache = AutotuneCache.create(meta, str(kernel), th.hash_configs([compiled]))
+    cache.save(th.Config({"XBLOCK": 64}, num_warps=4, num_stages=1), 0, found_by_coordesc=True)
+
+    loaded = SimpleNamespace(compile_results=[SimpleNamespace(config=compiled)], filename=str(kernel),
+                             inductor_meta=meta)
+    recheck_autotune_cache(loaded, reload_kernel_from_src=None)
+    assert loaded.autotune_cache_info["autotune_cache_state"] == "hit"
+    assert loaded.compile_results[0].config.found_by_coordesc is True  # run() will not tune it again

@@ -6,6 +6,13 @@
 #   tools/gpu-machine.sh test           # there: install .whl/ into /tmp/site, then make test-gpu
 #   tools/gpu-machine.sh bench [args]   # there: install .whl/, then bench/gpu.py [args]
 #   tools/gpu-machine.sh smoke          # there: the issue's command, resnet50 fp16 with target=auto
+#   tools/gpu-machine.sh fetch-ort      # here: onnxruntime-gpu (CUDA 13, ~255 MB) in five parts -> .ortgpu/pN
+#   tools/gpu-machine.sh join-ort       # there: join the parts and install them into /tmp/site-ort
+#
+# A device call carries at most 64 MiB, so onnxruntime-gpu travels in five calls, one part each
+# (carry .ortgpu/name and .ortgpu/p1, then .ortgpu/p2, ...; ignored paths stay there between calls of
+# one machine, which goes back after 30 s idle: make the calls back to back);
+# once joined, `test` and `bench` put it ahead of the machine's CPU-only onnxruntime.
 #
 # Wheels are pure Python (the machine has numpy, onnx, onnxscript, onnxruntime, transformers);
 # antlr4-python3-runtime 4.9.3 ships only as a source archive, so `fetch` builds its wheel.
@@ -15,6 +22,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.whl
 SITE=/tmp/site
+ORT_SITE=/tmp/site-ort
+ORT_GPU=onnxruntime-gpu==1.31.1
 PY=${PY:-python3}
 PACKAGES=(hydra-core==1.3.2 omegaconf==2.3.0 rich==13.9.4 markdown-it-py==3.0.0 mdurl==0.1.2
           pygments==2.19.1 pytest==8.3.5 pluggy==1.5.0 iniconfig==2.0.0)
@@ -39,16 +48,38 @@ install() {
     if [ ${#missing[@]} -gt 0 ]; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "${missing[@]}"
     fi
-    export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$SITE:$ORT_SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 }
 
+fetch_ort() {
+    local tmp
+    tmp=$(mktemp -d)
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 -d "$tmp" "$ORT_GPU"
+    rm -rf .ortgpu && mkdir -p .ortgpu
+    (cd .ortgpu && split -n 5 -d -a 1 "$tmp"/*.whl part && for i in 0 1 2 3 4; do
+        mkdir -p "p$((i + 1))" && mv "part$i" "p$((i + 1))/"; done)
+    basename "$tmp"/*.whl > .ortgpu/name && rm -rf "$tmp"
+    du -sh .ortgpu/p*
+}
+
+join_ort() {
+    local whl
+    whl="/tmp/$(cat .ortgpu/name)"
+    cat .ortgpu/p*/part* > "$whl"
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$ORT_SITE" "$whl"
+    PYTHONPATH="$ORT_SITE" $PY -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
+}
+
 case "${1:-}" in
     fetch) fetch ;;
+    fetch-ort) fetch_ort ;;
+    join-ort) join_ort ;;
     test) install; make --no-print-directory test-gpu PY="$PY" ;;
     bench) install; shift; PYTHONUNBUFFERED=1 $PY bench/gpu.py "$@" ;;
     smoke) install; PYTHONUNBUFFERED=1 $PY -m pipeline model=resnet50 compile.precision=fp16 tracking.enabled=false \
                paths.outputs="${OUTPUTS:-/tmp/pipeline-outputs}" ;;
-    *) echo "usage: tools/gpu-machine.sh fetch|test|bench [bench/gpu.py args]|smoke" >&2; exit 2 ;;
+    *) echo "usage: tools/gpu-machine.sh fetch|fetch-ort|join-ort|test|bench [bench/gpu.py args]|smoke" >&2; exit 2 ;;
 esac

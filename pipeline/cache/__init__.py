@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import env
-from pipeline.files import describe_files, load_json, read_manifest, write_json
+from pipeline.files import describe_files, link_or_copy, load_json, read_manifest, write_json
 from pipeline.layout import MANIFEST
 from pipeline.stage import Metrics, StageSpec
 
@@ -133,13 +133,6 @@ def protect(folder: Path) -> None:
 
 def link_tree(src: Path, dst: Path) -> None:
     """Give a run folder its own view of a cache entry: hard links, copies across devices."""
-
-    def link_or_copy(s: str, d: str) -> None:
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
     tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}")
     shutil.copytree(src, tmp, copy_function=link_or_copy)
     if dst.exists():

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any
 
 from pipeline.dtypes import ENGINE_DTYPES, PRECISION_DTYPES
 from pipeline.errors import ArtifactError, ConfigError
-from pipeline.files import write_json
+from pipeline.files import link_or_copy, write_json
 from pipeline.targets import Target, TargetSettings
 from pipeline.targets.onnx_base import value_info
 
@@ -311,7 +310,7 @@ class TorchTensorRTTarget(Target):
 
     def build(self, segment: dict[str, Any], convert_dir: Path, out: Path, compile_cfg) -> dict[str, Any]:
         for key in ("engine", "shapes"):
-            os.link(convert_dir / segment[key], out / segment[key])
+            link_or_copy(convert_dir / segment[key], out / segment[key])
         description = out / f"{segment['name']}.engine.json"
         write_json(description, {"library": "torch_tensorrt", "settings": self.values,
                                  "input_names": segment["input_names"], "output_names": segment["output_names"],
