@@ -69,3 +69,15 @@ def tensorrt_name(trt_dtype) -> str:
 def precisions_of(dtypes) -> list[str]:
     """The precisions ('fp16', ...) among dtype names, sorted."""
     return sorted({DTYPE_PRECISIONS[d] for d in dtypes if d in DTYPE_PRECISIONS})
+
+
+def graph_precisions(gm) -> list[str]:
+    """The float precisions the graph's ops compute in, from the dtypes of their outputs.
+
+    Engines that describe no network of their own (ONNX Runtime, Inductor) were built
+    from exactly this graph, so these are the precisions they compute in.
+    """
+    import torch
+
+    return precisions_of({name_of(v.dtype) for n in gm.graph.nodes if n.op == "call_function"
+                          for v in [n.meta.get("val")] if isinstance(v, torch.Tensor)})

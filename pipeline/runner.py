@@ -123,10 +123,11 @@ class Runner:
             name = naming.single_name(self.config["model"]["name"], self.target_name)
         result.tracking["run_name"] = name
         tracker.start(run_name=name, params=naming.params(self.config), tags=self.tags())
-        self.write_run_files(result)  # run.json exists (RUNNING) from before the first stage
         try:
             with terminate_as_interrupt():
-                self.run_stages(result, tracker)
+                target = self.settle_target(result)  # before the run files: config.yaml names what it resolved
+                self.write_run_files(result)  # run.json exists (RUNNING) from before the first stage
+                self.run_stages(result, tracker, target)
                 self.check_validation()
             result.status = "FINISHED"
         except KeyboardInterrupt as err:
@@ -146,14 +147,10 @@ class Runner:
             self.finish(result, tracker)
         return result
 
-    def run_stages(self, result: JobResult, tracker) -> None:
+    def run_stages(self, result: JobResult, tracker, target) -> None:
         """Check what can be checked cheaply, then every stage in order, each keyed by its inputs' keys."""
         from stages import ORDER  # the runner is the one module of pipeline/ that knows the stages
 
-        check_settings(self.config)  # ranges and paths: before the target, before any stage
-        target = targets.make(self.target_name, self.config["target"])
-        target.configure(OmegaConf.create(self.config["compile"]))
-        self.settle_target(result, target)
         # Fail on a bad op name or input spec before any heavy work.
         ops.resolve(self.config["compile"]["torch_executed_ops"])
         shapes.check(OmegaConf.create(self.config["input"]))
@@ -176,17 +173,19 @@ class Runner:
         self.current_stage = "validation gate"
         result.tags.update(self.trust_tags(result))
 
-    def settle_target(self, result: JobResult, target) -> None:
-        """Record what the target resolved (device=auto, providers, artifact) in config.yaml and the tags.
+    def settle_target(self, result: JobResult) -> targets.Target:
+        """The job's target, made and configured; what it resolved (device=auto, providers, artifact)
+        goes into the config (written to config.yaml after this) and the tags.
 
         pipeline.load rebuilds engines from config.yaml's target, so it must name the device used.
         """
-        resolved = {k: v for k, v in target.settings.items() if k in self.config["target"]}
-        if resolved != {k: self.config["target"][k] for k in resolved}:
-            self.config["target"].update(resolved)
-            OmegaConf.save(OmegaConf.create(self.config), self.run_dir / layout.RUN_CONFIG)
+        check_settings(self.config)  # ranges and paths: before the target, before any stage
+        target = targets.make(self.target_name, self.config["target"])
+        target.configure(OmegaConf.create(self.config["compile"]))
+        self.config["target"].update({k: v for k, v in target.settings.items() if k in self.config["target"]})
         result.tags.update(env.device_tags(target.device()))
         self.console.print(f"[bold]device[/]: {escape(result.tags['device'])} ({escape(result.tags['device.name'])})")
+        return target
 
     def trust_tags(self, result: JobResult) -> dict[str, str]:
         """What a reader needs before believing a number: engine identity, latency spread, warnings."""

@@ -16,6 +16,7 @@ from typing import Any
 from torch.fx.passes.operator_support import OperatorSupportBase
 
 from pipeline import layout, ops, programs, segments
+from pipeline.dtypes import graph_precisions
 from pipeline.errors import CompileError
 from pipeline.files import write_json
 from pipeline.stage import Metrics, StageContext, StageSpec
@@ -119,6 +120,8 @@ def run(ctx: StageContext) -> Metrics:
         "segments": described,
         "kept_in_torch": {op: {"count": v["count"], "reasons": dict(v["reasons"])} for op, v in sorted(by_op.items())},
         "kept_nodes": kept,
+        # validate reports these as the precision achieved where engines describe no network
+        "graph_precisions": graph_precisions(gm),
     }
     write_json(ctx.out / FILES.report, report)
     write_json(ctx.out / FILES.recipe, recipe)
@@ -176,7 +179,7 @@ def print_summary(console, report: dict[str, Any]) -> None:
 
 
 SPEC = StageSpec(
-    name="partition", version=1, run=run, inputs=("lower",),
+    name="partition", version=2, run=run, inputs=("lower",),
     reads=("compile.min_block_size", "compile.torch_executed_ops", "compile.require_full_compilation"),
     asks=PARTITIONING, writes=FILES,
 )

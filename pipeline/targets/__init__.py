@@ -94,7 +94,9 @@ class Target:
     engines_are_code: bool = False
 
     def __init__(self, settings: dict[str, Any]):
-        self.settings = dict(settings)
+        # The schema's defaults under the given settings: a target made from some of them has them all.
+        defaults = {k: v for k, v in vars(self.Settings()).items() if v != MISSING}
+        self.settings = {**defaults, **settings}
         if "device" in self.settings:
             self.settings["device"] = self.resolve_device(self.settings["device"])
 

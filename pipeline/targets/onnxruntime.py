@@ -106,11 +106,16 @@ class OnnxRuntimeTarget(OnnxTarget):
             return None
         return {"device": "cpu" if name == "cpu" else "cuda", "providers": cls.VARIANTS[name]}
 
+    def missing_providers(self) -> tuple[list[str], list[str]]:
+        """(providers this job names that onnxruntime here lacks, the providers it has)."""
+        available = available_providers()
+        return [p for p in self.settings["providers"] if p not in available], available
+
     def can_execute(self) -> str | None:
-        missing = [p for p in self.settings["providers"] if p not in available_providers()]
+        missing, available = self.missing_providers()
         if missing:
             return (f"onnxruntime here has no {', '.join(missing)} "
-                    f"(available: {', '.join(available_providers())}; pip install -e '.[onnxruntime-gpu]')")
+                    f"(available: {', '.join(available)}; pip install -e '.[onnxruntime-gpu]')")
         return super().can_execute()
 
     @classmethod
@@ -124,12 +129,10 @@ class OnnxRuntimeTarget(OnnxTarget):
         self._check_providers()
 
     def _check_providers(self) -> None:
-        import onnxruntime as ort
-
-        missing = [p for p in self.settings["providers"] if p not in ort.get_available_providers()]
+        missing, available = self.missing_providers()
         if missing:
             raise TargetUnavailable(
-                f"onnxruntime here has no {', '.join(missing)} (available: {', '.join(ort.get_available_providers())}).",
+                f"onnxruntime here has no {', '.join(missing)} (available: {', '.join(available)}).",
                 "set target.providers to available ones, or pip install -e '.[onnxruntime-gpu]' for CUDA "
                 "(after pip uninstall onnxruntime).",
             )

@@ -49,6 +49,7 @@ class OrtSession:
         self.session = ort.InferenceSession(self.path, options, providers=provider_list(providers, stream=stream))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.binding = None  # one IOBinding per session, made on the first bound call
 
     def __call__(self, *args):
         return self.bound(*args) if self.io_binding else self.plain(*args)
@@ -64,7 +65,12 @@ class OrtSession:
         import numpy as np
         import torch
 
-        binding = self.session.io_binding()
+        if self.binding is None:
+            self.binding = self.session.io_binding()
+        binding = self.binding
+        # Cleared outputs make ORT allocate new buffers: tensors of earlier calls are never overwritten.
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
         kept = []  # contiguous copies must outlive the run
         for name, a in zip(self.input_names, args, strict=False):
             a = a.detach().contiguous()
