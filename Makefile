@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" -e ".[dev,tensorrt-rtx,transformers]"
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" -e ".[dev,tensorrt-rtx,transformers,quant]"
 	touch $(STAMP)
 
 run: install   ## the main job on the embedded default (ONNX Runtime on CPU)

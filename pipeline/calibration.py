@@ -35,13 +35,18 @@ def check(config: dict[str, Any]) -> None:
         return
     from omegaconf import OmegaConf
 
-    from pipeline.quantize import quantizer_of
+    from pipeline.quantize import int8_refusal, quantizer_of
 
     name = config["target"]["name"]
     reason = quantizer_of(name)[1]
     if reason:
         raise ConfigError(f"target {name} cannot build compile.precision=int8: {reason}.",
-                          "use target=onnxruntime (or target=tensorrt), or compile.precision=fp32.")
+                          "use target=onnxruntime (or target=tensorrt, or target=inductor on the CPU), "
+                          "or compile.precision=fp32.")
+    refused = int8_refusal(name, config)
+    if refused:
+        raise ConfigError(f"target {name} cannot build compile.precision=int8 here: {refused[0]}.",
+                          f"{refused[1]}, or compile.precision=fp32.")
     for key, low in LOWEST.items():
         group, field = key.split(".")
         value = config[group][field]

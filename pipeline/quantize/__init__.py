@@ -6,7 +6,9 @@ the layers to keep in fp32. The target quantizes with its own tool (onnxruntime:
 static QDQ quantization, pipeline.quantize.ort_qdq; tensorrt: a QDQ graph it builds as
 a strongly typed INT8 engine) and reports what runs in int8. A target says it can
 quantize through its class attribute `quantizer` (a line saying with what); one without
-it is refused in one line before any stage runs (pipeline.calibration.check).
+it is refused in one line before any stage runs (pipeline.calibration.check), and so is a
+job whose settings its quantizer cannot serve (the classmethod `int8_refusal(config)`:
+inductor quantizes with PT2E on the CPU only, pipeline.quantize.pt2e).
 
 The accuracy-aware rounds that wrap those builds are pipeline.quantize.loop.
 """
@@ -52,6 +54,14 @@ def quantizer_of(target_name: str) -> tuple[str | None, str | None]:
     able = sorted(name for name, c in registry.items() if getattr(c, "quantizer", None))
     return None, (f"it has no int8 quantizer in this pipeline (targets that quantize: {', '.join(able)}); "
                   "it would build fp32 engines")
+
+
+def int8_refusal(target_name: str, config: dict[str, Any]) -> tuple[str, str] | None:
+    """(why not, the fix) when the target's quantizer cannot serve this job's settings; None when it can."""
+    from pipeline import targets
+
+    refusal = getattr(targets.target_class(target_name), "int8_refusal", None)
+    return refusal(config) if refusal else None
 
 
 def strip(entry: dict[str, Any]) -> dict[str, Any]:

@@ -98,6 +98,10 @@ def _worst_layers(engines, inputs, excluded: list[str], count: int, ctx, scratch
     """The `count` layers whose int8 versions add the most noise, over every segment, as segment/layer."""
     from pipeline.quantize import ort_qdq, sensitivity
 
+    if not all("onnx" in entry and "qdq_model" in entry for entry in engines):
+        ctx.console.print("int8: per-layer sensitivity reads QDQ ONNX models, which these engines do not have: "
+                          "no layer is moved to fp32", markup=False, highlight=False)
+        return []
     found = []
     with ctx.console.status("int8: per-layer sensitivity against fp32"):
         for entry in engines:

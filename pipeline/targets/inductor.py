@@ -70,12 +70,20 @@ def choose_artifact(settings: dict[str, Any]) -> str:
 class InductorTarget(Target):
     name = "inductor"
     Settings = Settings
-    libraries = ("torch", "triton")
+    libraries = ("torch", "triton", "torchao")
     # AOTInductor packages are shared libraries and torch.compile's caches hold generated code.
     engines_are_code = True
+    # compile.precision=int8 (pipeline.quantize.pt2e): the CPU's PT2E route, refused elsewhere in one line.
+    quantizer = "PT2E with torchao's X86InductorQuantizer, built by AOTInductor (CPU)"
+
+    @classmethod
+    def int8_refusal(cls, config: dict[str, Any]) -> tuple[str, str] | None:
+        from pipeline.quantize import pt2e
+
+        return pt2e.refusal(config)
 
     def __init__(self, settings: dict[str, Any]):
-        super().__init__({**Settings().__dict__, **settings})
+        super().__init__(settings)
         self.settings["artifact"] = choose_artifact(self.settings)
 
     @classmethod
@@ -128,6 +136,10 @@ class InductorTarget(Target):
         try:
             if artifact == "compile_cache":
                 built = inductor_runtime.build_compile_cache(segment, convert_dir, out, self.settings)
+            elif segment.get("quantize"):  # compile.precision=int8: PT2E, then an AOTInductor package
+                from pipeline.quantize import pt2e
+
+                built = pt2e.build(segment, convert_dir, out, self.settings)
             else:
                 built = self.build_aoti(segment, convert_dir, out)
         except ConfigError:
