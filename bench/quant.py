@@ -1,7 +1,9 @@
 """Benchmark (not a test): int8 against fp32 engines of the pipeline, on this machine's CPU.
 
 For ResNet-50 (batch 1) and BERT-base (input=text_dynamic, at its opt size), the pipeline
-builds an fp32 and an int8 onnxruntime engine (`python -m pipeline ... compile.precision=`);
+builds an fp32 and an int8 engine per target (`python -m pipeline ... compile.precision=`):
+onnxruntime (static QDQ per segment) and inductor (PT2E with X86InductorQuantizer, an
+AOTInductor package; ResNet-50 only by default, `--targets` picks);
 both are loaded with `pipeline.load`, timed interleaved in one process on one harness, and
 compared on held-out inputs (a seed used neither for calibration nor for validation):
 cosine similarity, relative L2 error and top-1 agreement of each engine against eager
@@ -9,6 +11,7 @@ fp32 PyTorch, next to the speed. Goal: ResNet-50 int8 >= 2.5x its fp32 engine, c
 >= 0.999 and top-1 agreement >= 99%.
 
     make bench-quant      # or: .venv/bin/python bench/quant.py [--iterations N] [--samples N] [--models resnet50]
+                          #     [--targets onnxruntime inductor]
 
 Builds go to outputs/bench-quant/ (its own stage cache: a second run only times).
 """
@@ -28,19 +31,21 @@ sys.path.insert(0, str(ROOT))
 WORK = ROOT / "outputs" / "bench-quant"
 MODELS = {"resnet50": ("model=resnet50", "input=image_224"),
           "bert_base": ("model=bert_base", "input=text_dynamic", "quantize=transformer")}
+# Which targets build which models by default (inductor's AOTInductor builds of BERT take long on 2 cores).
+TARGETS = {"onnxruntime": tuple(MODELS), "inductor": ("resnet50",)}
 # Held-out inputs: calibration draws with calibration.seed (1234), validation with offsets 1, 1001, ...
 HELD_OUT_SEED = 77_777
 
 
-def build(model: str, precision: str) -> tuple[Path, str]:
+def build(model: str, target: str, precision: str) -> tuple[Path, str]:
     """The run folder of one pipeline job, and how it ended (a failed gate still leaves engines)."""
-    run_dir = WORK / "runs" / f"{model}-{precision}"
-    cmd = [sys.executable, "-m", "pipeline", *MODELS[model], "target=onnxruntime", f"compile.precision={precision}",
+    run_dir = WORK / "runs" / f"{model}-{target}-{precision}"
+    cmd = [sys.executable, "-m", "pipeline", *MODELS[model], f"target={target}", f"compile.precision={precision}",
            "validate=quick", "tracking.enabled=false", f"paths.outputs={WORK}", f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("int8 round", "int8: keeping", "error:"))]
     if not (run_dir / "build" / "engines.json").is_file():
-        raise RuntimeError(f"{model} {precision}: the build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{model} {target} {precision}: the build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return run_dir, " | ".join(lines) or "ok"
 
 
@@ -57,7 +62,7 @@ def accuracy(reference: list, got: list, classifier: bool) -> dict[str, float]:
     return out
 
 
-def compare(model: str, runs: dict[str, Path], iterations: int, samples: int) -> dict:
+def compare(runs: dict[str, Path], iterations: int, samples: int) -> dict:
     """Both engines against eager fp32 on held-out inputs, then their latency interleaved."""
     import torch
     from omegaconf import OmegaConf
@@ -69,7 +74,7 @@ def compare(model: str, runs: dict[str, Path], iterations: int, samples: int) ->
 
     cfg = OmegaConf.load(runs["fp32"] / "config.yaml")
     eager = build_model(cfg.model)
-    engines = {p: pipeline.load(d) for p, d in runs.items()}
+    engines = {p: pipeline.load(d, trusted=True) for p, d in runs.items()}  # built here by this script
     dims = shapes.corners(cfg.input)["opt"]
     held_out = shapes.make(cfg.input, dims, samples, seed_offset=HELD_OUT_SEED)
     classifier = cfg.model.task == "classification"
@@ -103,46 +108,50 @@ def report(results: dict) -> None:
 
     console = Console()
     console.print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
-    table = Table(title="int8 vs fp32 onnxruntime engines (pipeline.load), interleaved in one process")
-    for col in ("model", "engine", "p50 ms", "p90 ms", "cv", "cosine", "rel L2", "top-1", "speedup"):
-        table.add_column(col, justify="left" if col in ("model", "engine") else "right")
-    for model, r in results.items():
+    table = Table(title="int8 vs fp32 engines (pipeline.load), each pair interleaved in one process")
+    for col in ("model", "target", "engine", "p50 ms", "p90 ms", "cv", "cosine", "rel L2", "top-1", "speedup"):
+        table.add_column(col, justify="left" if col in ("model", "target", "engine") else "right")
+    for (model, target), r in results.items():
         for precision in ("fp32", "int8"):
             lat, acc = r[precision]["latency"], r[precision]["accuracy_vs_eager_fp32"]
-            table.add_row(model, precision, f"{lat['p50_ms']:.2f}", f"{lat['p90_ms']:.2f}", f"{lat['cv']:.1%}",
+            table.add_row(model, target, precision, f"{lat['p50_ms']:.2f}", f"{lat['p90_ms']:.2f}", f"{lat['cv']:.1%}",
                           f"{acc['cosine']:.6f}", f"{acc['rel_l2']:.4f}",
                           f"{acc['top1']:.1%}" if "top1" in acc else "-",
                           f"{r['speedup_int8_vs_fp32']:.2f}x" if precision == "int8" else "")
     console.print(table)
-    for model, r in results.items():
-        console.print(f"{model} int8 build: {r['int8_build']}", markup=False, highlight=False)
+    for (model, target), r in results.items():
+        console.print(f"{model} {target} int8 build: {r['int8_build']}", markup=False, highlight=False)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=None, choices=list(MODELS),
+                        help="models for every target (default: each target's models in TARGETS)")
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     args = parser.parse_args()
     results, failed = {}, {}
-    for model in args.models:
+    pairs = [(m, t) for t in args.targets for m in (args.models or TARGETS[t])]
+    for model, target in pairs:
         runs, notes = {}, {}
         try:
             for precision in ("fp32", "int8"):
-                runs[precision], notes[precision] = build(model, precision)
-        except RuntimeError as err:  # one model's failed build leaves the others' figures
-            failed[model] = str(err)
+                runs[precision], notes[precision] = build(model, target, precision)
+        except RuntimeError as err:  # one pair's failed build leaves the others' figures
+            failed[(model, target)] = str(err)
             continue
-        results[model] = {**compare(model, runs, args.iterations, args.samples), "int8_build": notes["int8"]}
-        (WORK / "results.json").write_text(json.dumps(results, indent=2))
+        results[(model, target)] = {**compare(runs, args.iterations, args.samples), "int8_build": notes["int8"]}
+        (WORK / "results.json").write_text(json.dumps({f"{m}/{t}": r for (m, t), r in results.items()}, indent=2))
     report(results)
     for error in failed.values():
         print(error)
-    if "resnet50" in results:
-        r = results["resnet50"]
-        acc = r["int8"]["accuracy_vs_eager_fp32"]
-        ok = r["speedup_int8_vs_fp32"] >= 2.5 and acc["cosine"] >= 0.999 and acc.get("top1", 1.0) >= 0.99
-        print(f"resnet50 goal (int8 >= 2.5x fp32, cosine >= 0.999, top-1 >= 99%): {'OK' if ok else 'MISSED'}")
+    for (model, target), r in results.items():
+        if model == "resnet50":
+            acc = r["int8"]["accuracy_vs_eager_fp32"]
+            ok = r["speedup_int8_vs_fp32"] >= 2.5 and acc["cosine"] >= 0.999 and acc.get("top1", 1.0) >= 0.99
+            print(f"resnet50 {target} goal (int8 >= 2.5x fp32, cosine >= 0.999, top-1 >= 99%): "
+                  f"{'OK' if ok else 'MISSED'}")
     if failed:
         sys.exit(1)
 

@@ -96,26 +96,39 @@ def _fractions(engines: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _worst_layers(engines, inputs, excluded: list[str], count: int, ctx, scratch: Path) -> list[str]:
     """The `count` layers whose int8 versions add the most noise, over every segment, as segment/layer."""
-    from pipeline.quantize import ort_qdq, sensitivity
+    from pipeline.quantize import sensitivity
 
-    if not all("onnx" in entry and "qdq_model" in entry for entry in engines):
-        ctx.console.print("int8: per-layer sensitivity reads QDQ ONNX models, which these engines do not have: "
-                          "no layer is moved to fp32", markup=False, highlight=False)
+    if not all(("onnx" in e and "qdq_model" in e) or "quantized_program" in e for e in engines):
+        ctx.console.print("int8: per-layer sensitivity reads QDQ ONNX models or PT2E programs, which these "
+                          "engines do not have: no layer is moved to fp32", markup=False, highlight=False)
         return []
     found = []
     with ctx.console.status("int8: per-layer sensitivity against fp32"):
         for entry in engines:
             name, request = entry["name"], entry["quantize"]
-            pre = ort_qdq.preprocess(ctx.inputs["convert"] / entry["onnx"], request, name)
             sample = request.inputs[: max(1, min(4, len(request.inputs)))]
-            ranked = sensitivity.rank(pre, ctx.out / entry["qdq_model"], sample, request.exclude, scratch)
-            found += [(f"{name}/{layer}", db) for layer, db in ranked]
+            found += [(f"{name}/{layer}", db) for layer, db in _rank(entry, request, sample, ctx, scratch)]
     found.sort(key=lambda item: item[1])
     worst = [item for item in found if item[0] not in excluded and item[1] < sensitivity.EXACT_DB][:count]
     for layer, db in worst:
         ctx.console.print(f"int8: keeping {layer} in fp32 (it adds noise at SQNR {db:.1f} dB)",
                           markup=False, highlight=False)
     return [layer for layer, _ in worst]
+
+
+def _rank(entry: dict[str, Any], request, sample: list[tuple], ctx, scratch: Path) -> list[tuple[str, float]]:
+    """(layer, dB of the noise it adds) of one segment: QDQ ONNX model or PT2E program, worst first."""
+    from pipeline.quantize import sensitivity
+
+    if "quantized_program" in entry:  # PT2E: layers are module paths, kept by the quantizer's module filter
+        from pipeline.quantize import pt2e, pt2e_sensitivity
+
+        program = programs.load_program(ctx.out / entry["quantized_program"])
+        return pt2e_sensitivity.rank(program, sample, pt2e.COMPUTE, request.exclude)
+    from pipeline.quantize import ort_qdq
+
+    pre = ort_qdq.preprocess(ctx.inputs["convert"] / entry["onnx"], request, entry["name"])
+    return sensitivity.rank(pre, ctx.out / entry["qdq_model"], sample, request.exclude, scratch)
 
 
 def _describe(record: dict[str, Any]) -> str:

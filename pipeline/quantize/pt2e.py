@@ -61,9 +61,9 @@ def refusal(config: dict[str, Any]) -> tuple[str, str] | None:
     if not cal["per_channel"]:
         return ("Inductor's int8 kernels take per-channel weights only (per-tensor weights would run in fp32)",
                 "leave calibration.per_channel=true")
-    if quantize["exclude"] or quantize["op_types"]:
-        return ("quantize.exclude and quantize.op_types name ONNX nodes and op types, which PT2E does not have",
-                "leave quantize.exclude and quantize.op_types empty with target=inductor")
+    if quantize["op_types"]:
+        return ("quantize.op_types names ONNX op types, which PT2E does not have",
+                "leave quantize.op_types empty with target=inductor (quantize.exclude takes module paths there)")
     return None
 
 
@@ -88,6 +88,8 @@ def quantize(program, example: tuple, request, dynamic_shapes=None):
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
     quantizer = X86InductorQuantizer().set_global(quantization_config(request.method))
+    for path in request.exclude:  # module paths (`layer1.0.conv2`) the accuracy rounds keep in fp32
+        quantizer.set_module_name_qconfig(path, None)
     module = program.module()
     mark_module_calls(module.graph)
     prepared = prepare_pt2e(module, quantizer)
