@@ -30,22 +30,24 @@ LOWEST = {"calibration.num_samples": 1, "quantize.max_rounds": 0, "quantize.laye
 
 
 def check(config: dict[str, Any]) -> None:
-    """compile.precision=int8: the target can quantize and the data fits; records its digest in the config."""
+    """compile.precision=int8/fp8: the target can quantize and the data fits; records its digest in the config."""
     if not is_quantized(config["compile"]["precision"]):
         return
     from omegaconf import OmegaConf
 
     from pipeline.quantize import int8_refusal, quantizer_of
 
-    name = config["target"]["name"]
-    reason = quantizer_of(name)[1]
+    name, precision = config["target"]["name"], str(getattr(config["compile"]["precision"], "value",
+                                                             config["compile"]["precision"]))
+    reason = quantizer_of(name, precision)[1]
     if reason:
-        raise ConfigError(f"target {name} cannot build compile.precision=int8: {reason}.",
-                          "use target=onnxruntime (or target=tensorrt, or target=inductor on the CPU), "
-                          "or compile.precision=fp32.")
-    refused = int8_refusal(name, config)
+        able = ("target=onnxruntime (or target=tensorrt, or target=inductor on the CPU)" if precision == "int8"
+                else "target=tensorrt")
+        raise ConfigError(f"target {name} cannot build compile.precision={precision}: {reason}.",
+                          f"use {able}, or compile.precision=fp32.")
+    refused = int8_refusal(name, config, precision)
     if refused:
-        raise ConfigError(f"target {name} cannot build compile.precision=int8 here: {refused[0]}.",
+        raise ConfigError(f"target {name} cannot build compile.precision={precision} here: {refused[0]}.",
                           f"{refused[1]}, or compile.precision=fp32.")
     for key, low in LOWEST.items():
         group, field = key.split(".")

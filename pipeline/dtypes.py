@@ -11,8 +11,9 @@ from __future__ import annotations
 # Precision (compile.precision) -> the floating dtype a model is cast to.
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "float8_e4m3fn"}
 # Quantized precisions -> the floating dtype the model keeps: it is exported in fp32, and build
-# quantizes (the engine's inputs and outputs stay float32).
-QUANTIZED_PRECISIONS = {"int8": "float32"}
+# quantizes (the engine's inputs and outputs stay float32). fp8 is calibrated like int8 (FP8 E4M3
+# QDQ), never a cast of the whole model.
+QUANTIZED_PRECISIONS = {"int8": "float32", "fp8": "float32"}
 # Floating dtype -> the precision it computes in (what "precision achieved" reports); int8 tensors
 # (QDQ/QLinear engines, TensorRT INT8 layers) report int8.
 DTYPE_PRECISIONS = {**{dtype: precision for precision, dtype in PRECISION_DTYPES.items()}, "int8": "int8"}
@@ -33,12 +34,12 @@ def canonical(name: str) -> str | None:
 
 
 def model_dtype(precision: str) -> str:
-    """The floating dtype a model is cast to for compile.precision (int8 keeps float32)."""
+    """The floating dtype a model is cast to for compile.precision (int8 and fp8 keep float32)."""
     return QUANTIZED_PRECISIONS.get(precision) or PRECISION_DTYPES[precision]
 
 
 def is_quantized(precision: str) -> bool:
-    """True where build quantizes (int8) rather than export casting the model."""
+    """True where build quantizes (int8, fp8) rather than export casting the model."""
     return precision in QUANTIZED_PRECISIONS
 
 

@@ -12,7 +12,7 @@ import importlib.metadata
 import platform
 
 LIBRARIES = ("torch", "torchvision", "transformers", "onnx", "onnxscript", "onnxruntime", "tensorrt",
-             "tensorrt_rtx", "torch_tensorrt", "triton", "torchao")
+             "tensorrt_rtx", "torch_tensorrt", "triton", "torchao", "nvidia-modelopt")
 
 
 def library_version(dist: str) -> str | None:

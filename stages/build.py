@@ -47,6 +47,9 @@ SPEC = StageSpec(
     reads=("compile.optimization_level", "compile.workspace_size", "compile.precision"),
     # int8: the calibration data (by content: calibration.digest), the rounds and their gate.
     reads_when={("compile.precision", "int8"): (*INPUT_KEYS, "model.task", "calibration", "quantize",
-                                                "validate.tolerances.int8")},
+                                                "validate.tolerances.int8"),
+                # fp8 goes through the same rounds, gated by validate.tolerances.fp8.
+                ("compile.precision", "fp8"): (*INPUT_KEYS, "model.task", "calibration", "quantize",
+                                               "validate.tolerances.fp8")},
     content={"partition": (layout.PARTITION.recipe,)}, asks=BUILDING, writes=FILES,
 )

@@ -83,7 +83,7 @@ def achieved_precision(engines: dict[str, Any], wanted: str) -> tuple[str | None
     names = precisions_of(dtypes)
     achieved = "+".join(names) or None
     if wanted != "fp32" and wanted not in names:
-        what = " (no QDQ/QLinear kernels, no INT8 tensors)" if is_quantized(wanted) else ""
+        what = f" (no QDQ/QLinear kernels, no {wanted.upper()} tensors)" if is_quantized(wanted) else ""
         return achieved, [f"asked for {wanted} but the engines compute in {achieved or 'no floating type'}{what} "
                           f"(tensor dtypes: {', '.join(sorted(dtypes))})"]
     return achieved, []

@@ -1,4 +1,4 @@
-"""Int8 quantization with each field's own tools, behind one small request.
+"""Int8 (and fp8) quantization with each field's own tools, behind one small request.
 
 Build hands a target's build() one `QuantizeRequest` per segment (in the segment dict,
 under "quantize"): the segment's calibration inputs, the method, per-channel weights and
@@ -8,7 +8,9 @@ a strongly typed INT8 engine) and reports what runs in int8. A target says it ca
 quantize through its class attribute `quantizer` (a line saying with what); one without
 it is refused in one line before any stage runs (pipeline.calibration.check), and so is a
 job whose settings its quantizer cannot serve (the classmethod `int8_refusal(config)`:
-inductor quantizes with PT2E on the CPU only, pipeline.quantize.pt2e).
+inductor quantizes with PT2E on the CPU only, pipeline.quantize.pt2e). compile.precision=fp8
+takes the same route through `fp8_quantizer`/`fp8_refusal` (tensorrt only: an FP8 QDQ graph
+built as a strongly typed engine); a target without it may say why in `no_fp8`.
 
 The accuracy-aware rounds that wrap those builds are pipeline.quantize.loop.
 """
@@ -29,7 +31,7 @@ class QuantizeRequest:
     inputs: list[tuple] = field(default_factory=list)
     method: str = "minmax"
     per_channel: bool = True
-    # ONNX node names kept in fp32.
+    # Layers kept in fp32: ONNX node names (onnxruntime, tensorrt), module paths (inductor, PT2E).
     exclude: list[str] = field(default_factory=list)
     # ONNX op types to quantize (empty: the tool's default).
     op_types: list[str] = field(default_factory=list)
@@ -42,25 +44,35 @@ class QuantizeRequest:
                 "excluded": list(self.exclude), "op_types": list(self.op_types)}
 
 
-def quantizer_of(target_name: str) -> tuple[str | None, str | None]:
-    """(how the target quantizes, None) or (None, why it cannot): from its class attribute `quantizer`."""
+# compile.precision -> the target class attribute saying how it quantizes to it (a line), and the
+# attribute saying why it cannot (a line, else the generic reason below).
+QUANTIZER_ATTRIBUTES = {"int8": ("quantizer", "no_int8"), "fp8": ("fp8_quantizer", "no_fp8")}
+
+
+def quantizer_of(target_name: str, precision: str = "int8") -> tuple[str | None, str | None]:
+    """(how the target quantizes to `precision`, None) or (None, why it cannot): from its class attributes."""
     from pipeline import targets
 
     registry = targets.registry()
     cls = targets.target_class(target_name)
-    quantizer = getattr(cls, "quantizer", None)
+    attribute, why_not = QUANTIZER_ATTRIBUTES[precision]
+    quantizer = getattr(cls, attribute, None)
     if quantizer:
         return quantizer, None
-    able = sorted(name for name, c in registry.items() if getattr(c, "quantizer", None))
-    return None, (f"it has no int8 quantizer in this pipeline (targets that quantize: {', '.join(able)}); "
-                  "it would build fp32 engines")
+    able = sorted(name for name, c in registry.items() if getattr(c, attribute, None))
+    reason = getattr(cls, why_not, None)
+    return None, reason or (f"it has no {precision} quantizer in this pipeline (targets that quantize to "
+                            f"{precision}: {', '.join(able)}); it would build fp32 engines")
 
 
-def int8_refusal(target_name: str, config: dict[str, Any]) -> tuple[str, str] | None:
-    """(why not, the fix) when the target's quantizer cannot serve this job's settings; None when it can."""
+def int8_refusal(target_name: str, config: dict[str, Any], precision: str = "int8") -> tuple[str, str] | None:
+    """(why not, the fix) when the target's quantizer cannot serve this job's settings; None when it can.
+
+    The target's classmethod `int8_refusal(config)` (or `fp8_refusal` for compile.precision=fp8) decides.
+    """
     from pipeline import targets
 
-    refusal = getattr(targets.target_class(target_name), "int8_refusal", None)
+    refusal = getattr(targets.target_class(target_name), f"{precision}_refusal", None)
     return refusal(config) if refusal else None
 
 
@@ -76,8 +88,14 @@ def replace(request: QuantizeRequest, **changes) -> QuantizeRequest:
     return dataclasses.replace(request, **changes)
 
 
-def int8_facts(qdq: Path, tool: str) -> dict[str, Any]:
-    """engines.json facts of a QDQ model any target built: its file, the tool, the int8 fractions."""
+def int8_facts(qdq: Path, tool: str, precision: str = "int8") -> dict[str, Any]:
+    """engines.json facts of a QDQ model any target built: its file, the tool, the quantized fractions.
+
+    An fp8 QDQ model's fractions are under "fp8", with fp8_ names (fp8_op_fraction, fp8_mac_fraction, ...).
+    """
     from pipeline.quantize.ort_qdq import int8_fractions
 
-    return {"qdq_model": qdq.name, "quantizer": tool, "int8": int8_fractions(qdq)}
+    fractions = int8_fractions(qdq)
+    if precision != "int8":
+        fractions = {k.replace("int8", precision): v for k, v in fractions.items()}
+    return {"qdq_model": qdq.name, "quantizer": tool, precision: fractions}

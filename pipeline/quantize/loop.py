@@ -1,8 +1,8 @@
-"""The int8 build: calibrate every segment with its real inputs, then rounds that buy accuracy back.
+"""The int8 (and fp8) build: calibrate every segment with its real inputs, then rounds that buy accuracy back.
 
 Round 0 quantizes every layer the target can. Where the engines can run here, the
 program (engines plus the PyTorch segments between them) is checked against the fp32
-program on calibration batches with validate.tolerances.int8; when it fails, per-layer
+program on calibration batches with validate.tolerances.<precision>; when it fails, per-layer
 sensitivity (pipeline.quantize.sensitivity) names the worst layers, they stay in fp32,
 and the segments are rebuilt, up to quantize.max_rounds. Each round's accuracy, latency
 and kept layers go to build/quantization.json and the metrics, so what every fp32 layer
@@ -26,8 +26,9 @@ REPORT = "quantization.json"
 
 
 def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(engines.json entries, metrics) of the int8 build, after the accuracy-aware rounds."""
+    """(engines.json entries, metrics) of the int8 (or fp8) build, after the accuracy-aware rounds."""
     cfg, target, q = ctx.config, ctx.target, ctx.config.quantize
+    precision = str(getattr(cfg.compile.precision, "value", cfg.compile.precision))
     batches = calibration.load_checked(cfg.calibration, cfg.input)
     recipe = load_json(ctx.inputs["partition"] / layout.PARTITION.recipe, "partition recipe")
     gm = segments.fuse(target.graph_module(programs.load(ctx.inputs["lower"])), recipe)
@@ -38,24 +39,24 @@ def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any
                       f"sha256 {digest[:12]}", markup=False, highlight=False)
     evaluation = None
     if target.can_execute() is None:
-        tolerance = dict(cfg.validate.tolerances.int8)
+        tolerance = dict(cfg.validate.tolerances[precision])
         evaluation = Evaluation(gm, batches[: int(q.eval_samples)], tolerance, cfg.model.task == "classification",
                                 int(q.latency_iterations), shapes.batch_size(cfg.input, batches[0].dims))
     excluded, rounds = list(q.exclude), []
     with tempfile.TemporaryDirectory(prefix="quantize-") as scratch:
         def build(number: int, kept: list[str]) -> list[dict[str, Any]]:
-            with ctx.console.status(f"int8 round {number}: quantizing and building with {target.name}"):
+            with ctx.console.status(f"{precision} round {number}: quantizing and building with {target.name}"):
                 return [target.build({**seg, "quantize": _request(seg["name"], inputs, cfg, kept, scratch)},
                                      ctx.inputs["convert"], ctx.out, cfg.compile) for seg in converted]
 
         for number in range(int(q.max_rounds) + 1):
             engines = build(number, excluded)
-            record = {"round": number, "kept_fp32": list(excluded), **_fractions(engines)}
+            record = {"round": number, "kept_fp32": list(excluded), **_fractions(engines, precision)}
             if evaluation is not None:
-                with ctx.console.status(f"int8 round {number}: checking accuracy against fp32"):
+                with ctx.console.status(f"{precision} round {number}: checking accuracy against fp32"):
                     record.update(evaluation.check(target, engines, ctx.out))
             rounds.append(record)
-            ctx.console.print(_describe(record), markup=False, highlight=False)
+            ctx.console.print(_describe(record, precision), markup=False, highlight=False)
             if evaluation is None or record["passed"] or number == int(q.max_rounds):
                 break
             worst = _worst_layers(engines, inputs, excluded, int(q.layers_per_round), ctx, Path(scratch))
@@ -65,16 +66,16 @@ def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any
         best = max(rounds, key=lambda r: (bool(r.get("passed")), r.get("cosine_similarity", 0.0)))
         if best is not rounds[-1]:  # no round passed and the last bought nothing: keep the best one's layers
             excluded = list(best["kept_fp32"])
-            ctx.console.print(f"int8: no round passed; keeping round {best['round']}, the most accurate",
+            ctx.console.print(f"{precision}: no round passed; keeping round {best['round']}, the most accurate",
                               markup=False, highlight=False)
             engines = build(best["round"], excluded)
     engines = [strip(e) for e in engines]
     report = {"calibration": OmegaConf.to_container(cal, resolve=True), "rounds": rounds, "kept_fp32": excluded,
               "chosen_round": best["round"], "passed": best.get("passed"),
-              "gate": dict(cfg.validate.tolerances.int8) if evaluation else None}
+              "gate": dict(cfg.validate.tolerances[precision]) if evaluation else None}
     write_json(ctx.out / REPORT, report)
     # A text metric becomes an MLflow tag: the params are logged before the digest is known.
-    return engines, {**_metrics(rounds, best, excluded), "calibration.sha256": digest}
+    return engines, {**_metrics(rounds, best, excluded, precision), "calibration.sha256": digest}
 
 
 def _request(name: str, inputs: dict[str, list[tuple]], cfg, excluded: list[str], scratch: str) -> QuantizeRequest:
@@ -86,12 +87,13 @@ def _request(name: str, inputs: dict[str, list[tuple]], cfg, excluded: list[str]
                            workdir=Path(scratch))
 
 
-def _fractions(engines: list[dict[str, Any]]) -> dict[str, Any]:
-    stats = [e.get("int8") or {} for e in engines]
+def _fractions(engines: list[dict[str, Any]], precision: str) -> dict[str, Any]:
+    """The shares of compute ops and MACs in `precision`, over every engine (their `precision` entries)."""
+    stats = [e.get(precision) or {} for e in engines]
     ops = sum(s.get("compute_ops", 0) for s in stats)
     macs = sum(s.get("macs", 0) for s in stats)
-    return {"int8_op_fraction": sum(s.get("int8_ops", 0) for s in stats) / ops if ops else 0.0,
-            "int8_mac_fraction": sum(s.get("int8_macs", 0) for s in stats) / macs if macs else 0.0}
+    return {f"{precision}_op_fraction": sum(s.get(f"{precision}_ops", 0) for s in stats) / ops if ops else 0.0,
+            f"{precision}_mac_fraction": sum(s.get(f"{precision}_macs", 0) for s in stats) / macs if macs else 0.0}
 
 
 def _worst_layers(engines, inputs, excluded: list[str], count: int, ctx, scratch: Path) -> list[str]:
@@ -131,8 +133,8 @@ def _rank(entry: dict[str, Any], request, sample: list[tuple], ctx, scratch: Pat
     return sensitivity.rank(pre, ctx.out / entry["qdq_model"], sample, request.exclude, scratch)
 
 
-def _describe(record: dict[str, Any]) -> str:
-    text = (f"int8 round {record['round']}: {record['int8_mac_fraction']:.1%} of MACs in int8, "
+def _describe(record: dict[str, Any], precision: str) -> str:
+    text = (f"{precision} round {record['round']}: {record[f'{precision}_mac_fraction']:.1%} of MACs in {precision}, "
             f"{len(record['kept_fp32'])} layer(s) kept in fp32")
     if "cosine_similarity" in record:
         text += (f", cosine {record['cosine_similarity']:.5f}, rel L2 {record['rel_l2_err']:.3g}"
@@ -142,13 +144,14 @@ def _describe(record: dict[str, Any]) -> str:
     return text
 
 
-def _metrics(rounds: list[dict[str, Any]], last: dict[str, Any], excluded: list[str]) -> dict[str, Any]:
-    metrics: dict[str, Any] = {"int8_op_fraction": last["int8_op_fraction"],
-                               "int8_mac_fraction": last["int8_mac_fraction"],
+def _metrics(rounds: list[dict[str, Any]], last: dict[str, Any], excluded: list[str],
+             precision: str) -> dict[str, Any]:
+    fractions = (f"{precision}_op_fraction", f"{precision}_mac_fraction")
+    metrics: dict[str, Any] = {**{k: last[k] for k in fractions},
                                "quantize_rounds": float(len(rounds) - 1), "quantize_layers_fp32": float(len(excluded)),
                                "quantize.kept_fp32": ",".join(excluded) or "none"}
     for record in rounds:
-        for key in ("cosine_similarity", "rel_l2_err", "top1_agreement", "latency_p50_ms", "int8_mac_fraction"):
+        for key in ("cosine_similarity", "rel_l2_err", "top1_agreement", "latency_p50_ms", fractions[1]):
             if key in record:
                 metrics[f"quantize/round{record['round']}_{key}"] = record[key]
     return metrics

@@ -101,11 +101,14 @@ def preprocess(source: Path, request, name: str) -> Path:
     return pre
 
 
-def quantize(source: Path, out: Path, name: str, request, tensorrt: bool = False) -> Path:
+def quantize(source: Path, out: Path, name: str, request, tensorrt: bool = False, fp8: bool = False) -> Path:
     """The segment's QDQ int8 model (out/<name>.qdq.onnx), nodes in request.exclude left in fp32.
 
     tensorrt=True writes what TensorRT's explicit quantization accepts: signed int8
-    activations with symmetric scales (zero points of 0) and float biases.
+    activations with symmetric scales (zero points of 0) and float biases. fp8=True writes
+    FLOAT8E4M3FN weights and activations (opset >= 19; torch.onnx exports 20), which ORT
+    calibrates only by each tensor's distribution (CalibrationMethod.Distribution), whatever
+    request.method says.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -114,7 +117,9 @@ def quantize(source: Path, out: Path, name: str, request, tensorrt: bool = False
     options = {"CalibMovingAverage": False}
     if tensorrt:
         options.update(ActivationSymmetric=True, WeightSymmetric=True, QuantizeBias=False)
-    if cached_ranges_supported():
+    if fp8:
+        calibration = {"calibration_data_reader": Reader(input_names(pre), request.inputs)}
+    elif cached_ranges_supported():
         calibration = {"calibration_data_reader": None,
                        "calibration_cache_path": str(ranges(pre, request, name, tensorrt))}
     else:  # older ORT: its own calibrator each round (its entropy then equals minmax)
@@ -122,9 +127,9 @@ def quantize(source: Path, out: Path, name: str, request, tensorrt: bool = False
     try:
         quantize_static(
             str(pre), str(qdq), **calibration, quant_format=QuantFormat.QDQ,
-            per_channel=request.per_channel, weight_type=QuantType.QInt8,
-            activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8,
-            calibrate_method=getattr(CalibrationMethod, METHODS[request.method]),
+            per_channel=request.per_channel, weight_type=QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8,
+            activation_type=(QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8 if tensorrt else QuantType.QUInt8),
+            calibrate_method=getattr(CalibrationMethod, "Distribution" if fp8 else METHODS[request.method]),
             nodes_to_exclude=list(request.exclude), op_types_to_quantize=list(request.op_types) or None,
             extra_options=options,
         )
@@ -132,7 +137,7 @@ def quantize(source: Path, out: Path, name: str, request, tensorrt: bool = False
         raise CompileError(f"onnxruntime could not quantize segment {name}: {str(err).splitlines()[0]}",
                            "keep the failing layer in fp32 with quantize.exclude, or use compile.precision=fp32.") from err
     if request.exclude:
-        float_inputs(qdq, set(request.exclude))
+        float_inputs(qdq, set(request.exclude), pre)
     return qdq
 
 
@@ -170,30 +175,58 @@ def ranges(pre: Path, request, name: str, symmetric: bool) -> Path:
     return path
 
 
-def float_inputs(qdq: Path, excluded: set[str]) -> None:
+def float_inputs(qdq: Path, excluded: set[str], pre: Path) -> None:
     """Excluded layers read the fp32 tensors, not their quantized copies.
 
     quantize_static leaves an excluded node's weights alone but, when a tensor it reads is
     quantized for another consumer, the excluded node reads the dequantized copy too (and so
     still suffers the quantization it was excluded from). Each such input is pointed back at
-    the tensor the QuantizeLinear read.
+    the tensor the QuantizeLinear read. With uint8 activations ORT also drops a Relu (or
+    Clip) whose output it quantizes, letting the QuantizeLinear's clamp at zero stand in for
+    it: the tensor it read is then the raw output of the layer before, and the activation
+    is put back (from the fp32 pre-processed model) for the fp32 reader.
     """
     import onnx
 
     model = onnx.load(str(qdq))
+    original = {out: node for node in onnx.load(str(pre), load_external_data=False).graph.node
+                for out in node.output}
     producers = {out: node for node in model.graph.node for out in node.output}
     changed = False
-    for node in model.graph.node:
+    for node in list(model.graph.node):
         if node.name not in excluded:
             continue
         for i, name in enumerate(node.input):
             dq = producers.get(name)
             q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[i], changed = q.input[0], True
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            source, changed = q.input[0], True
+            was = original.get(source)
+            if was is not None and was.op_type in FOLDED_ACTIVATIONS and producers[source].op_type != was.op_type:
+                source = _restore_activation(model, was, source, before=node)
+            node.input[i] = source
     if changed:
         _drop_dead_qdq(model.graph)
         onnx.save(model, str(qdq))
+
+
+# Activations ORT's QDQ quantizer removes when a uint8 QuantizeLinear clamps their output anyway.
+FOLDED_ACTIVATIONS = ("Relu", "Clip")
+
+
+def _restore_activation(model, was, source: str, before) -> str:
+    """A copy of the dropped activation `was` reading `source`, placed before `before`; its output's name."""
+    import onnx
+
+    out = f"{source}_fp32"
+    if any(out in n.output for n in model.graph.node):
+        return out
+    act = onnx.helper.make_node(was.op_type, [source, *was.input[1:]], [out], name=f"{was.name}_fp32")
+    act.attribute.extend(was.attribute)
+    nodes = model.graph.node
+    nodes.insert(list(nodes).index(before), act)
+    return out
 
 
 def _drop_dead_qdq(graph) -> None:

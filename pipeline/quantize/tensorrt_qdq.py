@@ -6,7 +6,9 @@ Torch-TensorRT documents for INT8 PTQ) writes such a graph and is used when it i
 `nvidia-modelopt[onnx]` pins onnx ~=1.21 and onnxruntime-gpu ~=1.24, which clash with this
 project's onnx/onnxruntime, so it is not a declared dependency: where it is missing the
 graph comes from ONNX Runtime's quantize_static in the form TensorRT accepts (signed int8
-activations and weights, symmetric scales, zero points of 0, float biases).
+activations and weights, symmetric scales, zero points of 0, float biases). compile.precision=fp8
+takes the same two routes with FLOAT8E4M3FN Q/DQ (modelopt's quantize_mode="fp8"; ORT's
+QFLOAT8E4M3FN, calibrated by each tensor's distribution, the only method ORT has for float8).
 """
 
 from __future__ import annotations
@@ -28,32 +30,33 @@ def modelopt_available() -> bool:
         return False
 
 
-def quantize(segment: dict[str, Any], convert_dir: Path, out: Path) -> tuple[Path, str]:
-    """(the segment's QDQ model in `out`, the tool that made it)."""
+def quantize(segment: dict[str, Any], convert_dir: Path, out: Path, precision: str = "int8") -> tuple[Path, str]:
+    """(the segment's QDQ model in `out`, the tool that made it); precision int8 or fp8 (FP8 E4M3 Q/DQ)."""
     from pipeline.quantize import ort_qdq
 
     request, name = segment["quantize"], segment["name"]
     source = convert_dir / segment["onnx"]
     if modelopt_available():
-        return with_modelopt(source, out, name, request), "modelopt"
-    return ort_qdq.quantize(source, out, name, request, tensorrt=True), "onnxruntime.quantization"
+        return with_modelopt(source, out, name, request, precision), "modelopt"
+    qdq = ort_qdq.quantize(source, out, name, request, tensorrt=True, fp8=precision == "fp8")
+    return qdq, "onnxruntime.quantization" + (" (float8e4m3fn, distribution calibration)" if precision == "fp8" else "")
 
 
-def with_modelopt(source: Path, out: Path, name: str, request) -> Path:
-    """modelopt's int8 PTQ: max (minmax) or entropy calibration on the segment's inputs, fp32 elsewhere."""
+def with_modelopt(source: Path, out: Path, name: str, request, precision: str = "int8") -> Path:
+    """modelopt's int8 (or fp8) PTQ: max (minmax) or entropy calibration on the segment's inputs, fp32 elsewhere."""
     import numpy as np
     from modelopt.onnx.quantization import quantize as modelopt_quantize
 
     from pipeline.quantize.ort_qdq import input_names
 
     if request.method not in MODELOPT_METHODS:
-        raise CompileError(f"modelopt has no {request.method} calibration for int8 (it has minmax and entropy).",
+        raise CompileError(f"modelopt has no {request.method} calibration for {precision} (it has minmax and entropy).",
                            "set calibration.method=minmax or entropy for target=tensorrt.")
     names = input_names(source)
     data = {n: np.concatenate([batch[i] for batch in request.inputs]) for i, n in enumerate(names)}
     qdq = out / f"{name}.qdq.onnx"
     try:
-        modelopt_quantize(onnx_path=str(source), quantize_mode="int8", calibration_data=data,
+        modelopt_quantize(onnx_path=str(source), quantize_mode=precision, calibration_data=data,
                           calibration_method=MODELOPT_METHODS[request.method], calibration_eps=["cpu"],
                           nodes_to_exclude=[f"^{re.escape(n)}$" for n in request.exclude] or None,
                           op_types_to_quantize=list(request.op_types) or None,

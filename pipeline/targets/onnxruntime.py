@@ -139,6 +139,9 @@ class OnnxRuntimeTarget(OnnxTarget):
 
     # compile.precision=int8 (pipeline.quantize): how this target quantizes.
     quantizer = "onnxruntime.quantization static QDQ (quant_pre_process, quantize_static)"
+    # compile.precision=fp8 is refused before any stage (pipeline.quantize.quantizer_of).
+    no_fp8 = ("its CPU and CUDA providers have no FP8 convolution or GEMM kernels, so an FP8 QDQ model "
+              "would compute in fp32")
 
     def build(self, segment: dict[str, Any], convert_dir: Path, out: Path, compile_cfg) -> dict[str, Any]:
         import onnxruntime as ort

@@ -44,6 +44,9 @@ from pipeline.targets.tensorrt_runtime import (
 
 # Compute capabilities TensorRT-RTX engines run on (12.x: every Blackwell consumer part).
 RTX_RUNS_ON = ("8.0", "8.6", "8.9")
+# FP8 needs compute capability >= 8.9 (Ada, Hopper, Blackwell): what fp8 engines are built for
+# when target.compute_capabilities is empty (TensorRT-RTX refuses FP8 for sm75/80/86).
+FP8_CAPABILITIES = ("8.9", "12.0")
 FX_TARGET = re.compile(r"target=torch\.ops\.([\w.]+)")
 
 
@@ -91,9 +94,12 @@ def parser_errors(parser, origins: list[tuple[str, str, str | None]]) -> list[di
 class TensorRTTarget(OnnxTarget):
     name = "tensorrt"
     Settings = Settings
-    libraries = ("onnx", "onnxscript", "tensorrt", "tensorrt_rtx")
+    # nvidia-modelopt (when installed) makes the int8/fp8 QDQ graphs: its version is in the build key.
+    libraries = ("onnx", "onnxscript", "tensorrt", "tensorrt_rtx", "nvidia-modelopt")
     # compile.precision=int8 (pipeline.quantize.tensorrt_qdq): a QDQ graph, strongly typed INT8 engine.
     quantizer = "QDQ ONNX from modelopt (or onnxruntime.quantization), built as explicit INT8"
+    # compile.precision=fp8: the same route with FLOAT8E4M3FN Q/DQ, a strongly typed FP8 engine.
+    fp8_quantizer = "FP8 (E4M3) QDQ ONNX from modelopt (or onnxruntime.quantization), built strongly typed"
 
     def __init__(self, settings: dict[str, Any]):
         super().__init__(settings)
@@ -132,7 +138,22 @@ class TensorRTTarget(OnnxTarget):
         """Only the TensorRT library this target builds with changes its engines."""
         if aspect in ("lowering", "placing"):
             return super().libraries_for(aspect)
-        return ("onnx", "onnxscript", self.library)
+        return ("onnx", "onnxscript", self.library, "nvidia-modelopt")
+
+    @classmethod
+    def fp8_refusal(cls, config: dict[str, Any]) -> tuple[str, str] | None:
+        """FP8 needs compute capability >= 8.9; its scales come from ranges, not int8's histograms."""
+        wanted = [str(c) for c in (config["target"].get("compute_capabilities") or [])]
+        old = [c for c in wanted if tuple(int(x) for x in c.split(".")[:2] if x.isdigit()) < (8, 9)]
+        if old:
+            return (f"FP8 needs compute capability 8.9 or newer, and target.compute_capabilities has "
+                    f"{', '.join(old)}", "set target.compute_capabilities to 8.9 and/or 12.0 (or leave it empty: "
+                    f"fp8 then builds for {', '.join(FP8_CAPABILITIES)})")
+        method = str(getattr(config["calibration"]["method"], "value", config["calibration"]["method"]))
+        if method != "minmax":
+            return (f"calibration.method={method} is an int8 histogram recipe; FP8 scales come from each "
+                    "tensor's range (modelopt: max; onnxruntime: its distribution)", "set calibration.method=minmax")
+        return None
 
     def can_execute(self, library: str | None = None) -> str | None:
         """None if engines of `library` (default: this target's) can run here, else why not."""
@@ -181,14 +202,28 @@ class TensorRTTarget(OnnxTarget):
         flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
         return flag is not None and bool(network.get_flag(flag))
 
-    def _builder_config(self, trt, builder, compile_cfg):
+    def _capabilities(self, precision: str) -> list[str]:
+        """The compute capabilities TensorRT-RTX builds for: target.compute_capabilities, or FP8's defaults."""
+        wanted = [str(c) for c in (self.settings.get("compute_capabilities") or [])]
+        if not wanted and precision == "fp8" and self.library == "tensorrt_rtx":
+            return list(FP8_CAPABILITIES)
+        return wanted
+
+    def _check_fp8_gpu(self, precision: str) -> None:
+        """Full TensorRT builds on its GPU: FP8 needs one of compute capability 8.9 or newer."""
+        capability = gpu_capability() if precision == "fp8" and self.library == "tensorrt" else None
+        if capability and tuple(int(x) for x in capability.split(".")) < (8, 9):
+            raise TargetUnavailable(f"FP8 needs compute capability 8.9 or newer, and this GPU is {capability}.",
+                                    "build on an Ada, Hopper or Blackwell GPU, use target.library=tensorrt_rtx, "
+                                    "or compile.precision=int8.")
+
+    def _builder_config(self, trt, builder, compile_cfg, wanted: list[str]):
         config = builder.create_builder_config()
         config.builder_optimization_level = int(compile_cfg.optimization_level)
         if compile_cfg.workspace_size > 0:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(compile_cfg.workspace_size))
         # Layer details in the plan make the engine inspector's report worth reading.
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        wanted = list(self.settings.get("compute_capabilities") or [])
         if wanted:
             known = {m.removeprefix("SM"): v for m, v in trt.ComputeCapability.__members__.items()
                      if m.startswith("SM")}
@@ -219,14 +254,16 @@ class TensorRTTarget(OnnxTarget):
         mark = len(log.messages)
         builder = trt.Builder(log)
         parsed, parse_dir, quantized = segment, convert_dir, {}
-        if segment.get("quantize"):  # compile.precision=int8: a QDQ graph, built as explicit INT8
+        precision = str(getattr(compile_cfg.precision, "value", compile_cfg.precision))
+        if segment.get("quantize"):  # compile.precision=int8/fp8: a QDQ graph, built strongly typed
             from pipeline.quantize import int8_facts, tensorrt_qdq
 
-            qdq, tool = tensorrt_qdq.quantize(segment, convert_dir, out)
-            parsed, parse_dir, quantized = {**segment, "onnx": qdq.name}, out, int8_facts(qdq, tool)
+            self._check_fp8_gpu(precision)
+            qdq, tool = tensorrt_qdq.quantize(segment, convert_dir, out, precision)
+            parsed, parse_dir, quantized = {**segment, "onnx": qdq.name}, out, int8_facts(qdq, tool, precision)
         # The parser holds the weights the network points at: it must outlive the build.
         network, _parser = self._parse(trt, builder, parsed, parse_dir, mark)
-        config = self._builder_config(trt, builder, compile_cfg)
+        config = self._builder_config(trt, builder, compile_cfg, self._capabilities(precision))
         self._add_profiles(builder, network, config, segment)
         plan = self._build_plan(trt, builder, network, config, segment["name"], mark)
         engine_file = out / f"{segment['name']}.plan"
@@ -241,6 +278,7 @@ class TensorRTTarget(OnnxTarget):
                 "input_names": [t["name"] for t in description["inputs"]],
                 "output_names": [t["name"] for t in description["outputs"]],
                 "num_profiles": config.num_optimization_profiles,
+                **({"compute_capabilities": self._capabilities(precision)} if self._capabilities(precision) else {}),
                 "layers": self._write_layer_information(trt, plan, out / f"{segment['name']}.layers.json")}
 
     def _parse(self, trt, builder, segment: dict[str, Any], convert_dir: Path, mark: int):

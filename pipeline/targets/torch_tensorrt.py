@@ -208,6 +208,9 @@ class TorchTensorRTTarget(Target):
     saves_program = True
     # Its engine modules and packages are pickles (shape expressions, torch_tensorrt.load).
     engines_are_code = True
+    # compile.precision=fp8 is refused before any stage (pipeline.quantize.quantizer_of).
+    no_fp8 = ("its FP8 route is nvidia-modelopt's FP8 PTQ (mtq.quantize) on the module before export, which "
+              "needs nvidia-modelopt and torch_tensorrt, neither installable here, and is not wired in")
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

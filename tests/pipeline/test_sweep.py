@@ -163,3 +163,27 @@ def test_compare_fits_120_columns_when_piped(failing_sweep):
     assert lines and max(len(line) for line in lines) <= 120
     overrides = "".join(line.split("│")[3].strip() for line in lines if line.startswith("│"))
     assert "require_full_compilation=true" in overrides.lower()  # the full value, wrapped inside its cell
+
+
+def test_int8_sweep_over_calibration_and_kept_layers_lands_on_the_pareto_plot(tmp_path):
+    """Calibration settings and layers kept in fp32 are settings like any other: one row and point each."""
+    import csv
+
+    proc = run_sweep(tmp_path, "compile.precision=int8", "quantize.max_rounds=0",
+                     "calibration.method=minmax,entropy", "quantize.exclude=[],[accel_0/node_Conv_22]")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "4 jobs, 0 failed" in out
+    with open(tmp_path / "sweep" / "compare" / "comparison.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"FINISHED"}
+    varied = {(("entropy" in r["overrides"]), ("node_Conv_22" in r["overrides"])) for r in rows}
+    assert len(varied) == 4  # every combination is its own job
+    assert any(r["pareto_front"] == "1" for r in rows)
+    assert all(float(r["int8_mac_fraction"]) > 0 for r in rows)
+    kept = [float(r["int8_mac_fraction"]) for r in rows if "node_Conv_22" in r["overrides"]]
+    assert max(kept) < 1.0  # the excluded layer really ran in fp32
+    _, children = children_and_parent(tmp_path)
+    assert {c.data.params["calibration.method"] for c in children} == {"minmax", "entropy"}
+    assert all(c.data.tags["pareto"] in ("true", "false") for c in children)
+    assert (tmp_path / "sweep" / "compare" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
