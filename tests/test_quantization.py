@@ -233,3 +233,12 @@ def test_modelopt_fake_quantizes_a_module_on_cpu():
         got = quantize_module(model, batches)(x)
     assert not torch.equal(got, ref)
     assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_excluding_a_layer_no_segment_has_is_one_line(tmp_path):
+    """A misspelt quantize.exclude would quantize the layer it meant to keep: it fails, naming real ones."""
+    with pytest.raises(ConfigError) as caught:
+        run_job(tmp_path, *INT8, "quantize.exclude=[accel_0/node_Conv_99]", "tracking.enabled=false")
+    line = caught.value.one_line()
+    assert "quantize.exclude names accel_0/node_Conv_99, which no segment has" in line
+    assert "accel_0/node_Conv_21" in line and "\n" not in line

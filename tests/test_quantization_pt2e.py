@@ -94,3 +94,18 @@ def test_settings_pt2e_cannot_serve_are_one_line_before_any_stage(tmp_path, name
     assert [row for row in console.export_text().splitlines() if row.startswith("error:")] == ["error: " + line]
     assert all(cache_entries(tmp_path / "cache", stage) == [] for stage in STAGES)
 
+
+
+def test_module_paths_in_quantize_exclude_are_checked_and_kept(tmp_path):
+    """On the PT2E route quantize.exclude takes module paths: a real one stays fp32, an unknown one is refused."""
+    from testkit import run_job
+
+    outlier = ("model._target_=quantkit.outlier_net", "model.name=outlier", *INT8, "quantize.max_rounds=0")
+    job = run_job(tmp_path / "kept", *outlier, "quantize.exclude=[accel_0/conv2]", cache=tmp_path / "cache")
+    (segment,) = job.json("build/engines.json")["segments"]
+    assert segment["quantize"]["excluded"] == ["conv2"] and segment["int8"]["fp32_layers"]
+    assert job.json("validate/report.json")["passed"]  # conv2 in fp32 is what outlier_net needs
+    with pytest.raises(ConfigError) as caught:
+        run_job(tmp_path / "typo", *outlier, "quantize.exclude=[accel_0/conv9]", cache=tmp_path / "cache")
+    assert "quantize.exclude names accel_0/conv9, which no segment has" in caught.value.one_line()
+    assert "accel_0/conv1" in caught.value.one_line()

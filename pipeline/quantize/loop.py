@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pipeline import calibration, layout, programs, segments, shapes
+from pipeline.errors import ConfigError
 from pipeline.files import load_json, write_json
 from pipeline.quantize import QuantizeRequest, strip
 from pipeline.quantize.accuracy import Evaluation
@@ -43,6 +44,7 @@ def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any
         evaluation = Evaluation(gm, batches[: int(q.eval_samples)], tolerance, cfg.model.task == "classification",
                                 int(q.latency_iterations), shapes.batch_size(cfg.input, batches[0].dims))
     excluded, rounds = list(q.exclude), []
+    check_excluded(target, converted, ctx.inputs["convert"], excluded)
     with tempfile.TemporaryDirectory(prefix="quantize-") as scratch:
         def build(number: int, kept: list[str]) -> list[dict[str, Any]]:
             with ctx.console.status(f"{precision} round {number}: quantizing and building with {target.name}"):
@@ -76,6 +78,25 @@ def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any
     write_json(ctx.out / REPORT, report)
     # A text metric becomes an MLflow tag: the params are logged before the digest is known.
     return engines, {**_metrics(rounds, best, excluded, precision), "calibration.sha256": digest}
+
+
+def check_excluded(target, converted: list[dict[str, Any]], convert_dir: Path, excluded: list[str]) -> None:
+    """quantize.exclude names layers that exist: `segment/layer` in that segment, a bare name in some segment.
+
+    A misspelt name would otherwise quantize the layer it meant to keep, silently.
+    """
+    names_of = getattr(target, "layer_names", None)
+    if not excluded or names_of is None:
+        return
+    found = {seg["name"]: names_of(seg, convert_dir) for seg in converted}
+    unknown = [e for e in excluded
+               if ("/" in e and e.split("/", 1)[1] not in found.get(e.split("/", 1)[0], (set(), []))[0])
+               or ("/" not in e and not any(e in names for names, _ in found.values()))]
+    if unknown:
+        hints = [f"{seg}/{layer}" for seg, (_, compute) in found.items() for layer in compute]
+        raise ConfigError(f"quantize.exclude names {', '.join(unknown)}, which no segment has.",
+                          f"name layers as segment/layer, e.g. {', '.join(hints[:6]) or 'none here'}"
+                          f"{' ...' if len(hints) > 6 else ''} (build/engines.json and the QDQ models list them).")
 
 
 def _request(name: str, inputs: dict[str, list[tuple]], cfg, excluded: list[str], scratch: str) -> QuantizeRequest:

@@ -98,6 +98,16 @@ class InductorTarget(Target):
                     "(apt-get install g++) or point CXX at it")
         return None
 
+    def layer_names(self, segment: dict[str, Any], convert_dir: Path) -> tuple[set[str], list[str]]:
+        """What quantize.exclude can name in this segment (module paths, as PT2E's quantizer takes them)."""
+        from pipeline import programs
+        from pipeline.quantize import pt2e, pt2e_sensitivity
+
+        graph = programs.load_program(convert_dir / segment["program"]).graph_module.graph
+        paths = {n: pt2e_sensitivity.module_path(n) for n in graph.nodes if n.op == "call_function"}
+        compute = [p for n, p in paths.items() if p and getattr(n.target, "_opname", "") in pt2e.COMPUTE]
+        return {p for p in paths.values() if p}, list(dict.fromkeys(compute))
+
     def is_supported(self, node) -> bool:
         return node.op == "call_function"
 

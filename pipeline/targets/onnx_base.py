@@ -109,3 +109,12 @@ class OnnxTarget(Target):
             "outputs": [value_info(o) for o in outputs],
             "profiles": profiles or [],
         }
+
+    def layer_names(self, segment: dict[str, Any], convert_dir: Path) -> tuple[set[str], list[str]]:
+        """What quantize.exclude can name in this segment (its ONNX nodes), and its compute layers (hints)."""
+        import onnx
+
+        from pipeline.quantize.ort_qdq import FLOAT_COMPUTE
+
+        nodes = onnx.load(str(convert_dir / segment["onnx"]), load_external_data=False).graph.node
+        return {n.name for n in nodes}, [n.name for n in nodes if n.op_type in FLOAT_COMPUTE]
