@@ -242,3 +242,28 @@ def test_excluding_a_layer_no_segment_has_is_one_line(tmp_path):
     line = caught.value.one_line()
     assert "quantize.exclude names accel_0/node_Conv_99, which no segment has" in line
     assert "accel_0/node_Conv_21" in line and "\n" not in line
+
+
+def test_mac_counts_of_dynamic_graphs_use_real_sizes(tmp_path):
+    """Attention's MatMuls are sized by the sequence: symbolic sizes must not count as 1."""
+    import torch
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from pipeline.quantize.ort_qdq import Reader, int8_fractions
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return torch.softmax(self.q(x) @ self.k(x).transpose(1, 2), -1)
+
+    x = torch.randn(2, 16, 64)
+    torch.onnx.export(Attention(), (x,), tmp_path / "m.onnx", input_names=["x"],
+                      dynamic_shapes={"x": {0: torch.export.Dim("b"), 1: torch.export.Dim("s")}})
+    quantize_static(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), Reader(["x"], [(x.numpy(),)]),
+                    quant_format=QuantFormat.QDQ)
+    projections, scores = 2 * (2 * 16 * 64 * 64), 2 * 16 * 16 * 64
+    assert int8_fractions(tmp_path / "q.onnx", (x.numpy(),))["macs"] == projections + scores
+    assert int8_fractions(tmp_path / "q.onnx")["macs"] < scores  # what symbolic sizes gave before

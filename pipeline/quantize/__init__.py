@@ -88,14 +88,14 @@ def replace(request: QuantizeRequest, **changes) -> QuantizeRequest:
     return dataclasses.replace(request, **changes)
 
 
-def int8_facts(qdq: Path, tool: str, precision: str = "int8") -> dict[str, Any]:
+def int8_facts(qdq: Path, tool: str, precision: str = "int8", example: tuple | None = None) -> dict[str, Any]:
     """engines.json facts of a QDQ model any target built: its file, the tool, the quantized fractions.
 
     An fp8 QDQ model's fractions are under "fp8", with fp8_ names (fp8_op_fraction, fp8_mac_fraction, ...).
     """
     from pipeline.quantize.ort_qdq import int8_fractions
 
-    fractions = int8_fractions(qdq)
+    fractions = int8_fractions(qdq, example)  # example: one calibration batch, for dynamic sizes
     if precision != "int8":
         fractions = {k.replace("int8", precision): v for k, v in fractions.items()}
     return {"qdq_model": qdq.name, "quantizer": tool, precision: fractions}

@@ -241,16 +241,21 @@ def _drop_dead_qdq(graph) -> None:
             graph.node.remove(node)
 
 
-def int8_fractions(qdq_path: Path) -> dict[str, Any]:
+def int8_fractions(qdq_path: Path, example: tuple | None = None) -> dict[str, Any]:
     """Of the compute ops (Conv, MatMul, Gemm) of the QDQ model: how many, and how many MACs, are int8.
 
     A compute op is int8 when its inputs come through DequantizeLinear and its output goes
     into a QuantizeLinear (the pattern ORT fuses into QLinear kernels); MACs come from the
-    shapes ONNX infers (symbolic sizes count as 1).
+    shapes ONNX infers. With dynamic inputs those are symbolic, and a symbolic size would
+    count as 1 (attention's MatMuls, sized by the sequence, all but vanish): `example`, one
+    calibration batch in input order, pins the graph inputs to real sizes first.
     """
     import onnx
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(qdq_path)))
+    model = onnx.load(str(qdq_path))
+    if example:
+        _pin_inputs(model.graph, example)
+    model = onnx.shape_inference.infer_shapes(model)
     producers = {o: n for n in model.graph.node for o in n.output}
     consumers: dict[str, list] = {}
     for n in model.graph.node:
@@ -275,6 +280,16 @@ def int8_fractions(qdq_path: Path) -> dict[str, Any]:
             "int8_mac_fraction": int8_macs / macs if macs else 0.0, "macs": macs, "int8_macs": int8_macs,
             "fp32_layers": float_layers,
             "int8_layers": len(int8_layers)}
+
+
+def _pin_inputs(graph, example: tuple) -> None:
+    """Graph inputs (not initializers) get the sizes of `example`'s arrays, in order."""
+    weights = {i.name for i in graph.initializer}
+    for value, array in zip([v for v in graph.input if v.name not in weights], example, strict=False):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == len(getattr(array, "shape", ())):
+            for dim, size in zip(dims, array.shape, strict=True):
+                dim.dim_value = int(size)
 
 
 def _requantized(name: str, consumers: dict[str, list]) -> bool:
@@ -313,12 +328,12 @@ def engine_ops(engine: Path) -> dict[str, int]:
             "float_kernels": sum(k in FLOAT_COMPUTE for k in kinds)}
 
 
-def inspect(qdq: Path, engine: Path) -> dict[str, Any]:
+def inspect(qdq: Path, engine: Path, example: tuple | None = None) -> dict[str, Any]:
     """engines.json facts: the int8 fractions of the QDQ model and the kernels of the engine.
 
     `precision` lists the dtypes the engine computes in (int8 only where ORT really chose
     int8 kernels), which validate's precision check reads.
     """
-    fractions, kernels = int8_fractions(qdq), engine_ops(engine)
+    fractions, kernels = int8_fractions(qdq, example), engine_ops(engine)
     precision = (["int8"] if kernels["int8_kernels"] else []) + (["float32"] if kernels["float_kernels"] else [])
     return {"qdq_model": qdq.name, "precision": precision, "int8": {**fractions, **kernels}}

@@ -165,7 +165,8 @@ class OnnxRuntimeTarget(OnnxTarget):
             ) from err
         entry = {**segment, "engine": engine.name, "providers": session.get_providers()}
         if segment.get("quantize"):  # what ORT made of the QDQ graph: int8 kernels, and how much
-            entry.update(ort_qdq.inspect(source, engine))
+            example = segment["quantize"].inputs[0] if segment["quantize"].inputs else None
+            entry.update(ort_qdq.inspect(source, engine, example))
         return entry
 
     def runtime_options(self, gm) -> dict[str, Any]:

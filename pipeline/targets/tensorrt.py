@@ -260,7 +260,9 @@ class TensorRTTarget(OnnxTarget):
 
             self._check_fp8_gpu(precision)
             qdq, tool = tensorrt_qdq.quantize(segment, convert_dir, out, precision)
-            parsed, parse_dir, quantized = {**segment, "onnx": qdq.name}, out, int8_facts(qdq, tool, precision)
+            example = (segment["quantize"].inputs or [None])[0]
+            parsed, parse_dir = {**segment, "onnx": qdq.name}, out
+            quantized = int8_facts(qdq, tool, precision, example)
         # The parser holds the weights the network points at: it must outlive the build.
         network, _parser = self._parse(trt, builder, parsed, parse_dir, mark)
         config = self._builder_config(trt, builder, compile_cfg, self._capabilities(precision))
