@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import shapes
-from pipeline.dtypes import is_quantized, torch_dtype
+from pipeline.dtypes import is_quantized, precision_name, torch_dtype
 from pipeline.errors import ArtifactError, ConfigError
 
 SUFFIXES = (".npy", ".pt")
@@ -37,8 +37,7 @@ def check(config: dict[str, Any]) -> None:
 
     from pipeline.quantize import int8_refusal, quantizer_of
 
-    name, precision = config["target"]["name"], str(getattr(config["compile"]["precision"], "value",
-                                                             config["compile"]["precision"]))
+    name, precision = config["target"]["name"], precision_name(config["compile"]["precision"])
     reason = quantizer_of(name, precision)[1]
     if reason:
         able = ("target=onnxruntime (or target=tensorrt, or target=inductor on the CPU)" if precision == "int8"

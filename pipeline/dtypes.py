@@ -38,6 +38,11 @@ def model_dtype(precision: str) -> str:
     return QUANTIZED_PRECISIONS.get(precision) or PRECISION_DTYPES[precision]
 
 
+def precision_name(precision) -> str:
+    """compile.precision as its name ('int8'), whether the config holds the enum or the string."""
+    return str(getattr(precision, "value", precision))
+
+
 def is_quantized(precision: str) -> bool:
     """True where build quantizes (int8, fp8) rather than export casting the model."""
     return precision in QUANTIZED_PRECISIONS

@@ -7,7 +7,7 @@ assembled hybrid module to save, so a run's build folder is what users deploy.
 from __future__ import annotations
 
 from pipeline import hybrid, layout, shapes
-from pipeline.dtypes import is_quantized
+from pipeline.dtypes import QUANTIZED_PRECISIONS, is_quantized
 from pipeline.files import load_json, write_json
 from pipeline.stage import INPUT_KEYS, Metrics, StageContext, StageSpec
 from pipeline.targets import BUILDING
@@ -46,10 +46,8 @@ SPEC = StageSpec(
     name="build", version=3, run=run, inputs=("export", "lower", "partition", "convert"),
     reads=("compile.optimization_level", "compile.workspace_size", "compile.precision"),
     # int8: the calibration data (by content: calibration.digest), the rounds and their gate.
-    reads_when={("compile.precision", "int8"): (*INPUT_KEYS, "model.task", "calibration", "quantize",
-                                                "validate.tolerances.int8"),
-                # fp8 goes through the same rounds, gated by validate.tolerances.fp8.
-                ("compile.precision", "fp8"): (*INPUT_KEYS, "model.task", "calibration", "quantize",
-                                               "validate.tolerances.fp8")},
+    # int8 and fp8 go through the same rounds, each gated by its own tolerances.
+    reads_when={("compile.precision", p): (*INPUT_KEYS, "model.task", "calibration", "quantize",
+                                           f"validate.tolerances.{p}") for p in QUANTIZED_PRECISIONS},
     content={"partition": (layout.PARTITION.recipe,)}, asks=BUILDING, writes=FILES,
 )

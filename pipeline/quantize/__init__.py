@@ -38,6 +38,11 @@ class QuantizeRequest:
     # Scratch folder for intermediate models (pre-processed fp32), outside the cached output.
     workdir: Path = Path(".")
 
+    @property
+    def example(self) -> tuple | None:
+        """One calibration batch: the real sizes of a segment whose inputs are dynamic (MAC counts)."""
+        return self.inputs[0] if self.inputs else None
+
     def summary(self) -> dict[str, Any]:
         """What engines.json records of the request: the settings, not the data."""
         return {"method": self.method, "per_channel": self.per_channel, "num_batches": len(self.inputs),

@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pipeline import calibration, layout, programs, segments, shapes
+from pipeline.dtypes import precision_name
 from pipeline.errors import ConfigError
 from pipeline.files import load_json, write_json
 from pipeline.quantize import QuantizeRequest, strip
@@ -29,7 +30,7 @@ REPORT = "quantization.json"
 def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(engines.json entries, metrics) of the int8 (or fp8) build, after the accuracy-aware rounds."""
     cfg, target, q = ctx.config, ctx.target, ctx.config.quantize
-    precision = str(getattr(cfg.compile.precision, "value", cfg.compile.precision))
+    precision = precision_name(cfg.compile.precision)
     batches = calibration.load_checked(cfg.calibration, cfg.input)
     recipe = load_json(ctx.inputs["partition"] / layout.PARTITION.recipe, "partition recipe")
     gm = segments.fuse(target.graph_module(programs.load(ctx.inputs["lower"])), recipe)

@@ -121,7 +121,7 @@ def mark_module_calls(graph) -> int:
         stack = node.meta.get("nn_module_stack") or {}
         fqn, cls = list(stack.values())[-1] if stack else (None, None)
         source = _module_type(cls)
-        if source is None and _opname(node) in ("add", "add_"):
+        if source is None and opname(node) in ("add", "add_"):
             source, fqn = operator.add, None
         if source is None:
             previous = None
@@ -190,12 +190,13 @@ def engine_kernels(package: Path) -> dict[str, int]:
     return {"int8_kernels": len(INT8_KERNEL.findall(code)), "float_kernels": len(FLOAT_KERNEL.findall(code))}
 
 
-def _opname(node) -> str:
+def opname(node) -> str:
+    """The aten/quantized op's name of a call_function node ('' for other nodes)."""
     return getattr(node.target, "_opname", "") if node.op == "call_function" else ""
 
 
 def _dequantized(node) -> bool:
-    return hasattr(node, "op") and _opname(node).startswith("dequantize")
+    return hasattr(node, "op") and opname(node).startswith("dequantize")
 
 
 def _size(value) -> int:
@@ -211,7 +212,7 @@ def _macs(node) -> int:
         val = arg.meta.get("val") if hasattr(arg, "meta") else None
         return [_size(s) for s in val.shape] if hasattr(val, "shape") else []
 
-    name, args = _opname(node), node.args
+    name, args = opname(node), node.args
     out = shape(node)
     operands = (args[1], args[2]) if name == "addmm" else (args[0], args[1])
     data, weight = shape(operands[0]), shape(operands[1])
@@ -233,7 +234,7 @@ def int8_fractions(gm) -> dict[str, Any]:
     ops = macs = int8_ops = int8_macs = 0
     float_layers: list[str] = []
     for node in gm.graph.nodes:
-        name = _opname(node)
+        name = opname(node)
         if name not in COMPUTE:
             continue
         count = _macs(node)

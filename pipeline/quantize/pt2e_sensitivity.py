@@ -15,15 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.quantize.pt2e import opname
 from pipeline.quantize.sensitivity import EXACT_DB, added_noise_db
 
 # Activation rounding: quantize then dequantize with one scale per tensor (weights are per channel).
 QUANTIZE = ("quantize_per_tensor",)
 DEQUANTIZE = ("dequantize_per_tensor",)
-
-
-def _opname(node) -> str:
-    return getattr(node.target, "_opname", "") if node.op == "call_function" else ""
 
 
 def module_path(node) -> str | None:
@@ -43,10 +40,10 @@ def activations(gm, args: tuple, rounding: bool, wanted: set[str]) -> dict[str, 
 
     class Run(torch.fx.Interpreter):
         def run_node(self, node):
-            if not rounding and _opname(node).startswith(QUANTIZE):
+            if not rounding and opname(node).startswith(QUANTIZE):
                 value = self.env[node.args[0]] if isinstance(node.args[0], torch.fx.Node) else node.args[0]
-            elif not rounding and _opname(node).startswith(DEQUANTIZE) and node.args[0].op != "get_attr" \
-                    and _opname(node.args[0]).startswith(QUANTIZE):
+            elif not rounding and opname(node).startswith(DEQUANTIZE) and node.args[0].op != "get_attr" \
+                    and opname(node.args[0]).startswith(QUANTIZE):
                 value = self.env[node.args[0]]
             else:
                 value = super().run_node(node)
@@ -72,7 +69,7 @@ def sqnr(reference, got) -> float:
 def read_tensor(node):
     """The float tensor a compute op reads, before its input was rounded (through dequantize(quantize(x)))."""
     data = node.args[0]
-    if _opname(data).startswith(DEQUANTIZE) and _opname(data.args[0]).startswith(QUANTIZE):
+    if opname(data).startswith(DEQUANTIZE) and opname(data.args[0]).startswith(QUANTIZE):
         return data.args[0].args[0]
     return data
 
@@ -85,8 +82,8 @@ def rank(program, inputs: list[tuple], compute: set[str], excluded: list[str]) -
     gm = program.module()
     layers = {}
     for node in gm.graph.nodes:
-        path = module_path(node) if _opname(node) in compute else None
-        if path and path not in excluded and _opname(node.args[0]).startswith(DEQUANTIZE):
+        path = module_path(node) if opname(node) in compute else None
+        if path and path not in excluded and opname(node.args[0]).startswith(DEQUANTIZE):
             layers[node.name] = (path, read_tensor(node).name)
     wanted = set(layers) | {read for _, read in layers.values()}
     noise: dict[str, list[tuple[float, float]]] = {}

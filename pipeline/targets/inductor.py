@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ArtifactError, CompileError, ConfigError
+from pipeline.quantize.pt2e import QUANTIZER
 from pipeline.targets import Target, TargetSettings
 from pipeline.targets.inductor_runtime import CUDAGRAPH_MODES, first_line
 from pipeline.targets.onnx_base import value_info
@@ -74,7 +75,7 @@ class InductorTarget(Target):
     # AOTInductor packages are shared libraries and torch.compile's caches hold generated code.
     engines_are_code = True
     # compile.precision=int8 (pipeline.quantize.pt2e): the CPU's PT2E route, refused elsewhere in one line.
-    quantizer = "PT2E with torchao's X86InductorQuantizer, built by AOTInductor (CPU)"
+    quantizer = QUANTIZER
 
     @classmethod
     def int8_refusal(cls, config: dict[str, Any]) -> tuple[str, str] | None:
@@ -105,7 +106,7 @@ class InductorTarget(Target):
 
         graph = programs.load_program(convert_dir / segment["program"]).graph_module.graph
         paths = {n: pt2e_sensitivity.module_path(n) for n in graph.nodes if n.op == "call_function"}
-        compute = [p for n, p in paths.items() if p and getattr(n.target, "_opname", "") in pt2e.COMPUTE]
+        compute = [p for n, p in paths.items() if p and pt2e.opname(n) in pt2e.COMPUTE]
         return {p for p in paths.values() if p}, list(dict.fromkeys(compute))
 
     def is_supported(self, node) -> bool:

@@ -17,11 +17,12 @@ from typing import Any
 from pipeline.errors import CompileError, ConfigError, TargetUnavailable
 from pipeline.targets import TargetSettings, resolve_device
 from pipeline.targets.onnx_base import OnnxTarget
+from pipeline.targets.onnxruntime_session import GPU_PROVIDERS
 
 LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
           "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
-GPU = ["CUDAExecutionProvider"]
+GPU = ["CUDAExecutionProvider"]  # the CUDA variant's first provider (GPU_PROVIDERS: all that run on the GPU)
 
 
 def available_providers() -> list[str]:
@@ -90,7 +91,7 @@ class OnnxRuntimeTarget(OnnxTarget):
         """Named providers decide; else auto is CUDA only where a GPU and the CUDA provider both exist."""
         named = self.settings.get("providers") or []
         if named:
-            device = "cuda" if set(named) & {*GPU, "TensorrtExecutionProvider"} else "cpu"
+            device = "cuda" if set(named) & set(GPU_PROVIDERS) else "cpu"
             if asked not in ("auto", device):
                 raise ConfigError(f"target.device={asked} but target.providers={named} run on {device}.",
                                   "set one of them only: target.device, or target.providers.")
@@ -165,8 +166,7 @@ class OnnxRuntimeTarget(OnnxTarget):
             ) from err
         entry = {**segment, "engine": engine.name, "providers": session.get_providers()}
         if segment.get("quantize"):  # what ORT made of the QDQ graph: int8 kernels, and how much
-            example = segment["quantize"].inputs[0] if segment["quantize"].inputs else None
-            entry.update(ort_qdq.inspect(source, engine, example))
+            entry.update(ort_qdq.inspect(source, engine, segment["quantize"].example))
         return entry
 
     def runtime_options(self, gm) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.dtypes import tensorrt_name
+from pipeline.dtypes import precision_name, tensorrt_name
 from pipeline.errors import ArtifactError, CompileError, ConfigError, TargetUnavailable
 from pipeline.files import write_json
 from pipeline.targets import TargetSettings
@@ -47,6 +47,7 @@ RTX_RUNS_ON = ("8.0", "8.6", "8.9")
 # FP8 needs compute capability >= 8.9 (Ada, Hopper, Blackwell): what fp8 engines are built for
 # when target.compute_capabilities is empty (TensorRT-RTX refuses FP8 for sm75/80/86).
 FP8_CAPABILITIES = ("8.9", "12.0")
+FP8_MIN = (8, 9)
 FX_TARGET = re.compile(r"target=torch\.ops\.([\w.]+)")
 
 
@@ -90,6 +91,11 @@ def parser_errors(parser, origins: list[tuple[str, str, str | None]]) -> list[di
                        "error": f"{err.desc()} (in {err.func()})"})
     return errors
 
+
+
+def capability_tuple(text: str) -> tuple[int, ...]:
+    """'8.9' -> (8, 9), for comparing compute capabilities."""
+    return tuple(int(x) for x in str(text).split(".")[:2] if x.isdigit())
 
 class TensorRTTarget(OnnxTarget):
     name = "tensorrt"
@@ -144,7 +150,7 @@ class TensorRTTarget(OnnxTarget):
     def fp8_refusal(cls, config: dict[str, Any]) -> tuple[str, str] | None:
         """FP8 needs compute capability >= 8.9; its scales come from ranges, not int8's histograms."""
         wanted = [str(c) for c in (config["target"].get("compute_capabilities") or [])]
-        old = [c for c in wanted if tuple(int(x) for x in c.split(".")[:2] if x.isdigit()) < (8, 9)]
+        old = [c for c in wanted if capability_tuple(c) < FP8_MIN]
         if old:
             return (f"FP8 needs compute capability 8.9 or newer, and target.compute_capabilities has "
                     f"{', '.join(old)}", "set target.compute_capabilities to 8.9 and/or 12.0 (or leave it empty: "
@@ -212,7 +218,7 @@ class TensorRTTarget(OnnxTarget):
     def _check_fp8_gpu(self, precision: str) -> None:
         """Full TensorRT builds on its GPU: FP8 needs one of compute capability 8.9 or newer."""
         capability = gpu_capability() if precision == "fp8" and self.library == "tensorrt" else None
-        if capability and tuple(int(x) for x in capability.split(".")) < (8, 9):
+        if capability and capability_tuple(capability) < FP8_MIN:
             raise TargetUnavailable(f"FP8 needs compute capability 8.9 or newer, and this GPU is {capability}.",
                                     "build on an Ada, Hopper or Blackwell GPU, use target.library=tensorrt_rtx, "
                                     "or compile.precision=int8.")
@@ -254,18 +260,18 @@ class TensorRTTarget(OnnxTarget):
         mark = len(log.messages)
         builder = trt.Builder(log)
         parsed, parse_dir, quantized = segment, convert_dir, {}
-        precision = str(getattr(compile_cfg.precision, "value", compile_cfg.precision))
+        precision = precision_name(compile_cfg.precision)
+        capabilities = self._capabilities(precision)
         if segment.get("quantize"):  # compile.precision=int8/fp8: a QDQ graph, built strongly typed
             from pipeline.quantize import int8_facts, tensorrt_qdq
 
             self._check_fp8_gpu(precision)
             qdq, tool = tensorrt_qdq.quantize(segment, convert_dir, out, precision)
-            example = (segment["quantize"].inputs or [None])[0]
             parsed, parse_dir = {**segment, "onnx": qdq.name}, out
-            quantized = int8_facts(qdq, tool, precision, example)
+            quantized = int8_facts(qdq, tool, precision, segment["quantize"].example)
         # The parser holds the weights the network points at: it must outlive the build.
         network, _parser = self._parse(trt, builder, parsed, parse_dir, mark)
-        config = self._builder_config(trt, builder, compile_cfg, self._capabilities(precision))
+        config = self._builder_config(trt, builder, compile_cfg, capabilities)
         self._add_profiles(builder, network, config, segment)
         plan = self._build_plan(trt, builder, network, config, segment["name"], mark)
         engine_file = out / f"{segment['name']}.plan"
@@ -280,7 +286,7 @@ class TensorRTTarget(OnnxTarget):
                 "input_names": [t["name"] for t in description["inputs"]],
                 "output_names": [t["name"] for t in description["outputs"]],
                 "num_profiles": config.num_optimization_profiles,
-                **({"compute_capabilities": self._capabilities(precision)} if self._capabilities(precision) else {}),
+                **({"compute_capabilities": capabilities} if capabilities else {}),
                 "layers": self._write_layer_information(trt, plan, out / f"{segment['name']}.layers.json")}
 
     def _parse(self, trt, builder, segment: dict[str, Any], convert_dir: Path, mark: int):
