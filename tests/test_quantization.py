@@ -192,12 +192,18 @@ def test_bad_calibration_is_one_line_before_any_stage(tmp_path, name):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx is not installed")
-def test_tensorrt_rtx_int8_engine_has_int8_tensors(tmp_path):
-    """Built ahead of time on this CPU: a strongly typed network whose tensors include INT8."""
+@pytest.mark.parametrize("tool", ["modelopt", "onnxruntime"])
+def test_tensorrt_rtx_int8_engine_has_int8_tensors(tmp_path, tool):
+    """Built ahead of time on this CPU: a strongly typed network whose tensors include INT8, from either QDQ tool."""
+    from pipeline.quantize.tensorrt_qdq import modelopt_available
+
+    if tool == "modelopt" and not modelopt_available():
+        pytest.skip("modelopt.onnx.quantization does not import (pip install -e '.[quant]')")
     job = run_job(tmp_path, "target=tensorrt", "target.library=tensorrt_rtx", "compile.precision=int8",
-                  "tracking.enabled=false")
+                  f"target.quantizer={tool}", "tracking.enabled=false")
     assert job.result.status == "FINISHED"
     (segment,) = job.json("build/engines.json")["segments"]
+    assert segment["quantizer"] == ("modelopt" if tool == "modelopt" else "onnxruntime.quantization")
     network = job.json(f"build/{segment['network']}")
     dtypes = {t["dtype"] for layer in network["layers"] for t in layer["inputs"] + layer["outputs"] if t}
     assert network["strongly_typed"] and "int8" in dtypes

@@ -16,22 +16,28 @@ FP8_RTX = ("target=tensorrt", "target.library=tensorrt_rtx", "compile.precision=
 
 
 @pytest.mark.skipif(NO_RTX, reason="tensorrt-rtx is not installed (pip install tensorrt-rtx): no FP8 build to check")
-def test_tensorrt_rtx_fp8_engine_has_fp8_tensors(tmp_path):
+@pytest.mark.parametrize("tool", ["modelopt", "onnxruntime"])
+def test_tensorrt_rtx_fp8_engine_has_fp8_tensors(tmp_path, tool):
     """Built ahead of time on this CPU, for compute capabilities 8.9 and 12.0: FP8 tensors between Q/DQ layers."""
     from testkit import run_job
 
-    job = run_job(tmp_path, *FP8_RTX, "tracking.enabled=false")
+    from pipeline.quantize.tensorrt_qdq import modelopt_available
+
+    if tool == "modelopt" and not modelopt_available():
+        pytest.skip("modelopt.onnx.quantization does not import (pip install -e '.[quant]')")
+    job = run_job(tmp_path, *FP8_RTX, "+model.kwargs.width=32", f"target.quantizer={tool}", "tracking.enabled=false")
     assert job.result.status == "FINISHED"
     (segment,) = job.json("build/engines.json")["segments"]
     network = job.json(f"build/{segment['network']}")
     dtypes = [t["dtype"] for layer in network["layers"] for t in layer["inputs"] + layer["outputs"] if t]
-    assert network["strongly_typed"] and dtypes.count("float8_e4m3fn") >= 6
+    # modelopt keeps the 3-channel stem conv out of FP8 (its rule for small convs): the rest is FP8.
+    assert network["strongly_typed"] and dtypes.count("float8_e4m3fn") >= 4
     assert {"QUANTIZE", "DEQUANTIZE"} <= {layer["type"].rpartition(".")[2] for layer in network["layers"]}
     assert segment["precision"] == ["float32", "float8_e4m3fn"] and segment["compute_capabilities"] == ["8.9", "12.0"]
-    assert segment["fp8"]["fp8_mac_fraction"] > 0.9 and "int8" not in segment
-    assert "float8e4m3fn" in segment["quantizer"] or segment["quantizer"] == "modelopt"
+    assert segment["fp8"]["fp8_mac_fraction"] > 0.8 and "int8" not in segment
+    assert segment["quantizer"].startswith("modelopt" if tool == "modelopt" else "onnxruntime.quantization")
     assert job.result.tags["precision.achieved"] == "fp32+fp8"
-    assert job.result.metrics["fp8_mac_fraction"] > 0.9 and "int8_mac_fraction" not in job.result.metrics
+    assert job.result.metrics["fp8_mac_fraction"] > 0.8 and "int8_mac_fraction" not in job.result.metrics
     assert job.json("validate/report.json")["precision_achieved"] == "fp32+fp8"
 
 

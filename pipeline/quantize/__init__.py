@@ -93,14 +93,16 @@ def replace(request: QuantizeRequest, **changes) -> QuantizeRequest:
     return dataclasses.replace(request, **changes)
 
 
-def int8_facts(qdq: Path, tool: str, precision: str = "int8", example: tuple | None = None) -> dict[str, Any]:
+def int8_facts(qdq: Path, tool: str, precision: str = "int8", example: tuple | None = None,
+               requantized: bool = True) -> dict[str, Any]:
     """engines.json facts of a QDQ model any target built: its file, the tool, the quantized fractions.
 
-    An fp8 QDQ model's fractions are under "fp8", with fp8_ names (fp8_op_fraction, fp8_mac_fraction, ...).
+    `requantized`: an op counts as int8 only where its output is quantized again (ORT's QLinear
+    fusion); TensorRT needs quantized inputs only (ort_qdq.int8_fractions). An fp8 QDQ model's fractions are under "fp8", with fp8_ names (fp8_op_fraction, fp8_mac_fraction, ...).
     """
     from pipeline.quantize.ort_qdq import int8_fractions
 
-    fractions = int8_fractions(qdq, example)  # example: one calibration batch, for dynamic sizes
+    fractions = int8_fractions(qdq, example, requantized)  # example: one calibration batch, for dynamic sizes
     if precision != "int8":
         fractions = {k.replace("int8", precision): v for k, v in fractions.items()}
     return {"qdq_model": qdq.name, "quantizer": tool, precision: fractions}

@@ -241,11 +241,13 @@ def _drop_dead_qdq(graph) -> None:
             graph.node.remove(node)
 
 
-def int8_fractions(qdq_path: Path, example: tuple | None = None) -> dict[str, Any]:
+def int8_fractions(qdq_path: Path, example: tuple | None = None, requantized: bool = True) -> dict[str, Any]:
     """Of the compute ops (Conv, MatMul, Gemm) of the QDQ model: how many, and how many MACs, are int8.
 
-    A compute op is int8 when its inputs come through DequantizeLinear and its output goes
-    into a QuantizeLinear (the pattern ORT fuses into QLinear kernels); MACs come from the
+    A compute op is int8 when its inputs come through DequantizeLinear and, for ORT
+    (`requantized`), its output goes into a QuantizeLinear (the pattern ORT fuses into QLinear
+    kernels). TensorRT runs a layer in int8 from its quantized inputs alone and keeps the output
+    in the precision its readers ask for (modelopt's graphs have no output Q). MACs come from the
     shapes ONNX infers. With dynamic inputs those are symbolic, and a symbolic size would
     count as 1 (attention's MatMuls, sized by the sequence, all but vanish): `example`, one
     calibration batch in input order, pins the graph inputs to real sizes first.
@@ -271,7 +273,7 @@ def int8_fractions(qdq_path: Path, example: tuple | None = None) -> dict[str, An
             continue
         count = _macs(node, shapes, producers)
         quantized = (all(i in producers and producers[i].op_type == "DequantizeLinear" for i in node.input[:2])
-                     and _requantized(node.output[0], consumers))
+                     and (not requantized or _requantized(node.output[0], consumers)))
         ops, macs = ops + 1, macs + count
         if quantized:
             int8_ops, int8_macs = int8_ops + 1, int8_macs + count

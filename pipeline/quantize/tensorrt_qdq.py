@@ -2,18 +2,20 @@
 
 TensorRT 10+/11 and TensorRT-RTX dropped implicit INT8 calibration: the precision comes
 from the graph. NVIDIA Model Optimizer (`modelopt.onnx.quantization.quantize`, the route
-Torch-TensorRT documents for INT8 PTQ) writes such a graph and is used when it imports.
-`nvidia-modelopt[onnx]` pins onnx ~=1.21 and onnxruntime-gpu ~=1.24, which clash with this
-project's onnx/onnxruntime, so it is not a declared dependency: where it is missing the
-graph comes from ONNX Runtime's quantize_static in the form TensorRT accepts (signed int8
-activations and weights, symmetric scales, zero points of 0, float biases). compile.precision=fp8
-takes the same two routes with FLOAT8E4M3FN Q/DQ (modelopt's quantize_mode="fp8"; ORT's
+Torch-TensorRT documents for INT8 PTQ) writes such a graph and is used when it imports:
+the `[quant]` extra installs the base package and its `[onnx]` extra's packages by hand
+(that extra pins onnx ~=1.21 and onnxruntime-gpu ~=1.24, which clash with this project's),
+and modelopt calibrates on ORT's CPU provider. Where it is missing the graph comes from
+ONNX Runtime's quantize_static in the form TensorRT accepts (signed int8 activations and
+weights, symmetric scales, zero points of 0, float biases). compile.precision=fp8 takes the
+same two routes with FLOAT8E4M3FN Q/DQ (modelopt's quantize_mode="fp8"; ORT's
 QFLOAT8E4M3FN, calibrated by each tensor's distribution, the only method ORT has for float8).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import importlib
 import re
 from pathlib import Path
 from typing import Any
@@ -21,22 +23,28 @@ from typing import Any
 from pipeline.errors import CompileError
 
 MODELOPT_METHODS = {"minmax": "max", "entropy": "entropy"}
+# target.quantizer: auto takes modelopt where it imports.
+TOOLS = ("auto", "modelopt", "onnxruntime")
 
 
+@functools.cache
 def modelopt_available() -> bool:
+    """modelopt's ONNX quantizer imports: the base package alone installs it without its [onnx] deps."""
     try:
-        return importlib.util.find_spec("modelopt.onnx.quantization") is not None
-    except ModuleNotFoundError:
+        importlib.import_module("modelopt.onnx.quantization")
+    except ImportError:
         return False
+    return True
 
 
-def quantize(segment: dict[str, Any], convert_dir: Path, out: Path, precision: str = "int8") -> tuple[Path, str]:
+def quantize(segment: dict[str, Any], convert_dir: Path, out: Path, precision: str = "int8",
+             tool: str | None = "auto") -> tuple[Path, str]:
     """(the segment's QDQ model in `out`, the tool that made it); precision int8 or fp8 (FP8 E4M3 Q/DQ)."""
     from pipeline.quantize import ort_qdq
 
     request, name = segment["quantize"], segment["name"]
     source = convert_dir / segment["onnx"]
-    if modelopt_available():
+    if tool == "modelopt" or (tool in ("auto", None) and modelopt_available()):
         return with_modelopt(source, out, name, request, precision), "modelopt"
     qdq = ort_qdq.quantize(source, out, name, request, tensorrt=True, fp8=precision == "fp8")
     return qdq, "onnxruntime.quantization" + (" (float8e4m3fn, distribution calibration)" if precision == "fp8" else "")

@@ -32,6 +32,7 @@ from typing import Any
 from pipeline.dtypes import precision_name, tensorrt_name
 from pipeline.errors import ArtifactError, CompileError, ConfigError, TargetUnavailable
 from pipeline.files import write_json
+from pipeline.quantize import tensorrt_qdq
 from pipeline.targets import TargetSettings
 from pipeline.targets.onnx_base import OnnxTarget
 from pipeline.targets.tensorrt_runtime import (
@@ -65,6 +66,9 @@ class Settings(TargetSettings):
     compute_capabilities: list[str] = field(default_factory=list)
     # ONNX opset for the exporter; None uses torch.onnx's default.
     opset: int | None = None
+    # What writes int8/fp8 QDQ graphs: auto (modelopt where it imports, else onnxruntime),
+    # modelopt (NVIDIA Model Optimizer's ONNX PTQ) or onnxruntime (ORT's quantize_static).
+    quantizer: str = "auto"
 
 
 def onnx_node_origins(path: Path) -> list[tuple[str, str, str | None]]:
@@ -123,6 +127,12 @@ class TensorRTTarget(OnnxTarget):
             raise ConfigError("target.timing_cache is set, but TensorRT-RTX has no timing cache "
                               "(any timing-cache call breaks its CPU-only build).",
                               "remove target.timing_cache, or use target.library=tensorrt.")
+        if settings.get("quantizer", "auto") not in tensorrt_qdq.TOOLS:
+            raise ConfigError(f"target.quantizer={settings.get('quantizer')!r} is not a QDQ tool.",
+                              f"use target.quantizer={' or '.join(tensorrt_qdq.TOOLS)}.")
+        if settings.get("quantizer") == "modelopt" and not tensorrt_qdq.modelopt_available():
+            raise TargetUnavailable("target.quantizer=modelopt but modelopt.onnx.quantization does not import here.",
+                                    "pip install -e '.[quant]', or use target.quantizer=auto.")
         if self.library == "tensorrt" and settings.get("compute_capabilities"):
             raise ConfigError("target.compute_capabilities is set, but full TensorRT builds for the GPU it runs on.",
                               "remove target.compute_capabilities, or use target.library=tensorrt_rtx.")
@@ -263,12 +273,12 @@ class TensorRTTarget(OnnxTarget):
         precision = precision_name(compile_cfg.precision)
         capabilities = self._capabilities(precision)
         if segment.get("quantize"):  # compile.precision=int8/fp8: a QDQ graph, built strongly typed
-            from pipeline.quantize import int8_facts, tensorrt_qdq
+            from pipeline.quantize import int8_facts
 
             self._check_fp8_gpu(precision)
-            qdq, tool = tensorrt_qdq.quantize(segment, convert_dir, out, precision)
+            qdq, tool = tensorrt_qdq.quantize(segment, convert_dir, out, precision, self.settings.get("quantizer"))
             parsed, parse_dir = {**segment, "onnx": qdq.name}, out
-            quantized = int8_facts(qdq, tool, precision, segment["quantize"].example)
+            quantized = int8_facts(qdq, tool, precision, segment["quantize"].example, requantized=False)
         # The parser holds the weights the network points at: it must outlive the build.
         network, _parser = self._parse(trt, builder, parsed, parse_dir, mark)
         config = self._builder_config(trt, builder, compile_cfg, capabilities)
