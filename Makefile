@@ -24,7 +24,7 @@ test: install   ## pytest's exit 5 (no tests collected) is a failure, not a pass
 
 # On a GPU machine (tools/gpu-machine.sh test prepares one without an index: make test-gpu PY=python3).
 test-gpu:   ## the GPU tests only (each skips, saying why, where CUDA is absent)
-	$(PY) -m pytest -q -m gpu -rs tests/test_gpu.py; status=$$?; \
+	$(PY) -m pytest -q -m gpu -rs tests/test_gpu.py tests/test_quantization_modelopt.py; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no GPU tests" >&2; exit 1; fi; exit $$status
 
 bench-gpu:   ## ResNet-50 fp16 channels_last, batch 1 and 32: eager, ours, hand-written torch.compile

@@ -45,6 +45,9 @@ from pipeline.layout import ProgramFiles
 PROGRAM, IMPORTS = ProgramFiles.program, ProgramFiles.imports
 # Operator namespaces torch itself registers: a program calling only these needs no import.
 CORE_NAMESPACES = frozenset({"aten", "prims"})
+# Namespaces a library registers (not the model's factory): modelopt's quantize ops, traced by
+# the export of a module it quantized (pipeline.quantize.torch_modelopt).
+LIBRARY_NAMESPACES = {"tensorrt": "modelopt.torch.quantization"}
 # Archive folders under data/ that torch.export.load reads without code: tensors and configs.
 DATA_FOLDERS = ("data/weights/", "data/constants/", "data/sample_inputs/")
 NATIVE_SUFFIXES = (".so", ".dll", ".dylib", ".pyd")
@@ -66,12 +69,12 @@ def needed_imports(program, factory_module: str) -> list[str]:
     """What a fresh process imports before deserialising `program`.
 
     The factory's module only when the program calls operators torch does not define
-    (it registers them); the modules of every non-builtin pytree type of the program's
+    (it registers them), or the library's for a namespace a library registers; the modules of every non-builtin pytree type of the program's
     inputs and outputs (transformers.modeling_outputs for a ModelOutput).
     """
     needed = type_modules(program)
-    if custom_namespaces(program):
-        needed.add(factory_module)
+    for namespace in custom_namespaces(program):
+        needed.add(LIBRARY_NAMESPACES.get(namespace, factory_module))
     return sorted(needed)
 
 

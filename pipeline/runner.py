@@ -85,7 +85,7 @@ class Runner:
     def run_stage(self, spec: StageSpec, keys: dict[str, str], target) -> StageRecord:
         """One stage through the cache: linked if an entry exists, else run by the worker and published."""
         material = self.cache.material(spec, self.config, target, self.run_dir, keys)
-        visible = select(self.config, spec.reads_for(self.config) + spec.labels)
+        visible = select(self.config, spec.reads_for(self.config, target) + spec.labels)
 
         def execute(staging: Path):
             request = Request(stage=spec.name, config=visible, target=target.name, settings=target.settings,

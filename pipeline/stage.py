@@ -68,11 +68,14 @@ class StageSpec:
     # False: never reused. A config key: reused only when that setting is true (validate.cache).
     cacheable: bool | str = True
 
-    def reads_for(self, config: dict[str, Any]) -> tuple[str, ...]:
-        """The keys this job's config makes it read: `reads`, plus those of every `reads_when` that holds."""
+    def reads_for(self, config: dict[str, Any], target=None) -> tuple[str, ...]:
+        """The keys this job's config makes it read: `reads`, plus those of every `reads_when` that
+        holds, plus what the target makes the stage read (Target.stage_reads for the aspect it asks)."""
         extra = tuple(k for (key, value), keys in self.reads_when.items()
                       if str(lookup(config, key)) == value for k in keys)
-        return self.reads + tuple(k for k in extra if k not in self.reads)
+        if target is not None and self.asks:
+            extra += tuple(target.stage_reads(self.asks, config))
+        return self.reads + tuple(dict.fromkeys(k for k in extra if k not in self.reads))
 
     def written_files(self) -> tuple[str, ...]:
         if self.writes is None:

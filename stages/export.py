@@ -11,8 +11,11 @@ before anything is built, and a dimension the model specialises is named.
 
 from __future__ import annotations
 
-from pipeline import layout, programs, shapes
-from pipeline.dtypes import name_of, torch_dtype
+import contextlib
+from typing import Any
+
+from pipeline import calibration, layout, programs, shapes
+from pipeline.dtypes import name_of, precision_name, torch_dtype
 from pipeline.errors import ConfigError
 from pipeline.files import write_json
 from pipeline.models import build_model, cast_model, caster, flat_outputs, weights_digest
@@ -124,6 +127,18 @@ def corner_samples(input_cfg, cast) -> dict[str, shapes.Sample]:
     return samples
 
 
+def _quantize(ctx: StageContext, model, device: str, cast) -> tuple[Any, dict[str, Any]]:
+    """The model fake-quantized by the target (Target.quantizes_module), calibrated with the job's batches."""
+    cfg, precision = ctx.config, precision_name(ctx.config.compile.precision)
+    batches = [b.to(device, cast) for b in calibration.load_checked(cfg.calibration, cfg.input)]
+    exclude = list(cfg.quantize.exclude)
+    with ctx.console.status(f"{precision}: calibrating {cfg.model.name} on {len(batches)} batches for "
+                            f"{ctx.target.name}"):
+        model, record = ctx.target.quantize_module(model, batches, precision, exclude)
+    return model, {"precision": precision, "num_batches": len(batches), "excluded": exclude,
+                   "calibration_sha256": calibration.digest(batches), **record}
+
+
 def run(ctx: StageContext) -> Metrics:
     cfg = ctx.config  # the input spec was checked by the runner before any stage
     precision = cfg.compile.precision
@@ -132,11 +147,15 @@ def run(ctx: StageContext) -> Metrics:
     device = ctx.target.trace_device()
     model = cast_model(model, precision).to(device)
     cast = caster(precision)
+    quantized, context = None, contextlib.nullcontext()
+    if precision_name(precision) in ctx.target.quantizes_module:  # e.g. Torch-TensorRT's modelopt route
+        model, quantized = _quantize(ctx, model, device, cast)
+        context = ctx.target.export_context()
     examples = corner_samples(cfg.input, cast)
     placed = {name: sample.to(device) for name, sample in examples.items()}
     eager = {name: _probe(model, sample, cfg, f"{name} ({shapes.label(sample.dims)})")
              for name, sample in placed.items()}
-    with ctx.console.status(f"torch.export of {cfg.model.name} on {device}"):
+    with ctx.console.status(f"torch.export of {cfg.model.name} on {device}"), context:
         program = _export(model, placed["opt"], cfg)
         _check_corners(program, eager, placed, cfg)
     # The factory's module (for custom ops) and the modules of the output types, for any later process.
@@ -153,6 +172,7 @@ def run(ctx: StageContext) -> Metrics:
                     "dtype": name_of(cast(torch_empty(torch_dtype(t.dtype))).dtype)} for t in cfg.input.tensors],
         "dims": {name: dict(d) for name, d in cfg.input.dims.items()},
         "outputs": [{"shape": list(o.shape), "dtype": name_of(o.dtype)} for o in eager["opt"]],
+        **({"quantized_module": quantized} if quantized else {}),
     })
     return {"num_parameters": num_parameters, "program_bytes": (ctx.out / FILES.program).stat().st_size}
 

@@ -212,35 +212,6 @@ def test_tensorrt_rtx_int8_engine_has_int8_tensors(tmp_path, tool):
     assert job.result.tags["precision.achieved"] == "fp32+int8"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is None,
-                    reason="torch_tensorrt cannot be installed here (no NVIDIA wheels): its modelopt route is untested")
-def test_torch_tensorrt_int8(tmp_path):
-    job = run_job(tmp_path, "target=torch_tensorrt", "compile.precision=int8", "tracking.enabled=false")
-    assert "int8" in job.result.tags["precision.achieved"]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("modelopt") is None,
-                    reason="nvidia-modelopt is not installed (its [onnx] extra pins onnx/onnxruntime versions "
-                           "this project does not use)")
-def test_modelopt_fake_quantizes_a_module_on_cpu():
-    """The torch half of Torch-TensorRT's int8 route: calibrated fake-quantizers change the outputs a little."""
-    import quantkit
-    import torch
-
-    from pipeline.quantize.torch_modelopt import quantize_module
-    from pipeline.shapes import Sample
-
-    model = quantkit.outlier_net(scale=1.0).eval()
-    gen = torch.Generator().manual_seed(0)
-    batches = [Sample((torch.randn(1, 3, 64, 64, generator=gen),), {}, {}) for _ in range(4)]
-    x = torch.randn(1, 3, 64, 64, generator=gen)
-    with torch.no_grad():
-        ref = model(x)
-        got = quantize_module(model, batches)(x)
-    assert not torch.equal(got, ref)
-    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.99
-
-
 def test_excluding_a_layer_no_segment_has_is_one_line(tmp_path):
     """A misspelt quantize.exclude would quantize the layer it meant to keep: it fails, naming real ones."""
     with pytest.raises(ConfigError) as caught:

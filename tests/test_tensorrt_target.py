@@ -73,7 +73,7 @@ def fp16(tmp_path_factory, settings):
 
 def test_config_composes_and_registers(settings):
     assert settings == {"name": "tensorrt", "library": "auto", "timing_cache": None,
-                        "compute_capabilities": [], "opset": None}
+                        "compute_capabilities": [], "opset": None, "quantizer": "auto"}
     assert targets.target_class("tensorrt") is TensorRTTarget
     assert TensorRTTarget.unavailable_reason() is None
     assert targets.make("tensorrt", settings).library in ("tensorrt", "tensorrt_rtx")

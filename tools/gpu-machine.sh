@@ -26,7 +26,11 @@ ORT_SITE=/tmp/site-ort
 ORT_GPU=onnxruntime-gpu==1.31.1
 PY=${PY:-python3}
 PACKAGES=(hydra-core==1.3.2 omegaconf==2.3.0 rich==13.9.4 markdown-it-py==3.0.0 mdurl==0.1.2
-          pygments==2.19.1 pytest==8.3.5 pluggy==1.5.0 iniconfig==2.0.0)
+          pygments==2.19.1 pytest==8.3.5 pluggy==1.5.0 iniconfig==2.0.0
+          # Torch-TensorRT's int8/fp8 route quantizes the module with modelopt in export (~57 MB,
+          # scipy the most of it; install() skips what the machine has).
+          nvidia-modelopt==0.47.0 nvidia-ml-py==13.615.71 pulp==3.3.2 ninja==1.13.2 pydantic==2.14.4
+          pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 scipy==1.18.1)
 
 fetch() {
     mkdir -p "$WHEELS"

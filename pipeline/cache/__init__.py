@@ -166,7 +166,7 @@ class StageCache:
         """What `spec` depends on in this job: config subset, target material, inputs, environment."""
         aspect = spec.asks
         return Material(
-            stage=spec.name, version=spec.version, config=select(config, spec.reads_for(config)),
+            stage=spec.name, version=spec.version, config=select(config, spec.reads_for(config, target)),
             target=target.key_material(aspect) if aspect else {},
             inputs=self.input_identities(spec, run_dir, upstream),
             env=environment(spec.libraries + (target.libraries_for(aspect) if aspect else ())),

@@ -54,7 +54,7 @@ def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any
 
         for number in range(int(q.max_rounds) + 1):
             engines = build(number, excluded)
-            record = {"round": number, "kept_fp32": list(excluded), **_fractions(engines, precision)}
+            record = {"round": number, "kept_fp32": list(excluded), **fractions(engines, precision)}
             if evaluation is not None:
                 with ctx.console.status(f"{precision} round {number}: checking accuracy against fp32"):
                     record.update(evaluation.check(target, engines, ctx.out))
@@ -109,7 +109,7 @@ def _request(name: str, inputs: dict[str, list[tuple]], cfg, excluded: list[str]
                            workdir=Path(scratch))
 
 
-def _fractions(engines: list[dict[str, Any]], precision: str) -> dict[str, Any]:
+def fractions(engines: list[dict[str, Any]], precision: str) -> dict[str, Any]:
     """The shares of compute ops and MACs in `precision`, over every engine (their `precision` entries)."""
     stats = [e.get(precision) or {} for e in engines]
     ops = sum(s.get("compute_ops", 0) for s in stats)

@@ -225,12 +225,14 @@ def _macs(node) -> int:
     return math.prod(out) * (data[-1] if data else 1)
 
 
-def int8_fractions(gm) -> dict[str, Any]:
+def int8_fractions(gm, quantized=None) -> dict[str, Any]:
     """Of the compute ops of the quantized program: how many, and how many MACs, read dequantized int8.
 
     A compute op is int8 when both its data and its weight come through dequantize ops: the
-    pattern Inductor replaces by a oneDNN int8 kernel.
+    pattern Inductor replaces by a oneDNN int8 kernel. `quantized(node)` says whether an
+    operand is quantized, for graphs with other quantize ops (modelopt's, torch_modelopt).
     """
+    quantized = quantized or _dequantized
     ops = macs = int8_ops = int8_macs = 0
     float_layers: list[str] = []
     for node in gm.graph.nodes:
@@ -239,9 +241,8 @@ def int8_fractions(gm) -> dict[str, Any]:
             continue
         count = _macs(node)
         operands = node.args[1:3] if name == "addmm" else node.args[:2]
-        quantized = all(_dequantized(a) for a in operands)
         ops, macs = ops + 1, macs + count
-        if quantized:
+        if all(quantized(a) for a in operands):
             int8_ops, int8_macs = int8_ops + 1, int8_macs + count
         else:
             float_layers.append(node.name)

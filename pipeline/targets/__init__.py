@@ -92,6 +92,11 @@ class Target:
     # True: its engines are code (shared libraries, pickles): pipeline.load loads them only
     # with trusted=True or from the user's own cache (README "Trust and security").
     engines_are_code: bool = False
+    # compile.precision values this target quantizes in the nn.Module before export
+    # (Torch-TensorRT's modelopt route): export calibrates and fake-quantizes the model
+    # (quantize_module, inside export_context) and build takes the graph's quantize ops as
+    # they are, without the accuracy rounds (a round would be a new export).
+    quantizes_module: tuple[str, ...] = ()
 
     def __init__(self, settings: dict[str, Any]):
         # The schema's defaults under the given settings: a target made from some of them has them all.
@@ -169,6 +174,19 @@ class Target:
             return {"name": self.name, **self.build_settings()}
         return {"name": self.name, **self.settings}
 
+    def stage_reads(self, aspect: str, config: dict[str, Any]) -> tuple[str, ...]:
+        """Config keys the stage asking `aspect` reads for this target, beyond its spec's.
+
+        Export (PLACING) reads the calibration data and the layers kept in fp32 where this
+        target quantizes the module, so they key it; for other targets they key build only.
+        """
+        from pipeline.dtypes import precision_name
+
+        if aspect == PLACING and self.quantizes_module and \
+                precision_name(config["compile"]["precision"]) in self.quantizes_module:
+            return ("calibration", "quantize.exclude")
+        return ()
+
     def libraries_for(self, aspect: str) -> tuple[str, ...]:
         if aspect == PLACING:
             return ()
@@ -179,6 +197,16 @@ class Target:
         return precision
 
     # --- stages -------------------------------------------------------------------------
+
+    def quantize_module(self, model, batches: list, precision: str, exclude: list[str]):
+        """The model with calibrated fake-quantizers (only for precisions in quantizes_module)."""
+        raise NotImplementedError(f"{self.name} does not quantize the module")
+
+    def export_context(self):
+        """Where export traces a module quantize_module returned."""
+        import contextlib
+
+        return contextlib.nullcontext()
 
     def lower(self, program):
         return program

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.dtypes import ENGINE_DTYPES, PRECISION_DTYPES
+from pipeline.dtypes import ENGINE_DTYPES, PRECISION_DTYPES, precision_name
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.files import link_or_copy, write_json
-from pipeline.targets import Target, TargetSettings
+from pipeline.targets import PLACING, Target, TargetSettings
 from pipeline.targets.onnx_base import value_info
 
 INSTALL = "pip install -e '.[torch-tensorrt]' (Linux x86-64, a CUDA GPU, NVIDIA's TensorRT wheels)"
@@ -208,9 +208,25 @@ class TorchTensorRTTarget(Target):
     saves_program = True
     # Its engine modules and packages are pickles (shape expressions, torch_tensorrt.load).
     engines_are_code = True
-    # compile.precision=fp8 is refused before any stage (pipeline.quantize.quantizer_of).
-    no_fp8 = ("its FP8 route is nvidia-modelopt's FP8 PTQ (mtq.quantize) on the module before export, which "
-              "needs nvidia-modelopt and torch_tensorrt, neither installable here, and is not wired in")
+    # compile.precision=int8/fp8: Torch-TensorRT's documented route, modelopt's PTQ on the module
+    # before export (pipeline.quantize.torch_modelopt); its quantize ops become Q/DQ layers.
+    quantizes_module = ("int8", "fp8")
+    quantizer = ("nvidia-modelopt's mtq.quantize (INT8_DEFAULT_CFG, max calibration) on the module before export; "
+                 "Torch-TensorRT builds its quantize ops as explicit INT8")
+    fp8_quantizer = ("nvidia-modelopt's mtq.quantize (FP8_DEFAULT_CFG) on the module before export; "
+                     "Torch-TensorRT builds its quantize ops as FP8 (E4M3)")
+
+    @classmethod
+    def int8_refusal(cls, config: dict[str, Any]) -> tuple[str, str] | None:
+        from pipeline.quantize import torch_modelopt
+
+        return torch_modelopt.refusal(config, "int8")
+
+    @classmethod
+    def fp8_refusal(cls, config: dict[str, Any]) -> tuple[str, str] | None:
+        from pipeline.quantize import torch_modelopt
+
+        return torch_modelopt.refusal(config, "fp8")
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -248,6 +264,21 @@ class TorchTensorRTTarget(Target):
         plain = OmegaConf.to_container(compile_cfg, resolve=True) if OmegaConf.is_config(compile_cfg) else dict(compile_cfg)
         self.values = translate(plain, self.settings, minor, rtx)
         self.settings = {**self.settings, "translated": self.values}
+
+    def libraries_for(self, aspect: str) -> tuple[str, ...]:
+        """modelopt quantizes the module in export (int8/fp8) and registers the op its converter reads."""
+        return ("nvidia-modelopt",) if aspect == PLACING else (*super().libraries_for(aspect), "nvidia-modelopt")
+
+    def quantize_module(self, model, batches: list, precision: str, exclude: list[str]):
+        from pipeline.quantize import torch_modelopt
+
+        model = torch_modelopt.quantize_module(model, batches, precision, exclude)
+        return model, torch_modelopt.record(model, precision)
+
+    def export_context(self):
+        from pipeline.quantize import torch_modelopt
+
+        return torch_modelopt.export_context()
 
     def partitioner_settings(self) -> dict[str, Any]:
         """Its partitioner and the converters' capability validators read CompilationSettings."""
@@ -309,7 +340,17 @@ class TorchTensorRTTarget(Target):
         torch.save(result.pop("symbolic_shape_expressions"), out / f"{name}.shapes.pt")
         outputs = module(*args)
         return {"name": name, "engine": engine.name, "shapes": f"{name}.shapes.pt", "build_seconds": seconds,
-                "inputs": [value_info(a) for a in args], "outputs": [value_info(o) for o in outputs], **result}
+                "inputs": [value_info(a) for a in args], "outputs": [value_info(o) for o in outputs], **result,
+                **self._quantized(module, compile_cfg)}
+
+    def _quantized(self, module, compile_cfg) -> dict[str, Any]:
+        """The shares of the segment's compute that read modelopt's quantize ops (int8/fp8 jobs)."""
+        precision = precision_name(compile_cfg.precision)
+        if precision not in self.quantizes_module:
+            return {}
+        from pipeline.quantize import torch_modelopt
+
+        return {"quantizer": "modelopt", precision: torch_modelopt.fractions(module, precision)}
 
     def build(self, segment: dict[str, Any], convert_dir: Path, out: Path, compile_cfg) -> dict[str, Any]:
         for key in ("engine", "shapes"):
@@ -318,9 +359,13 @@ class TorchTensorRTTarget(Target):
         write_json(description, {"library": "torch_tensorrt", "settings": self.values,
                                  "input_names": segment["input_names"], "output_names": segment["output_names"],
                                  "inputs": segment["inputs"], "outputs": segment["outputs"]})
-        # Strongly typed: the engine computes in the dtypes its bindings carry.
-        io = {t["dtype"] for t in segment["inputs"] + segment["outputs"]}
-        return {**segment, "network": description.name, "precision": sorted(io & ENGINE_DTYPES)}
+        # Strongly typed: the engine computes in the dtypes its bindings carry, and in int8/fp8
+        # where layers read quantize ops (TensorRT's Q/DQ layers).
+        dtypes = {t["dtype"] for t in segment["inputs"] + segment["outputs"]} & ENGINE_DTYPES
+        for precision in self.quantizes_module:
+            if (segment.get(precision) or {}).get(f"{precision}_ops"):
+                dtypes.add(PRECISION_DTYPES.get(precision, precision))
+        return {**segment, "network": description.name, "precision": sorted(dtypes)}
 
     def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
         import torch
