@@ -36,7 +36,7 @@ def inductor_job(tmp_path_factory):
 def test_config_composes_and_registers(tmp_path):
     settings = OmegaConf.to_container(compose(tmp_path, "target=inductor").target)
     assert settings == {"name": "inductor", "device": "auto", "mode": "default", "memory_format": "contiguous",
-                        "artifact": "auto"}
+                        "artifact": "auto", "freezing": None}
     assert targets.target_class("inductor") is InductorTarget
     assert compose(tmp_path, "target=inductor", "target.mode=max-autotune").target.mode == "max-autotune"
 
@@ -51,6 +51,8 @@ def test_whole_graph_is_one_segment_that_validates(inductor_job):
     engine = inductor_job.run_dir / "build" / segment["engine"]
     assert segment["engine"] == "accel_0.pt2" and engine.stat().st_size == segment["bytes"] > 0
     assert segment["build_seconds"] > 0
+    # CPU packages are frozen (oneDNN prepacked weights) unless target.freezing says otherwise.
+    assert segment["freezing"] is (segment["device"] == "cpu")
     assert (inductor_job.run_dir / "convert" / segment["program"]).is_file()
     report = inductor_job.json("validate/report.json")
     assert report["passed"] and report["accuracy"]["rel_l2_err"] < 1e-4
@@ -60,6 +62,16 @@ def test_reload_in_a_fresh_process(inductor_job, tmp_path):
     ref, got = reload_in_fresh_process(inductor_job.run_dir, RELOAD, tmp_path)
     assert got["engines"] == ["accel_0"]
     torch.testing.assert_close(got["y"], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_freezing_is_refused_for_a_compile_cache(tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.targets.inductor import choose_artifact
+
+    settings = {**OmegaConf.to_container(compose(tmp_path, "target=inductor").target), "device": "cpu"}
+    assert choose_artifact({**settings, "freezing": True}) == "aoti"
+    with pytest.raises(ConfigError, match="target.freezing is an AOTInductor setting"):
+        choose_artifact({**settings, "artifact": "compile_cache", "freezing": True})
 
 
 def test_without_a_compiler_the_target_says_what_to_install(tmp_path):
