@@ -47,6 +47,14 @@ class CalibrationMethod(str, Enum):
     percentile = "percentile"
 
 
+class QuantizeMode(str, Enum):
+    """static: activation scales from calibration, fixed in the graph. dynamic: computed per batch
+    at run time (ONNX Runtime's recommendation for transformers; weights are int8 either way)."""
+
+    static = "static"
+    dynamic = "dynamic"
+
+
 @dataclass
 class ModelConfig:
     """Any importable factory returning an nn.Module; torchvision models by default."""
@@ -134,6 +142,9 @@ class CalibrationConfig:
 class QuantizeConfig:
     """The accuracy-aware loop: layers kept in fp32 when the int8 build fails validate.tolerances.int8."""
 
+    # static | dynamic activation scales (dynamic: target=onnxruntime's quantize_dynamic, no calibrated ranges;
+    # the calibration batches still check each round's accuracy).
+    mode: QuantizeMode = QuantizeMode.static
     # Rebuilds after the first int8 build; 0 disables the loop (the gate then only fails in validate).
     max_rounds: int = 3
     # Worst layers (by quantization SQNR) moved to fp32 in each round.

@@ -38,9 +38,15 @@ def model_dtype(precision: str) -> str:
     return QUANTIZED_PRECISIONS.get(precision) or PRECISION_DTYPES[precision]
 
 
+def choice_name(value) -> str:
+    """A config choice (compile.precision, calibration.method, ...) as its name, whether the config
+    holds the enum or the string."""
+    return str(getattr(value, "value", value))
+
+
 def precision_name(precision) -> str:
-    """compile.precision as its name ('int8'), whether the config holds the enum or the string."""
-    return str(getattr(precision, "value", precision))
+    """compile.precision as its name ('int8')."""
+    return choice_name(precision)
 
 
 def is_quantized(precision: str) -> bool:

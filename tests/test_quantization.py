@@ -32,8 +32,8 @@ def test_int8_build_runs_in_int8_and_says_so(int8_job):
     (segment,) = job.json("build/engines.json")["segments"]
     assert segment["precision"] == ["int8"] and segment["int8"]["int8_kernels"] > 0
     assert (job.run_dir / "build" / segment["qdq_model"]).is_file()
-    assert segment["quantize"] == {"method": "minmax", "per_channel": True, "num_batches": 16, "excluded": [],
-                                   "op_types": []}
+    assert segment["quantize"] == {"mode": "static", "method": "minmax", "per_channel": True, "num_batches": 16,
+                                   "excluded": [], "op_types": []}
     report = job.json("build/quantization.json")
     assert report["passed"] and report["kept_fp32"] == [] and len(report["rounds"]) == 1
     assert "calibration: random, 16 batches, method minmax, per_channel=True" in job.log
@@ -168,6 +168,9 @@ BAD = {
                          "+calibration.kwargs.count=3"), "yielded 3 batch(es), fewer than calibration.num_samples=16"),
     "target_cannot": (("target=eager",), "target eager cannot build compile.precision=int8"),
     "rounds_negative": (("quantize.max_rounds=-1",), "quantize.max_rounds=-1 is out of range"),
+    "dynamic_elsewhere": (("target=inductor", "target.device=cpu", "quantize.mode=dynamic"),
+                          "quantize.mode=dynamic (activation scales at run time) is onnxruntime's int8 route, "
+                          "and inductor has no dynamic quantizer"),
 }
 
 
@@ -244,3 +247,18 @@ def test_mac_counts_of_dynamic_graphs_use_real_sizes(tmp_path):
     projections, scores = 2 * (2 * 16 * 64 * 64), 2 * 16 * 16 * 64
     assert int8_fractions(tmp_path / "q.onnx", (x.numpy(),))["macs"] == projections + scores
     assert int8_fractions(tmp_path / "q.onnx")["macs"] < scores  # what symbolic sizes gave before
+
+
+def test_dynamic_int8_of_a_transformer_runs_integer_matmuls(tmp_path):
+    """quantize=transformer: ORT's quantize_dynamic on the MatMuls (activation scales per batch), gate passed."""
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[transformers]')")
+    import onnx
+
+    job = run_job(tmp_path, "model=bert_tiny", "input=text_dynamic", *INT8, "quantize=transformer",
+                  "tracking.enabled=false")
+    assert job.result.status == "FINISHED" and job.result.tags["precision.achieved"] == "fp32+int8"
+    (segment,) = job.json("build/engines.json")["segments"]
+    assert segment["quantize"]["mode"] == "dynamic" and segment["int8"]["int8_mac_fraction"] > 0.99
+    kinds = {n.op_type for n in onnx.load(str(job.run_dir / "build" / segment["qdq_model"])).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= kinds and "QuantizeLinear" not in kinds
+    assert job.json("validate/report.json")["passed"]

@@ -35,6 +35,8 @@ class QuantizeRequest:
     exclude: list[str] = field(default_factory=list)
     # ONNX op types to quantize (empty: the tool's default).
     op_types: list[str] = field(default_factory=list)
+    # static (calibrated activation ranges) or dynamic (activation scales at run time).
+    mode: str = "static"
     # Scratch folder for intermediate models (pre-processed fp32), outside the cached output.
     workdir: Path = Path(".")
 
@@ -45,7 +47,8 @@ class QuantizeRequest:
 
     def summary(self) -> dict[str, Any]:
         """What engines.json records of the request: the settings, not the data."""
-        return {"method": self.method, "per_channel": self.per_channel, "num_batches": len(self.inputs),
+        return {"mode": self.mode, "method": self.method, "per_channel": self.per_channel,
+                "num_batches": len(self.inputs),
                 "excluded": list(self.exclude), "op_types": list(self.op_types)}
 
 
@@ -73,11 +76,20 @@ def quantizer_of(target_name: str, precision: str = "int8") -> tuple[str | None,
 def int8_refusal(target_name: str, config: dict[str, Any], precision: str = "int8") -> tuple[str, str] | None:
     """(why not, the fix) when the target's quantizer cannot serve this job's settings; None when it can.
 
-    The target's classmethod `int8_refusal(config)` (or `fp8_refusal` for compile.precision=fp8) decides.
+    quantize.mode=dynamic needs a target with a `dynamic_quantizer` (onnxruntime) and int8; then the
+    target's classmethod `int8_refusal(config)` (or `fp8_refusal` for compile.precision=fp8) decides.
     """
     from pipeline import targets
+    from pipeline.dtypes import choice_name
 
-    refusal = getattr(targets.target_class(target_name), f"{precision}_refusal", None)
+    cls = targets.target_class(target_name)
+    mode = choice_name(config["quantize"]["mode"])
+    if mode == "dynamic" and (precision != "int8" or not getattr(cls, "dynamic_quantizer", None)):
+        able = sorted(name for name, c in targets.registry().items() if getattr(c, "dynamic_quantizer", None))
+        return (f"quantize.mode=dynamic (activation scales at run time) is {', '.join(able)}'s int8 route, and "
+                f"{target_name} {'has no dynamic quantizer' if precision == 'int8' else 'would build ' + precision}",
+                f"set quantize.mode=static, or use target={able[0] if able else 'onnxruntime'} with int8")
+    refusal = getattr(cls, f"{precision}_refusal", None)
     return refusal(config) if refusal else None
 
 

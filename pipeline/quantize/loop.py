@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pipeline import calibration, layout, programs, segments, shapes
-from pipeline.dtypes import precision_name
+from pipeline.dtypes import choice_name, precision_name
 from pipeline.errors import ConfigError
 from pipeline.files import load_json, write_json
 from pipeline.quantize import QuantizeRequest, strip
@@ -36,9 +36,11 @@ def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any
     gm = segments.fuse(target.graph_module(programs.load(ctx.inputs["lower"])), recipe)
     inputs = calibration.segment_inputs(gm, batches)
     cal, digest = cfg.calibration, calibration.digest(batches)
-    ctx.console.print(f"calibration: {getattr(cal.source, 'value', cal.source)}, {len(batches)} batches, "
-                      f"method {getattr(cal.method, 'value', cal.method)}, per_channel={cal.per_channel}, "
-                      f"sha256 {digest[:12]}", markup=False, highlight=False)
+    dynamic = choice_name(q.mode) == "dynamic"  # ranges at run time: the batches only check
+    ctx.console.print(f"calibration: {choice_name(cal.source)}, {len(batches)} batches, "
+                      + ("quantize.mode=dynamic (activation scales per batch at run time; the batches check "
+                         "accuracy)" if dynamic else f"method {choice_name(cal.method)}")
+                      + f", per_channel={cal.per_channel}, sha256 {digest[:12]}", markup=False, highlight=False)
     evaluation = None
     if target.can_execute() is None:
         tolerance = dict(cfg.validate.tolerances[precision])
@@ -104,9 +106,9 @@ def _request(name: str, inputs: dict[str, list[tuple]], cfg, excluded: list[str]
     """The segment's request: layers excluded by bare name (every segment) or as segment/layer."""
     mine = [e.split("/", 1)[1] if "/" in e else e for e in excluded if "/" not in e or e.startswith(f"{name}/")]
     cal = cfg.calibration
-    return QuantizeRequest(inputs=inputs.get(name, []), method=str(getattr(cal.method, "value", cal.method)),
+    return QuantizeRequest(inputs=inputs.get(name, []), method=choice_name(cal.method),
                            per_channel=bool(cal.per_channel), exclude=mine, op_types=list(cfg.quantize.op_types),
-                           workdir=Path(scratch))
+                           mode=choice_name(cfg.quantize.mode), workdir=Path(scratch))
 
 
 def fractions(engines: list[dict[str, Any]], precision: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""ONNX Runtime's static QDQ quantization of one segment, and what of it runs in int8.
+"""ONNX Runtime's static QDQ (or dynamic) quantization of one segment, and what of it runs in int8.
 
 The field's own recipe, step for step: `quant_pre_process` (symbolic shape inference and
 ONNX optimisation, which quantization needs to see fused Conv+BN and known shapes), then
@@ -6,6 +6,9 @@ ONNX optimisation, which quantization needs to see fused Conv+BN and known shape
 (what ORT's x86 kernels run fastest with AVX512-VNNI), calibrated with the segment's
 real inputs. The QDQ model is portable (TensorRT builds it too); the engine is what ORT
 makes of it (QLinearConv & co.), so "is it int8?" is answered on the engine itself.
+quantize.mode=dynamic takes `quantize_dynamic` instead: int8 weights, activations quantized
+per batch at run time (ORT's advice for transformers: on BERT-base here it was both more
+accurate and faster than static QDQ, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pipeline.errors import CompileError
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 # Ops that do the multiply-accumulates, in float graphs and after ORT's fusions.
 FLOAT_COMPUTE = {"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm"}
+# The int8 compute ops of dynamically quantized graphs (quantize_dynamic), before ORT's fusions.
+INTEGER_COMPUTE = {"MatMulInteger", "ConvInteger"}
 INT8_COMPUTE = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
                 "DynamicQuantizeMatMul", "QLinearConvTranspose", "NhwcQLinearConv", "QAttention",
                 "DynamicQuantizeLSTM"}
@@ -114,6 +119,8 @@ def quantize(source: Path, out: Path, name: str, request, tensorrt: bool = False
 
     pre = preprocess(source, request, name)
     qdq = out / f"{name}.qdq.onnx"
+    if request.mode == "dynamic":
+        return dynamic(pre, qdq, name, request)
     options = {"CalibMovingAverage": False}
     if tensorrt:
         options.update(ActivationSymmetric=True, WeightSymmetric=True, QuantizeBias=False)
@@ -138,6 +145,20 @@ def quantize(source: Path, out: Path, name: str, request, tensorrt: bool = False
                            "keep the failing layer in fp32 with quantize.exclude, or use compile.precision=fp32.") from err
     if request.exclude:
         float_inputs(qdq, set(request.exclude), pre)
+    return qdq
+
+
+def dynamic(pre: Path, qdq: Path, name: str, request) -> Path:
+    """ORT's quantize_dynamic: int8 weights, activations quantized per batch at run time
+    (DynamicQuantizeLinear before MatMulInteger/ConvInteger), so no calibrated ranges to get wrong."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        quantize_dynamic(str(pre), str(qdq), weight_type=QuantType.QInt8, per_channel=request.per_channel,
+                         nodes_to_exclude=list(request.exclude), op_types_to_quantize=list(request.op_types) or None)
+    except Exception as err:  # ORT's quantizer raises many types; the first line is the message
+        raise CompileError(f"onnxruntime could not quantize segment {name} dynamically: {str(err).splitlines()[0]}",
+                           "keep the failing layer in fp32 with quantize.exclude, or use quantize.mode=static.") from err
     return qdq
 
 
@@ -269,11 +290,13 @@ def int8_fractions(qdq_path: Path, example: tuple | None = None, requantized: bo
     ops = macs = int8_ops = int8_macs = 0
     int8_layers, float_layers = [], []
     for node in model.graph.node:
-        if node.op_type not in FLOAT_COMPUTE:
+        if node.op_type not in FLOAT_COMPUTE and node.op_type not in INTEGER_COMPUTE:
             continue
         count = _macs(node, shapes, producers)
-        quantized = (all(i in producers and producers[i].op_type == "DequantizeLinear" for i in node.input[:2])
-                     and (not requantized or _requantized(node.output[0], consumers)))
+        # Dynamic quantization's MatMulInteger/ConvInteger take int8 operands directly.
+        quantized = node.op_type in INTEGER_COMPUTE or (
+            all(i in producers and producers[i].op_type == "DequantizeLinear" for i in node.input[:2])
+            and (not requantized or _requantized(node.output[0], consumers)))
         ops, macs = ops + 1, macs + count
         if quantized:
             int8_ops, int8_macs = int8_ops + 1, int8_macs + count
@@ -312,7 +335,7 @@ def _macs(node, shapes: dict[str, list[int]], producers) -> int:
     out, weight = shape(node.output[0]), shape(node.input[1])
     if not out or not weight:
         return 1
-    if node.op_type in ("Conv", "FusedConv", "ConvTranspose"):
+    if node.op_type in ("Conv", "FusedConv", "ConvTranspose", "ConvInteger"):
         return math.prod(out) * math.prod(weight[1:])
     data = shape(node.input[0])
     trans_a = any(a.name == "transA" and a.i for a in node.attribute)

@@ -140,6 +140,8 @@ class OnnxRuntimeTarget(OnnxTarget):
 
     # compile.precision=int8 (pipeline.quantize): how this target quantizes.
     quantizer = "onnxruntime.quantization static QDQ (quant_pre_process, quantize_static)"
+    # quantize.mode=dynamic: quantize_dynamic (int8 weights, activation scales per batch at run time).
+    dynamic_quantizer = "onnxruntime.quantization quantize_dynamic (MatMulInteger/ConvInteger)"
     # compile.precision=fp8 is refused before any stage (pipeline.quantize.quantizer_of).
     no_fp8 = ("its CPU and CUDA providers have no FP8 convolution or GEMM kernels, so an FP8 QDQ model "
               "would compute in fp32")
@@ -152,7 +154,7 @@ class OnnxRuntimeTarget(OnnxTarget):
         opts = session_options(self.settings)
         opts.optimized_model_filepath = str(engine)
         source = convert_dir / segment["onnx"]
-        if segment.get("quantize"):  # compile.precision=int8: ORT's static QDQ quantization first
+        if segment.get("quantize"):  # compile.precision=int8: ORT's static QDQ (or dynamic) quantization first
             from pipeline.quantize import ort_qdq
 
             source = ort_qdq.quantize(source, out, segment["name"], segment["quantize"])

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.dtypes import precision_name, tensorrt_name
+from pipeline.dtypes import choice_name, precision_name, tensorrt_name
 from pipeline.errors import ArtifactError, CompileError, ConfigError, TargetUnavailable
 from pipeline.files import write_json
 from pipeline.quantize import tensorrt_qdq
@@ -165,7 +165,7 @@ class TensorRTTarget(OnnxTarget):
             return (f"FP8 needs compute capability 8.9 or newer, and target.compute_capabilities has "
                     f"{', '.join(old)}", "set target.compute_capabilities to 8.9 and/or 12.0 (or leave it empty: "
                     f"fp8 then builds for {', '.join(FP8_CAPABILITIES)})")
-        method = str(getattr(config["calibration"]["method"], "value", config["calibration"]["method"]))
+        method = choice_name(config["calibration"]["method"])
         if method != "minmax":
             return (f"calibration.method={method} is an int8 histogram recipe; FP8 scales come from each "
                     "tensor's range (modelopt: max; onnxruntime: its distribution)", "set calibration.method=minmax")

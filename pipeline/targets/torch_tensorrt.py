@@ -109,7 +109,7 @@ def translate(compile_cfg: dict[str, Any], target_cfg: dict[str, Any], version: 
     if version < OLDEST:
         raise ConfigError(f"{label} is older than this pipeline supports ({OLDEST[0]}.{OLDEST[1]}).",
                           f"upgrade: {INSTALL}.")
-    precision = getattr(compile_cfg["precision"], "value", str(compile_cfg["precision"]))
+    precision = precision_name(compile_cfg["precision"])
     return {**_common(compile_cfg, target_cfg),
             **_typing(target_cfg, precision, version, label),
             **_autocast(target_cfg, precision),
