@@ -40,8 +40,8 @@ def check(config: dict[str, Any]) -> None:
     name, precision = config["target"]["name"], precision_name(config["compile"]["precision"])
     reason = quantizer_of(name, precision)[1]
     if reason:
-        able = ("target=onnxruntime (or target=tensorrt, or target=inductor on the CPU)" if precision == "int8"
-                else "target=tensorrt")
+        able = ("target=onnxruntime (or tensorrt, torch_tensorrt on a GPU, or inductor on the CPU)"
+                if precision == "int8" else "target=tensorrt (or torch_tensorrt on a GPU)")
         raise ConfigError(f"target {name} cannot build compile.precision={precision}: {reason}.",
                           f"use {able}, or compile.precision=fp32.")
     refused = int8_refusal(name, config, precision)

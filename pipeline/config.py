@@ -260,7 +260,7 @@ def check_known_keys(container: dict[str, Any]) -> None:
     from omegaconf.errors import ConfigKeyError
 
     from pipeline import targets
-    from pipeline.errors import ConfigError
+    from pipeline.errors import ConfigError, first_line
 
     target = container["target"]
     schema = targets.schemas().get(target.get("name"))
@@ -269,7 +269,7 @@ def check_known_keys(container: dict[str, Any]) -> None:
         if schema is not None:
             OmegaConf.merge(OmegaConf.structured(schema), target)
     except ConfigKeyError as err:
-        raise ConfigError(f"unknown setting: {str(err).splitlines()[0]}.",
+        raise ConfigError(f"unknown setting: {first_line(err)}.",
                           "check the spelling against `python -m pipeline --cfg job`; "
                           "'+' only adds keys that the schema allows (e.g. model.kwargs).") from None
 

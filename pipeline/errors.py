@@ -75,3 +75,8 @@ def terminate_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first message line (its type's name when the message is empty), for one-line errors."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

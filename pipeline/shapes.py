@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.dtypes import torch_dtype
-from pipeline.errors import ArtifactError, ConfigError
+from pipeline.errors import ArtifactError, ConfigError, first_line
 
 CORNERS = ("min", "opt", "max")
 
@@ -187,6 +187,6 @@ def load_samples(path) -> dict[str, Sample]:
     try:  # the weights-only unpickler: tensors, containers and numbers, never an arbitrary object
         saved = torch.load(path, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ArtifactError(f"{path} holds more than tensors, so it is not loaded ({str(err).splitlines()[0]}).",
+        raise ArtifactError(f"{path} holds more than tensors, so it is not loaded ({first_line(err)}).",
                             "rebuild the run with this pipeline; never load samples from unknown sources.") from None
     return {name: Sample(tuple(s["args"]), dict(s["kwargs"]), dict(s["dims"])) for name, s in saved.items()}

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline import calibration, layout, programs, shapes
 from pipeline.dtypes import name_of, precision_name, torch_dtype
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, first_line
 from pipeline.files import write_json
 from pipeline.models import build_model, cast_model, caster, flat_outputs, weights_digest
 from pipeline.stage import INPUT_KEYS, MODEL_KEYS, Metrics, StageContext, StageSpec
@@ -110,7 +110,7 @@ def _check_corners(program, eager: dict[str, list], examples: dict[str, shapes.S
                         if g.shape != r.shape or not torch.allclose(g.double(), r.double(), rtol=1e-2, atol=1e-3)),
                        None)
         except Exception as err:  # guard failures and shape errors of the traced program
-            bad = str(err).splitlines()[0]
+            bad = first_line(err)
         if bad:
             raise _not_dynamic(cfg, f"the exported program, traced at opt, is wrong at "
                                     f"{name} ({shapes.label(sample.dims)}): {bad}")

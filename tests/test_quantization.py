@@ -240,7 +240,7 @@ def test_mac_counts_of_dynamic_graphs_use_real_sizes(tmp_path):
             return torch.softmax(self.q(x) @ self.k(x).transpose(1, 2), -1)
 
     x = torch.randn(2, 16, 64)
-    torch.onnx.export(Attention(), (x,), tmp_path / "m.onnx", input_names=["x"],
+    torch.onnx.export(Attention().eval(), (x,), tmp_path / "m.onnx", input_names=["x"],
                       dynamic_shapes={"x": {0: torch.export.Dim("b"), 1: torch.export.Dim("s")}})
     quantize_static(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), Reader(["x"], [(x.numpy(),)]),
                     quant_format=QuantFormat.QDQ)

@@ -77,6 +77,36 @@ def test_settings_the_module_route_cannot_serve_are_refused(tmp_path, change, wo
     assert TorchTensorRTTarget.int8_refusal(ok) is None and TorchTensorRTTarget.fp8_refusal(ok) is None
 
 
+def test_releases_before_strongly_typed_networks_enable_the_quantized_kernels(tmp_path):
+    """Before 2.13 Torch-TensorRT takes the kernel precisions from enabled_precisions: int8/fp8 must be there."""
+    from pipeline.targets.torch_tensorrt import translate
+
+    cfg = compose(tmp_path, "target=torch_tensorrt")
+    for precision, dtype in (("int8", "int8"), ("fp8", "float8_e4m3fn")):
+        compile_cfg = {**OmegaConf.to_container(cfg.compile), "precision": precision}
+        out = translate(compile_cfg, OmegaConf.to_container(cfg.target), (2, 12))
+        assert out["enabled_precisions"] == sorted({"float32", dtype})
+        assert "enabled_precisions" not in translate(compile_cfg, OmegaConf.to_container(cfg.target), (2, 14))
+
+
+def test_tensorrt_quantizer_choice_follows_what_modelopt_serves(tmp_path):
+    """auto takes ORT's route for percentile or per-tensor weights; an explicit modelopt with them is refused."""
+    from pipeline.quantize import tensorrt_qdq
+    from pipeline.targets.tensorrt import TensorRTTarget
+
+    assert tensorrt_qdq.serves("minmax", True) and tensorrt_qdq.serves("entropy", True)
+    assert not tensorrt_qdq.serves("percentile", True) and not tensorrt_qdq.serves("minmax", False)
+
+    def config(*extra):
+        return OmegaConf.to_container(compose(tmp_path, "target=tensorrt", "compile.precision=int8", *extra),
+                                      resolve=True)
+
+    assert TensorRTTarget.int8_refusal(config("calibration.method=percentile")) is None  # auto: ORT's route
+    refused = TensorRTTarget.int8_refusal(config("target.quantizer=modelopt", "calibration.method=percentile"))
+    expected = "target.quantizer=modelopt but" if NO_MODELOPT else "modelopt calibrates with minmax or entropy"
+    assert refused and expected in refused[0] and "target.quantizer" in refused[1]
+
+
 class QuantizedOps(torch.nn.Module):
     """A conv whose input and weight go through modelopt's int8 quantize op, then a plain linear."""
 
@@ -130,6 +160,10 @@ def test_modelopt_fake_quantizes_a_module_on_cpu():
     assert not torch.equal(got, ref)
     assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.99
     record = torch_modelopt.record(quantized, "int8")
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="quantize.exclude names conv9, which the model has no module for"):
+        torch_modelopt.quantize_module(quantkit.outlier_net(scale=1.0).eval(), batches, "int8", exclude=["conv9"])
     assert record["recipe"] == "INT8_DEFAULT_CFG" and record["quantizers_enabled"] > 0
     assert not quantized.conv2.input_quantizer.is_enabled and quantized.conv3.input_quantizer.is_enabled
 

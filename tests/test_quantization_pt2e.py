@@ -76,6 +76,7 @@ REFUSED = {
     "per_tensor": (("calibration.per_channel=false",), "per-channel weights only"),
     "percentile": (("calibration.method=percentile",), "torchao has no percentile observer"),
     "op_types": (("quantize.op_types=[Conv]",), "quantize.op_types names ONNX op types"),
+    "no_freezing": (("target.freezing=false",), "its int8 route needs Inductor's freezing"),
 }
 
 

@@ -105,6 +105,11 @@ def replace(request: QuantizeRequest, **changes) -> QuantizeRequest:
     return dataclasses.replace(request, **changes)
 
 
+def as_precision(fractions: dict[str, Any], precision: str) -> dict[str, Any]:
+    """int8 fraction counts under `precision`'s names (fp8_ops, fp8_mac_fraction, ...)."""
+    return {k.replace("int8", precision): v for k, v in fractions.items()}
+
+
 def int8_facts(qdq: Path, tool: str, precision: str = "int8", example: tuple | None = None,
                requantized: bool = True) -> dict[str, Any]:
     """engines.json facts of a QDQ model any target built: its file, the tool, the quantized fractions.
@@ -114,7 +119,5 @@ def int8_facts(qdq: Path, tool: str, precision: str = "int8", example: tuple | N
     """
     from pipeline.quantize.ort_qdq import int8_fractions
 
-    fractions = int8_fractions(qdq, example, requantized)  # example: one calibration batch, for dynamic sizes
-    if precision != "int8":
-        fractions = {k.replace("int8", precision): v for k, v in fractions.items()}
+    fractions = as_precision(int8_fractions(qdq, example, requantized), precision)  # example: for dynamic sizes
     return {"qdq_model": qdq.name, "quantizer": tool, precision: fractions}

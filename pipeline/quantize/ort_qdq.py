@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import CompileError
+from pipeline.errors import CompileError, first_line
 
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 # Ops that do the multiply-accumulates, in float graphs and after ORT's fusions.
@@ -100,7 +100,7 @@ def preprocess(source: Path, request, name: str) -> Path:
                 quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
         except Exception as err:
             raise CompileError(f"onnxruntime could not prepare segment {name} for quantization: "
-                               f"{str(err).splitlines()[0]}",
+                               f"{first_line(err)}",
                                "keep the failing ops in PyTorch with compile.torch_executed_ops, "
                                "or use compile.precision=fp32.") from err
     return pre
@@ -141,7 +141,7 @@ def quantize(source: Path, out: Path, name: str, request, tensorrt: bool = False
             extra_options=options,
         )
     except Exception as err:  # ORT's quantizer raises many types; the first line is the message
-        raise CompileError(f"onnxruntime could not quantize segment {name}: {str(err).splitlines()[0]}",
+        raise CompileError(f"onnxruntime could not quantize segment {name}: {first_line(err)}",
                            "keep the failing layer in fp32 with quantize.exclude, or use compile.precision=fp32.") from err
     if request.exclude:
         float_inputs(qdq, set(request.exclude), pre)
@@ -157,7 +157,7 @@ def dynamic(pre: Path, qdq: Path, name: str, request) -> Path:
         quantize_dynamic(str(pre), str(qdq), weight_type=QuantType.QInt8, per_channel=request.per_channel,
                          nodes_to_exclude=list(request.exclude), op_types_to_quantize=list(request.op_types) or None)
     except Exception as err:  # ORT's quantizer raises many types; the first line is the message
-        raise CompileError(f"onnxruntime could not quantize segment {name} dynamically: {str(err).splitlines()[0]}",
+        raise CompileError(f"onnxruntime could not quantize segment {name} dynamically: {first_line(err)}",
                            "keep the failing layer in fp32 with quantize.exclude, or use quantize.mode=static.") from err
     return qdq
 

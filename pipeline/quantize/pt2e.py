@@ -51,6 +51,9 @@ def refusal(config: dict[str, Any]) -> tuple[str, str] | None:
         return ("its int8 route (X86InductorQuantizer, oneDNN int8 kernels) runs on the CPU, "
                 f"not on target.device={settings['device']}",
                 "set target.device=cpu, or use target=onnxruntime (or target=tensorrt) on the GPU")
+    if settings.get("freezing") is False:
+        return ("its int8 route needs Inductor's freezing (oneDNN's int8 kernels take prepacked weights), and "
+                "target.freezing=false turns it off", "remove target.freezing (or set it to true)")
     if choose_artifact(settings) != "aoti":
         return ("its int8 route builds an AOTInductor package, not target.artifact=compile_cache",
                 "set target.artifact=aoti (or auto)")

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import CompileError
+from pipeline.errors import CompileError, first_line
 
 MODELOPT_METHODS = {"minmax": "max", "entropy": "entropy"}
 # target.quantizer: auto takes modelopt where it imports.
@@ -37,6 +37,29 @@ def modelopt_available() -> bool:
     return True
 
 
+def serves(method: str, per_channel: bool) -> bool:
+    """modelopt's ONNX PTQ calibrates with max or entropy and quantizes weights per channel: auto
+    takes ORT's route for the rest (percentile, per-tensor weights)."""
+    return method in MODELOPT_METHODS and per_channel
+
+
+def refusal(config: dict[str, Any]) -> tuple[str, str] | None:
+    """target.quantizer=modelopt with what modelopt cannot do (or without modelopt): refused before any stage."""
+    from pipeline.dtypes import choice_name
+
+    if config["target"].get("quantizer") != "modelopt":
+        return None
+    if not modelopt_available():
+        return ("target.quantizer=modelopt but modelopt.onnx.quantization does not import here",
+                "pip install -e '.[quant]', or set target.quantizer=auto")
+    cal = config["calibration"]
+    if not serves(choice_name(cal["method"]), bool(cal["per_channel"])):
+        return (f"modelopt calibrates with minmax or entropy and per-channel weights, not calibration.method="
+                f"{choice_name(cal['method'])} with per_channel={cal['per_channel']}",
+                "set target.quantizer=onnxruntime (or auto), or calibration.method=minmax calibration.per_channel=true")
+    return None
+
+
 def quantize(segment: dict[str, Any], convert_dir: Path, out: Path, precision: str = "int8",
              tool: str | None = "auto") -> tuple[Path, str]:
     """(the segment's QDQ model in `out`, the tool that made it); precision int8 or fp8 (FP8 E4M3 Q/DQ)."""
@@ -44,7 +67,8 @@ def quantize(segment: dict[str, Any], convert_dir: Path, out: Path, precision: s
 
     request, name = segment["quantize"], segment["name"]
     source = convert_dir / segment["onnx"]
-    if tool == "modelopt" or (tool in ("auto", None) and modelopt_available()):
+    if tool == "modelopt" or (tool in ("auto", None) and serves(request.method, request.per_channel)
+                              and modelopt_available()):
         return with_modelopt(source, out, name, request, precision), "modelopt"
     qdq = ort_qdq.quantize(source, out, name, request, tensorrt=True, fp8=precision == "fp8")
     return qdq, "onnxruntime.quantization" + (" (float8e4m3fn, distribution calibration)" if precision == "fp8" else "")
@@ -70,6 +94,6 @@ def with_modelopt(source: Path, out: Path, name: str, request, precision: str = 
                           op_types_to_quantize=list(request.op_types) or None,
                           high_precision_dtype="fp32", output_path=str(qdq), log_level="WARNING")
     except Exception as err:  # modelopt raises many types; the first line is the message
-        raise CompileError(f"modelopt could not quantize segment {name}: {str(err).splitlines()[0]}",
+        raise CompileError(f"modelopt could not quantize segment {name}: {first_line(err)}",
                            "keep the failing layer in fp32 with quantize.exclude, or use compile.precision=fp32.") from err
     return qdq

@@ -8,6 +8,10 @@ makes TensorRT Quantize/Dequantize layers, and the strongly typed network runs t
 they feed in int8 (fp8). The export stage does the first two steps for targets that quantize
 the module (Target.quantizes_module), with the job's calibration batches.
 
+Torch-TensorRT registers that converter at import only if modelopt's op exists by then; every
+stage loads its program first, importing modelopt from imports.json (pipeline.programs), and
+only then calls into Torch-TensorRT, so the order holds in the stage worker.
+
 modelopt's quantizers call that op only on CUDA tensors (on the CPU they run a Python
 fake-quantizer that torch.export cannot trace), so this route needs a GPU; the module
 half (calibrated fake-quantizers) runs on the CPU too.
@@ -20,6 +24,8 @@ import copy
 import functools
 import importlib
 from typing import Any
+
+from pipeline.errors import CompileError, ConfigError, first_line
 
 # compile.precision -> modelopt's recipe and the quantize_op's exponent bits (int8: 0; E4M3: 4).
 RECIPES = {"int8": ("INT8_DEFAULT_CFG", 0), "fp8": ("FP8_DEFAULT_CFG", 4)}
@@ -34,7 +40,7 @@ def unavailable() -> str | None:
     try:
         importlib.import_module("modelopt.torch.quantization")
     except Exception as err:  # a missing or broken install
-        return f"modelopt.torch.quantization does not import ({str(err).splitlines()[0] if str(err) else err!r})"
+        return f"modelopt.torch.quantization does not import ({first_line(err)})"
     return None
 
 
@@ -70,16 +76,31 @@ def recipe(precision: str, exclude: list[str]) -> dict[str, Any]:
 
 
 def quantize_module(model, batches, precision: str = "int8", exclude: list[str] | None = None):
-    """The model with modelopt's fake-quantizers, calibrated (max) on `batches` (pipeline Samples, on its device)."""
+    """The model with modelopt's fake-quantizers, calibrated (max) on `batches` (pipeline Samples, on its device).
+
+    A path in `exclude` that names no module would match no quantizer and quantize the layer
+    it meant to keep, silently: it is refused, with paths that exist.
+    """
     import modelopt.torch.quantization as mtq
     import torch
+
+    names = dict(model.named_modules())
+    unknown = [path for path in exclude or [] if path not in names]
+    if unknown:
+        layers = [n for n, m in names.items() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        raise ConfigError(f"quantize.exclude names {', '.join(unknown)}, which the model has no module for.",
+                          f"name modules by path, e.g. {', '.join(layers[:6])}{' ...' if len(layers) > 6 else ''}.")
 
     def forward_loop(module):
         with torch.no_grad():
             for sample in batches:
                 sample(module)
 
-    return mtq.quantize(model, recipe(precision, list(exclude or [])), forward_loop=forward_loop)
+    try:
+        return mtq.quantize(model, recipe(precision, list(exclude or [])), forward_loop=forward_loop)
+    except Exception as err:  # modelopt and the model's own forward raise many types
+        raise CompileError(f"modelopt could not quantize the model to {precision}: {first_line(err)}",
+                           "keep the failing module in fp32 with quantize.exclude, or use compile.precision=fp32.") from err
 
 
 def record(model, precision: str) -> dict[str, Any]:
@@ -108,6 +129,7 @@ def fractions(gm, precision: str = "int8") -> dict[str, Any]:
     TensorRT runs a layer in int8 (fp8) when its data and weight come through Quantize/
     Dequantize; a quantize_op is both, its exponent bits telling int8 (0) from E4M3 (4).
     """
+    from pipeline.quantize import as_precision
     from pipeline.quantize.pt2e import int8_fractions, opname
 
     bits = RECIPES[precision][1]
@@ -119,5 +141,4 @@ def fractions(gm, precision: str = "int8") -> dict[str, Any]:
             return False
         return node.kwargs.get("exponent_bits", node.args[3] if len(node.args) > 3 else None) == bits
 
-    found = int8_fractions(gm, quantized)
-    return found if precision == "int8" else {k.replace("int8", precision): v for k, v in found.items()}
+    return as_precision(int8_fractions(gm, quantized), precision)

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ArtifactError, CompileError, ConfigError
+from pipeline.errors import ArtifactError, CompileError, ConfigError, first_line
 from pipeline.quantize.pt2e import QUANTIZER
 from pipeline.targets import Target, TargetSettings
-from pipeline.targets.inductor_runtime import CUDAGRAPH_MODES, first_line
+from pipeline.targets.inductor_runtime import CUDAGRAPH_MODES
 from pipeline.targets.onnx_base import value_info
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -22,10 +22,6 @@ from typing import Any
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
-def first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def as_tuple(out) -> tuple:
     """The hybrid graph indexes segment outputs: always hand back a tuple."""
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)

@@ -13,7 +13,7 @@ import operator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import CompileError
+from pipeline.errors import CompileError, first_line
 from pipeline.targets import Target
 
 # Protobuf cannot hold a model over 2 GiB; keep weights beside it from well below that.
@@ -98,7 +98,7 @@ class OnnxTarget(Target):
             program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
         except Exception as err:  # the exporter raises many types; the message is what matters
             raise CompileError(
-                f"ONNX export of segment {name} failed: {str(err).splitlines()[0]}",
+                f"ONNX export of segment {name} failed: {first_line(err)}",
                 "keep the failing ops in PyTorch with compile.torch_executed_ops, or try target=eager.",
             ) from err
         outputs = module(*args)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import CompileError, ConfigError, TargetUnavailable
+from pipeline.errors import CompileError, ConfigError, TargetUnavailable, first_line
 from pipeline.targets import TargetSettings, resolve_device
 from pipeline.targets.onnx_base import OnnxTarget
 from pipeline.targets.onnxruntime_session import GPU_PROVIDERS
@@ -162,7 +162,7 @@ class OnnxRuntimeTarget(OnnxTarget):
             session = ort.InferenceSession(str(source), opts, providers=self.settings["providers"])
         except Exception as err:  # onnxruntime raises its own exception types per failure
             raise CompileError(
-                f"onnxruntime could not build segment {segment['name']}: {str(err).splitlines()[0]}",
+                f"onnxruntime could not build segment {segment['name']}: {first_line(err)}",
                 "an op or dtype has no kernel in the chosen provider: use compile.precision=fp32 "
                 "on CPU, keep the op in PyTorch with compile.torch_executed_ops, or pick another provider.",
             ) from err

@@ -130,9 +130,6 @@ class TensorRTTarget(OnnxTarget):
         if settings.get("quantizer", "auto") not in tensorrt_qdq.TOOLS:
             raise ConfigError(f"target.quantizer={settings.get('quantizer')!r} is not a QDQ tool.",
                               f"use target.quantizer={' or '.join(tensorrt_qdq.TOOLS)}.")
-        if settings.get("quantizer") == "modelopt" and not tensorrt_qdq.modelopt_available():
-            raise TargetUnavailable("target.quantizer=modelopt but modelopt.onnx.quantization does not import here.",
-                                    "pip install -e '.[quant]', or use target.quantizer=auto.")
         if self.library == "tensorrt" and settings.get("compute_capabilities"):
             raise ConfigError("target.compute_capabilities is set, but full TensorRT builds for the GPU it runs on.",
                               "remove target.compute_capabilities, or use target.library=tensorrt_rtx.")
@@ -154,7 +151,13 @@ class TensorRTTarget(OnnxTarget):
         """Only the TensorRT library this target builds with changes its engines."""
         if aspect in ("lowering", "placing"):
             return super().libraries_for(aspect)
-        return ("onnx", "onnxscript", self.library, "nvidia-modelopt")
+        # onnx-graphsurgeon: modelopt's ONNX quantizer imports only with it, so quantizer=auto's pick follows it.
+        return ("onnx", "onnxscript", self.library, "nvidia-modelopt", "onnx-graphsurgeon")
+
+    @classmethod
+    def int8_refusal(cls, config: dict[str, Any]) -> tuple[str, str] | None:
+        """target.quantizer=modelopt needs modelopt, and settings it can serve."""
+        return tensorrt_qdq.refusal(config)
 
     @classmethod
     def fp8_refusal(cls, config: dict[str, Any]) -> tuple[str, str] | None:
@@ -169,7 +172,7 @@ class TensorRTTarget(OnnxTarget):
         if method != "minmax":
             return (f"calibration.method={method} is an int8 histogram recipe; FP8 scales come from each "
                     "tensor's range (modelopt: max; onnxruntime: its distribution)", "set calibration.method=minmax")
-        return None
+        return tensorrt_qdq.refusal(config)
 
     def can_execute(self, library: str | None = None) -> str | None:
         """None if engines of `library` (default: this target's) can run here, else why not."""

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.dtypes import ENGINE_DTYPES, PRECISION_DTYPES, precision_name
-from pipeline.errors import ArtifactError, ConfigError
+from pipeline.errors import ArtifactError, ConfigError, first_line
 from pipeline.files import link_or_copy, write_json
 from pipeline.targets import PLACING, Target, TargetSettings
 from pipeline.targets.onnx_base import value_info
@@ -155,7 +155,8 @@ def _typing(target_cfg: dict[str, Any], precision: str, version: tuple[int, int]
     if unknown:
         raise ConfigError(f"target.enabled_precisions has unknown dtypes {unknown}.",
                           f"use names from {sorted(ENGINE_DTYPES)}.")
-    out["enabled_precisions"] = sorted(set(precisions) or {"float32", PRECISION_DTYPES[precision]})
+    # int8/fp8 (modelopt's quantize ops) must be among the kernels before strongly typed releases.
+    out["enabled_precisions"] = sorted(set(precisions) or {"float32", {**PRECISION_DTYPES, "int8": "int8"}[precision]})
     return out
 
 
@@ -197,6 +198,12 @@ def _caches(target_cfg: dict[str, Any], rtx: bool) -> dict[str, Any]:
     return out
 
 
+def _modelopt_refusal(config: dict[str, Any], precision: str) -> tuple[str, str] | None:
+    from pipeline.quantize import torch_modelopt
+
+    return torch_modelopt.refusal(config, precision)
+
+
 class TorchTensorRTTarget(Target):
     name = "torch_tensorrt"
     Settings = Settings
@@ -216,17 +223,8 @@ class TorchTensorRTTarget(Target):
     fp8_quantizer = ("nvidia-modelopt's mtq.quantize (FP8_DEFAULT_CFG) on the module before export; "
                      "Torch-TensorRT builds its quantize ops as FP8 (E4M3)")
 
-    @classmethod
-    def int8_refusal(cls, config: dict[str, Any]) -> tuple[str, str] | None:
-        from pipeline.quantize import torch_modelopt
-
-        return torch_modelopt.refusal(config, "int8")
-
-    @classmethod
-    def fp8_refusal(cls, config: dict[str, Any]) -> tuple[str, str] | None:
-        from pipeline.quantize import torch_modelopt
-
-        return torch_modelopt.refusal(config, "fp8")
+    int8_refusal = classmethod(lambda cls, config: _modelopt_refusal(config, "int8"))
+    fp8_refusal = classmethod(lambda cls, config: _modelopt_refusal(config, "fp8"))
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -245,13 +243,15 @@ class TorchTensorRTTarget(Target):
         try:
             importlib.import_module("torch_tensorrt")
         except Exception as err:  # a broken install raises anything from OSError to RuntimeError
-            return f"torch_tensorrt {version} does not import: {str(err).splitlines()[0]}"
+            return f"torch_tensorrt {version} does not import: {first_line(err)}"
         return None
 
     def __init__(self, settings: dict[str, Any]):
         super().__init__(settings)
         # Torch-TensorRT's names for this job's settings; engines.json keeps them for reloading.
         self.values: dict[str, Any] | None = settings.get("translated")
+        # int8/fp8 when this job quantizes the module (set by configure, which the runner calls).
+        self.module_precision: str | None = None
 
     def device(self) -> str:
         return "cuda"
@@ -264,10 +264,13 @@ class TorchTensorRTTarget(Target):
         plain = OmegaConf.to_container(compile_cfg, resolve=True) if OmegaConf.is_config(compile_cfg) else dict(compile_cfg)
         self.values = translate(plain, self.settings, minor, rtx)
         self.settings = {**self.settings, "translated": self.values}
+        precision = precision_name(plain["precision"])
+        self.module_precision = precision if precision in self.quantizes_module else None
 
     def libraries_for(self, aspect: str) -> tuple[str, ...]:
-        """modelopt quantizes the module in export (int8/fp8) and registers the op its converter reads."""
-        return ("nvidia-modelopt",) if aspect == PLACING else (*super().libraries_for(aspect), "nvidia-modelopt")
+        """modelopt quantizes the module in export (int8/fp8 jobs) and registers the op its converter reads."""
+        modelopt = ("nvidia-modelopt",) if self.module_precision else ()
+        return modelopt if aspect == PLACING else (*super().libraries_for(aspect), *modelopt)
 
     def quantize_module(self, model, batches: list, precision: str, exclude: list[str]):
         from pipeline.quantize import torch_modelopt
