@@ -64,6 +64,13 @@ def test_reload_in_a_fresh_process(inductor_job, tmp_path):
     torch.testing.assert_close(got["y"], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
+def test_freezing_off_builds_an_unfrozen_package_that_validates(tmp_path_factory):
+    """target.freezing=false overrides the CPU default: an unfrozen package, as accurate."""
+    job = inductor_job_or_skip(tmp_path_factory, "unfrozen", "target.freezing=false", "target.device=cpu")
+    (segment,) = job.json("build/engines.json")["segments"]
+    assert segment["freezing"] is False and job.json("validate/report.json")["passed"]
+
+
 def test_freezing_is_refused_for_a_compile_cache(tmp_path):
     from pipeline.errors import ConfigError
     from pipeline.targets.inductor import choose_artifact
