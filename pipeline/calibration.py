@@ -199,13 +199,14 @@ def digest(batches: list[shapes.Sample]) -> str:
     return h.hexdigest()
 
 
-def load_checked(cal, input_cfg) -> list[shapes.Sample]:
-    """The batches again (in the build's process), refused if they changed since the job was keyed."""
+def load_checked(cal, input_cfg) -> tuple[list[shapes.Sample], str]:
+    """The batches again (in a stage's process) and their sha256, refused if they changed since the job was keyed."""
     batches = load(cal, input_cfg)
-    if cal.digest and digest(batches) != cal.digest:
+    found = digest(batches)
+    if cal.digest and found != cal.digest:
         raise ArtifactError("the calibration data changed while the job ran (its sha256 differs from the "
                             "one the build was keyed by).", "run the job again once the data is final.")
-    return batches
+    return batches, found
 
 
 def segment_inputs(gm, batches: list[shapes.Sample]) -> dict[str, list[tuple]]:

@@ -49,6 +49,11 @@ def precision_name(precision) -> str:
     return choice_name(precision)
 
 
+def compute_dtype(precision: str) -> str:
+    """The dtype an engine computes in for compile.precision ('int8' for int8, 'float8_e4m3fn' for fp8)."""
+    return "int8" if precision == "int8" else PRECISION_DTYPES[precision]
+
+
 def is_quantized(precision: str) -> bool:
     """True where build quantizes (int8, fp8) rather than export casting the model."""
     return precision in QUANTIZED_PRECISIONS

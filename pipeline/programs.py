@@ -68,9 +68,10 @@ def save(program, folder: Path, imports: Iterable[str]) -> None:
 def needed_imports(program, factory_module: str) -> list[str]:
     """What a fresh process imports before deserialising `program`.
 
-    The factory's module only when the program calls operators torch does not define
-    (it registers them), or the library's for a namespace a library registers; the modules of every non-builtin pytree type of the program's
-    inputs and outputs (transformers.modeling_outputs for a ModelOutput).
+    The factory's module when the program calls operators torch does not define (it registers
+    them), or the library's module for a namespace a library registers (LIBRARY_NAMESPACES);
+    the modules of every non-builtin pytree type of the program's inputs and outputs
+    (transformers.modeling_outputs for a ModelOutput).
     """
     needed = type_modules(program)
     for namespace in custom_namespaces(program):

@@ -130,13 +130,14 @@ def corner_samples(input_cfg, cast) -> dict[str, shapes.Sample]:
 def _quantize(ctx: StageContext, model, device: str, cast) -> tuple[Any, dict[str, Any]]:
     """The model fake-quantized by the target (Target.quantizes_module), calibrated with the job's batches."""
     cfg, precision = ctx.config, precision_name(ctx.config.compile.precision)
-    batches = [b.to(device, cast) for b in calibration.load_checked(cfg.calibration, cfg.input)]
+    loaded, digest = calibration.load_checked(cfg.calibration, cfg.input)
+    batches = [b.to(device, cast) for b in loaded]
     exclude = list(cfg.quantize.exclude)
     with ctx.console.status(f"{precision}: calibrating {cfg.model.name} on {len(batches)} batches for "
                             f"{ctx.target.name}"):
         model, record = ctx.target.quantize_module(model, batches, precision, exclude)
     return model, {"precision": precision, "num_batches": len(batches), "excluded": exclude,
-                   "calibration_sha256": calibration.digest(batches), **record}
+                   "calibration_sha256": digest, **record}
 
 
 def run(ctx: StageContext) -> Metrics:

@@ -103,7 +103,8 @@ def test_tensorrt_quantizer_choice_follows_what_modelopt_serves(tmp_path):
 
     assert TensorRTTarget.int8_refusal(config("calibration.method=percentile")) is None  # auto: ORT's route
     refused = TensorRTTarget.int8_refusal(config("target.quantizer=modelopt", "calibration.method=percentile"))
-    expected = "target.quantizer=modelopt but" if NO_MODELOPT else "modelopt calibrates with minmax or entropy"
+    onnx_route = tensorrt_qdq.modelopt_available()
+    expected = "modelopt calibrates with minmax or entropy" if onnx_route else "target.quantizer=modelopt but"
     assert refused and expected in refused[0] and "target.quantizer" in refused[1]
 
 

@@ -115,7 +115,8 @@ def int8_facts(qdq: Path, tool: str, precision: str = "int8", example: tuple | N
     """engines.json facts of a QDQ model any target built: its file, the tool, the quantized fractions.
 
     `requantized`: an op counts as int8 only where its output is quantized again (ORT's QLinear
-    fusion); TensorRT needs quantized inputs only (ort_qdq.int8_fractions). An fp8 QDQ model's fractions are under "fp8", with fp8_ names (fp8_op_fraction, fp8_mac_fraction, ...).
+    fusion); TensorRT needs quantized inputs only (ort_qdq.int8_fractions). An fp8 QDQ model's
+    fractions are under "fp8", with fp8_ names (fp8_op_fraction, fp8_mac_fraction, ...).
     """
     from pipeline.quantize.ort_qdq import int8_fractions
 

@@ -31,11 +31,11 @@ def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any
     """(engines.json entries, metrics) of the int8 (or fp8) build, after the accuracy-aware rounds."""
     cfg, target, q = ctx.config, ctx.target, ctx.config.quantize
     precision = precision_name(cfg.compile.precision)
-    batches = calibration.load_checked(cfg.calibration, cfg.input)
+    batches, digest = calibration.load_checked(cfg.calibration, cfg.input)
     recipe = load_json(ctx.inputs["partition"] / layout.PARTITION.recipe, "partition recipe")
     gm = segments.fuse(target.graph_module(programs.load(ctx.inputs["lower"])), recipe)
     inputs = calibration.segment_inputs(gm, batches)
-    cal, digest = cfg.calibration, calibration.digest(batches)
+    cal = cfg.calibration
     dynamic = choice_name(q.mode) == "dynamic"  # ranges at run time: the batches only check
     ctx.console.print(f"calibration: {choice_name(cal.source)}, {len(batches)} batches, "
                       + ("quantize.mode=dynamic (activation scales per batch at run time; the batches check "

@@ -26,7 +26,7 @@ METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 FLOAT_COMPUTE = {"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm"}
 # The int8 compute ops of dynamically quantized graphs (quantize_dynamic), before ORT's fusions.
 INTEGER_COMPUTE = {"MatMulInteger", "ConvInteger"}
-INT8_COMPUTE = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+INT8_COMPUTE = {*INTEGER_COMPUTE, "QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat",
                 "DynamicQuantizeMatMul", "QLinearConvTranspose", "NhwcQLinearConv", "QAttention",
                 "DynamicQuantizeLSTM"}
 

@@ -96,10 +96,10 @@ def parser_errors(parser, origins: list[tuple[str, str, str | None]]) -> list[di
     return errors
 
 
-
 def capability_tuple(text: str) -> tuple[int, ...]:
     """'8.9' -> (8, 9), for comparing compute capabilities."""
     return tuple(int(x) for x in str(text).split(".")[:2] if x.isdigit())
+
 
 class TensorRTTarget(OnnxTarget):
     name = "tensorrt"

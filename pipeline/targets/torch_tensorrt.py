@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.dtypes import ENGINE_DTYPES, PRECISION_DTYPES, precision_name
+from pipeline.dtypes import ENGINE_DTYPES, PRECISION_DTYPES, compute_dtype, precision_name
 from pipeline.errors import ArtifactError, ConfigError, first_line
 from pipeline.files import link_or_copy, write_json
 from pipeline.targets import PLACING, Target, TargetSettings
@@ -156,7 +156,7 @@ def _typing(target_cfg: dict[str, Any], precision: str, version: tuple[int, int]
         raise ConfigError(f"target.enabled_precisions has unknown dtypes {unknown}.",
                           f"use names from {sorted(ENGINE_DTYPES)}.")
     # int8/fp8 (modelopt's quantize ops) must be among the kernels before strongly typed releases.
-    out["enabled_precisions"] = sorted(set(precisions) or {"float32", {**PRECISION_DTYPES, "int8": "int8"}[precision]})
+    out["enabled_precisions"] = sorted(set(precisions) or {"float32", compute_dtype(precision)})
     return out
 
 
@@ -367,7 +367,7 @@ class TorchTensorRTTarget(Target):
         dtypes = {t["dtype"] for t in segment["inputs"] + segment["outputs"]} & ENGINE_DTYPES
         for precision in self.quantizes_module:
             if (segment.get(precision) or {}).get(f"{precision}_ops"):
-                dtypes.add(PRECISION_DTYPES.get(precision, precision))
+                dtypes.add(compute_dtype(precision))
         return {**segment, "network": description.name, "precision": sorted(dtypes)}
 
     def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
