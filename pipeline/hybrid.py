@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipeline import layout, programs, segments, targets
+from pipeline import input_guard, layout, programs, segments, targets
 from pipeline.cache import linked_from
 from pipeline.errors import ArtifactError
 from pipeline.files import load_json, require_manifest
@@ -159,5 +159,6 @@ def load(run_dir: str | Path, imports: tuple[str, ...] = (), trusted: bool = Fal
             allow_code(build_dir, target)
         for module in imports:
             importlib.import_module(module)
-        return target.load_package(package)
-    return assemble(run_dir / "lower", run_dir / "partition", build_dir, target, imports, trusted=trusted)
+        return input_guard.guard(target.load_package(package), input_guard.spec_of_run(run_dir))
+    module = assemble(run_dir / "lower", run_dir / "partition", build_dir, target, imports, trusted=trusted)
+    return input_guard.guard(module, input_guard.spec_of_run(run_dir))

@@ -117,6 +117,32 @@ def test_bert_tiny_keyword_integer_inputs_at_every_corner(bert_job):
         assert all(d.dim_param for d in value.type.tensor_type.shape.dim)  # batch and sequence stay dynamic
 
 
+def test_a_loaded_dynamic_program_refuses_sizes_outside_its_ranges_in_one_sentence(bert_job, cnn_job):
+    import torch
+
+    import pipeline
+    from pipeline.input_guard import InputShapeError
+
+    module = pipeline.load(bert_job.run_dir)
+    ids = torch.ones(2, 4, dtype=torch.int64)  # seq 4 < its min 8
+    with pytest.raises(InputShapeError) as short:
+        module(input_ids=ids, attention_mask=ids)
+    assert str(short.value) == ("input input_ids of shape (2, 4) has seq=4 on axis 1, the engine takes seq in "
+                                "8..24: this engine takes input_ids (batch in 1..3, seq in 8..24), "
+                                "attention_mask (batch in 1..3, seq in 8..24).")
+    with pytest.raises(InputShapeError, match="attention_mask of shape \\(2, 9\\) has seq=9 on axis 1, "
+                                              "another input has seq=8"):
+        module(input_ids=torch.ones(2, 8, dtype=torch.int64), attention_mask=torch.ones(2, 9, dtype=torch.int64))
+    within = module(input_ids=torch.ones(3, 24, dtype=torch.int64), attention_mask=torch.ones(3, 24, dtype=torch.int64))
+    assert within is not None
+    cnn = pipeline.load(cnn_job.run_dir)
+    with pytest.raises(InputShapeError, match=r"x of shape \(7, 3, 32, 32\) has batch=7 on axis 0, the engine "
+                                              r"takes batch in 1..6"):
+        cnn(torch.randn(7, 3, 32, 32))
+    with pytest.raises(InputShapeError, match=r"has 3 dimensions, the engine takes 4"):
+        cnn(torch.randn(3, 32, 32))
+
+
 def test_data_dependent_op_falls_back_between_accelerated_blocks(tmp_path):
     job = run_job(tmp_path, "model=data_dependent_net", "compile.min_block_size=1", "target=onnxruntime")
     assert job.result.status == "FINISHED"

@@ -34,20 +34,36 @@ def _copy_run(run_dir: Path, into: Path) -> Path:
     return target
 
 
-def _signature(run_dir: Path):
-    """Input and output schema from export's opt sample, with a free batch dimension."""
+def _numpy_dtype(name: str):
+    """numpy's dtype of a torch dtype name; bfloat16, which numpy lacks, travels as float32."""
     import numpy as np
-    from mlflow.models import infer_signature
+
+    return np.dtype("float32" if name == "bfloat16" else name)
+
+
+def _signature(run_dir: Path):
+    """Inputs as the engine takes them (static sizes exact, -1 for dynamic ones), outputs from a call.
+
+    MLflow enforces the input schema before predict, so a request of the wrong rank or static
+    size gets MLflow's 400; ranges of dynamic sizes are checked by the served module itself.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
 
     import pipeline
-    from pipeline import shapes
+    from pipeline import input_guard, shapes
 
+    spec = input_guard.spec_of_run(run_dir)
     sample = shapes.load_samples(run_dir / "export" / layout.EXPORT.example)["opt"]
     out = pipeline.load(run_dir)(*sample.args, **sample.kwargs)
     while isinstance(out, (tuple, list)):
         out = out[0]
-    example = np.asarray(sample.args[0] if sample.args else next(iter(sample.kwargs.values())))
-    return infer_signature(example, out.detach().cpu().float().numpy())
+    out = out.detach().cpu().float().numpy()
+    named = len(spec) > 1  # one input: requests send a bare array; several: a dict by name
+    inputs = Schema([TensorSpec(_numpy_dtype(t.dtype), t.mlflow_shape(), t.name if named else None) for t in spec])
+    batch = spec[0].axes[0] if spec and spec[0].axes else None
+    out_shape = (-1 if not isinstance(batch, int) else batch, *out.shape[1:]) if out.ndim else ()
+    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(out.dtype, out_shape)]))
 
 
 def register(settings: dict[str, Any], run_dir: Path, model_name: str, alias: str | None,

@@ -39,8 +39,14 @@ class CompiledModel(PythonModel):
                 kwargs[spec["name"]] = value
             else:
                 args.append(value)
-        with torch.no_grad():
-            out = self.module(*args, **kwargs)
+        try:
+            with torch.no_grad():
+                out = self.module(*args, **kwargs)
+        except ValueError as error:  # pipeline.input_guard: shapes the engine was not built for
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+            raise MlflowException(str(error), error_code=BAD_REQUEST) from None
         while isinstance(out, (tuple, list)):
             out = out[0]
         return out.detach().cpu().float().numpy()

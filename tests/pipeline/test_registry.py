@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -22,6 +23,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def post(port: int, payload: dict) -> tuple[int, str]:
+    """POST /invocations; the HTTP status and body, errors included."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 @pytest.mark.slow
@@ -64,6 +76,11 @@ def test_a_registered_model_serves_the_engine_over_rest(tmp_path):
             local = pipeline.load(tmp_path / "run")(x)
         local = local[0] if isinstance(local, (tuple, list)) else local
         assert served.shape == local.shape and torch.allclose(served, local, atol=1e-5)
+        status, text = post(port, {"inputs": torch.randn(2, 3, 64, 64).tolist()})
+        assert 400 <= status < 500, (status, text)
+        error = json.loads(text)
+        assert "(2, 3, 64, 64)" in error["message"] and "(1, 3, 64, 64)" in error["message"], error["message"]
+        assert "stack_trace" not in error and "Traceback" not in text
     finally:
         server.terminate()
         server.wait(30)
