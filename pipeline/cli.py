@@ -112,11 +112,12 @@ def print_summary(console: Console, result) -> None:
     console.print(f"artifacts: {result.run_dir}", markup=False)
     if result.tracking.get("recorded"):
         from pipeline.tracking import ui_link
+        from pipeline.tracking.views import EXPERIMENT_VIEW
 
         t = result.tracking
         console.print(f"mlflow: run {t['run_id']} in experiment {t['experiment']!r} at {t['tracking_uri']}",
                       markup=False)
-        console.print(f"  runs table: {ui_link(t['tracking_uri'], t['experiment_id'])}"
+        console.print(f"  runs table: {ui_link(t['tracking_uri'], t['experiment_id'], view=EXPERIMENT_VIEW)}"
                       f"{'  (make ui serves it)' if t['tracking_uri'].startswith('sqlite') else ''}", markup=False)
         console.print(f"  this run:   {ui_link(t['tracking_uri'], t['experiment_id'], t['run_id'])}", markup=False)
 

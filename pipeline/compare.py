@@ -14,20 +14,31 @@ imported only to plot, and mlflow only by pipeline.tracking: the table stays qui
 from __future__ import annotations
 
 import csv
-import math
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from pipeline.layout import STAGES
-
-Job = dict[str, Any]
+from pipeline.ranking import (  # noqa: F401  (pareto_front, shown_overrides, winner: the comparison's API)
+    Job,
+    engine_figure,
+    engine_groups,
+    is_reference,
+    labels,
+    measured_point,
+    metric_value,
+    pareto_front,
+    shown_overrides,
+    varying_overrides,
+    winner,
+    winner_line,
+)
 
 # Table column -> (metric, format); columns without a metric come from the record itself.
 METRIC_COLUMNS = {
@@ -46,29 +57,10 @@ MEASURED = ("p50 ms", "p99 ms", "speedup", "rel L2", "cosine", "top-1")
 COLUMNS = ("job", "overrides", "target", "status", *METRIC_COLUMNS, "error")
 NOT_MEASURED = ("n/m: not measured (the engines cannot run on this machine); "
                 "~: latency varies too much to trust (latency.trusted=false)")
-FRONT_NOTE = "*: on the Pareto front (no other job has both lower p50 latency and lower rel L2 error)"
+FRONT_NOTE = ("best: the winner (the fastest trusted job with an engine that passed its accuracy check); "
+              "*: on the Pareto front (no other job has both lower p50 latency and lower rel L2 error)")
+REFERENCE_NOTE = "ref: no engine, everything ran in eager PyTorch: the yardstick, never a candidate"
 STATUS_STYLES = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan"}
-
-
-def labels(jobs: list[Job]) -> list[str]:
-    """Sweep job numbers; positions when they are missing or repeat (every run of an experiment)."""
-    numbers = [j.get("job") for j in jobs]
-    if None not in numbers and len(set(numbers)) == len(numbers):
-        return [str(n) for n in numbers]
-    return [str(i) for i in range(len(jobs))]
-
-
-def _value(job: Job, metric: str) -> float | None:
-    value = (job.get("metrics") or {}).get(metric)
-    return None if value is None else float(value)
-
-
-def _point(job: Job) -> tuple[float, float] | None:
-    """(latency p50, rel L2 error) of a finished job that measured both; NaN errors are no measurement."""
-    x, y = _value(job, "latency_p50_ms"), _value(job, "rel_l2_err")
-    if job.get("status") != "FINISHED" or x is None or y is None or not math.isfinite(x + y):
-        return None
-    return x, y
 
 
 def short_error(error: str | None, limit: int = 80) -> str:
@@ -79,37 +71,52 @@ def short_error(error: str | None, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def varying_overrides(jobs: list[Job]) -> list[str]:
-    """Each job's overrides less those every job shares: what tells the rows apart."""
-    tokens = [(j.get("overrides") or "").split() for j in jobs]
-    common = set.intersection(*map(set, tokens)) if len(jobs) > 1 and all(tokens) else set()
-    return [" ".join(t for t in ts if t not in common) for ts in tokens]
-
-
 def rows(jobs: list[Job]) -> list[dict[str, str]]:
+    groups = engine_groups(jobs)
     out = []
     for label, job, overrides in zip(labels(jobs), jobs, varying_overrides(jobs), strict=True):
-        not_measured = _value(job, "validated") == 0
+        not_measured = metric_value(job, "validated") == 0
         # Single runs carry no sweep overrides; their name (model-target) tells them apart.
         row = {"job": label, "overrides": overrides or job.get("name") or "-",
                "target": job.get("target") or "-", "status": job.get("status") or "-"}
         for column, (metric, fmt) in METRIC_COLUMNS.items():
-            value = _value(job, metric)
+            value = metric_value(job, metric)
             row[column] = "n/m" if value is None and not_measured and column in MEASURED else (
                 "-" if value is None else fmt(value))
-        if _value(job, "latency_trusted") == 0 and row["p50 ms"] != "-":
-            row["p50 ms"] += " ~"  # the spread warning fired: this number must not look as good as a quiet one
+        if id(job) in groups:  # one engine measured several times: one figure and its spread
+            for column in ("p50 ms", "speedup"):
+                value, spread = engine_figure(job, jobs, METRIC_COLUMNS[column][0])
+                if value is not None:
+                    row[column] = f"{METRIC_COLUMNS[column][1](value)} ±{spread:.0%}"
+        if any(metric_value(j, "latency_trusted") == 0 for j in groups.get(id(job), [job])):
+            # The spread warning fired: neither the latency nor a speedup made of it may look like a quiet one.
+            row["p50 ms"] += " ~" if row["p50 ms"] != "-" else ""
+            row["speedup"] += " ~" if row["speedup"] not in ("-", "n/m") else ""
+        if metric_value(job, "build_seconds") is not None and (job.get("tags") or {}).get("cache.build") == "hit":
+            row["build s"] = "hit"
         row["error"] = short_error(job.get("error"))
         out.append(row)
     return out
 
 
-def pareto_front(jobs: list[Job]) -> list[Job]:
-    """Measured jobs no other beats on both latency and error, fastest first (the plot's step line)."""
-    points = [(*_point(j), j) for j in jobs if _point(j)]
-    front = [(x, y, j) for x, y, j in points
-             if not any(a <= x and b <= y and (a < x or b < y) for a, b, _ in points)]
-    return [j for _, _, j in sorted(front, key=lambda p: (p[0], p[1]))]
+def marks(jobs: list[Job]) -> list[str]:
+    """The first column: best for the winner, * for the Pareto front, ref for jobs without an engine."""
+    best, _ = winner(jobs)
+    front = {id(j) for j in pareto_front(jobs)}
+    return ["best" if j is best else "*" if id(j) in front else "ref" if is_reference(j) else "" for j in jobs]
+
+
+def notes(jobs: list[Job]) -> list[str]:
+    """What the marks mean, and which jobs are one engine: printed under every table."""
+    lines = [FRONT_NOTE, REFERENCE_NOTE, NOT_MEASURED]
+    shared: dict[str, list[str]] = {}
+    for label, job in zip(labels(jobs), jobs, strict=True):
+        if id(job) in engine_groups(jobs):
+            shared.setdefault(job["build_key"], []).append(label)
+    for key, members in shared.items():
+        lines.append(f"±: jobs {', '.join(members)} built one engine (build key {key[:12]}): their p50 and speedup "
+                     "are one figure, the median of their measurements, ± half their range")
+    return lines
 
 
 # Columns left out of terminal tables narrower than WIDE (comparison.md and .csv keep them all).
@@ -123,9 +130,8 @@ def table(jobs: list[Job], title: str, width: int | None = None) -> Table:
     In a narrow terminal (or 120 columns when piped) the secondary columns are left out, so
     the overrides and errors keep room to read instead of wrapping a few letters a line.
     """
-    front = {id(j) for j in pareto_front(jobs)}
     columns = [c for c in COLUMNS if width is None or width >= WIDE or c not in SECONDARY]
-    out = Table(title=Text(title), title_justify="left", caption=Text(f"{FRONT_NOTE}\n{NOT_MEASURED}"),
+    out = Table(title=Text(title), title_justify="left", caption=Text("\n".join(notes(jobs))),
                 caption_justify="left")
     out.add_column("")
     for column in columns:
@@ -133,10 +139,9 @@ def table(jobs: list[Job], title: str, width: int | None = None) -> Table:
         out.add_column(column, justify="right" if numeric else "left", overflow="fold",
                        no_wrap=numeric or column in ("target", "status"),
                        min_width=20 if column == "overrides" else None)
-    for job, row in zip(jobs, rows(jobs), strict=True):
+    for mark, row in zip(marks(jobs), rows(jobs), strict=True):
         cells = [Text(row[c], style=STATUS_STYLES.get(row[c], "") if c == "status" else "") for c in columns]
-        on_front = id(job) in front
-        out.add_row("*" if on_front else "", *cells, style="bold" if on_front else None)
+        out.add_row(mark, *cells, style="bold" if mark in ("best", "*") else None)
     return out
 
 
@@ -172,18 +177,17 @@ def markdown(jobs: list[Job], title: str) -> str:
     its ~500-pixel pane left a few letters a line (`compil/e.min/_block/...`). A code
     block keeps each job on one line (the pane scrolls sideways) and reads the same in a terminal.
     """
-    front = {id(j) for j in pareto_front(jobs)}
     columns = REPORT_COLUMNS
-    grid = [("", *columns)] + [("*" if id(j) in front else "", *(row[c] for c in columns))
-                               for j, row in zip(jobs, rows(jobs), strict=True)]
+    grid = [("", *columns)] + [(mark, *(row[c] for c in columns)) for mark, row in zip(marks(jobs), rows(jobs), strict=True)]
     widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
     right = [c == "job" or c in METRIC_COLUMNS for c in ("", *columns)]
 
     def text(cells) -> str:
         return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)).rstrip()
 
-    lines = [f"## {title}", "", "```text", text(grid[0]), text(["-" * w for w in widths]), *map(text, grid[1:]), "```"]
-    return "\n".join([*lines, "", FRONT_NOTE, "", NOT_MEASURED, *_failures(jobs), ""])
+    lines = [f"## {title}", "", f"**{_md_cell(winner_line(jobs))}**", "", "```text", text(grid[0]),
+             text(["-" * w for w in widths]), *map(text, grid[1:]), "```", ""]
+    return "\n".join([*lines, *(x for n in notes(jobs) for x in (n, "")), *_failures(jobs), ""])
 
 
 def note(jobs: list[Job], title: str, run_link=None) -> str:
@@ -191,18 +195,17 @@ def note(jobs: list[Job], title: str, run_link=None) -> str:
 
     run_link(run_id) gives a job's link in the MLflow UI; without it job numbers are plain.
     """
-    front = {id(j) for j in pareto_front(jobs)}
-
     def line(cells) -> str:
         return "| " + " | ".join(cells) + " |"
 
-    lines = [f"## {_md_cell(title)}", "", line(("", *NOTE_COLUMNS)), line(["---"] * (len(NOTE_COLUMNS) + 1))]
-    for job, row in zip(jobs, rows(jobs), strict=True):
+    lines = [f"**{_md_cell(winner_line(jobs))}**", "", f"## {_md_cell(title)}", "", line(("", *NOTE_COLUMNS)),
+             line(["---"] * (len(NOTE_COLUMNS) + 1))]
+    for job, mark, row in zip(jobs, marks(jobs), rows(jobs), strict=True):
         cells = {c: _md_cell(row[c]) for c in NOTE_COLUMNS}
         if run_link and job.get("run_id"):
             cells["job"] = f"[{cells['job']}]({run_link(job['run_id'])})"
-        lines.append(line(("\\*" if id(job) in front else "", *cells.values())))
-    return "\n".join([*lines, "", _md_cell(FRONT_NOTE), "", _md_cell(NOT_MEASURED), *_failures(jobs), ""])
+        lines.append(line((_md_cell(mark), *cells.values())))
+    return "\n".join([*lines, "", *(x for n in notes(jobs) for x in (_md_cell(n), "")), *_failures(jobs), ""])
 
 
 def write_csv(jobs: list[Job], path: Path) -> Path:
@@ -212,14 +215,17 @@ def write_csv(jobs: list[Job], path: Path) -> Path:
     seen = {k for j in jobs for k in (j.get("metrics") or {})}
     metrics = list(dict.fromkeys(first)) + sorted(seen - set(first))
     front = {id(j) for j in pareto_front(jobs)}
-    fields = ["job", "name", "run_id", "overrides", "target", "status", "pareto_front", *metrics, "error"]
+    best, _ = winner(jobs)
+    fields = ["job", "name", "run_id", "overrides", "target", "status", "pareto_front", "best", "reference",
+              *metrics, "error"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for label, job in zip(labels(jobs), jobs, strict=True):
             values = job.get("metrics") or {}
             writer.writerow({**{k: job.get(k) or "" for k in fields[1:6] + ["error"]}, "job": label,
-                             "pareto_front": int(id(job) in front),
+                             "pareto_front": int(id(job) in front), "best": int(job is best),
+                             "reference": int(is_reference(job)),
                              **{m: repr(float(values[m])) if m in values else "" for m in metrics}})
     return Path(path)
 
@@ -252,30 +258,39 @@ def _log_axis(axis, set_scale) -> None:
 def plot_pareto(jobs: list[Job], path: Path, title: str = "latency against accuracy error") -> Path:
     plt = _pyplot()
     names = dict(zip(map(id, jobs), labels(jobs), strict=True))
-    measured = [j for j in jobs if _point(j)]
+    measured = [j for j in jobs if measured_point(j)]
     failed = sum(j.get("status") != "FINISHED" for j in jobs)
     unmeasured = len(jobs) - len(measured) - failed
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    targets = sorted({j.get("target") or "?" for j in measured})
+    engines = [j for j in measured if not is_reference(j)]
+    targets = sorted({j.get("target") or "?" for j in engines})
     colours = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(targets)}
     for target in targets:
-        xs, ys = zip(*(_point(j) for j in measured if (j.get("target") or "?") == target), strict=True)
+        xs, ys = zip(*(measured_point(j) for j in engines if (j.get("target") or "?") == target), strict=True)
         ax.scatter(xs, ys, color=colours[target], label=target, zorder=3)
+    references = [measured_point(j) for j in measured if is_reference(j)]
+    if references:
+        xs, ys = zip(*references, strict=True)
+        ax.scatter(xs, ys, color="grey", marker="x", label="reference (no engine: eager PyTorch)", zorder=3)
+    best, _ = winner(jobs)
+    if best is not None and measured_point(best):
+        ax.scatter(*measured_point(best), s=420, marker="*", color="gold", edgecolors="black",
+                   label=f"best: job {names[id(best)]}", zorder=5)
     # Labels of nearby points take turns around them instead of printing over each other.
     offsets = ((5, 4), (5, -11), (-14, 4), (-14, -11))
-    for i, j in enumerate(sorted(measured, key=_point)):
-        ax.annotate(names[id(j)], _point(j), textcoords="offset points", xytext=offsets[i % len(offsets)], fontsize=8)
+    for i, j in enumerate(sorted(measured, key=measured_point)):
+        ax.annotate(names[id(j)], measured_point(j), textcoords="offset points", xytext=offsets[i % len(offsets)], fontsize=8)
     front = pareto_front(jobs)
     if front:
-        xs, ys = zip(*map(_point, front), strict=True)
+        xs, ys = zip(*map(measured_point, front), strict=True)
         ax.step(xs, ys, where="post", color="grey", linestyle="--", zorder=2)
         ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="black", label="Pareto front", zorder=4)
-    positive = [_point(j)[1] for j in measured if _point(j)[1] > 0]
+    positive = [measured_point(j)[1] for j in measured if measured_point(j)[1] > 0]
     if len(positive) >= 2 and max(positive) >= 100 * min(positive):
         # Exact results (eager: error 0) have no place on a log axis; symlog keeps them at 0.
         exact = len(positive) < len(measured)
         ax.set_yscale("symlog" if exact else "log", **({"linthresh": min(positive)} if exact else {}))
-    latencies = [_point(j)[0] for j in measured]
+    latencies = [measured_point(j)[0] for j in measured]
     if latencies and min(latencies) > 0 and max(latencies) >= 10 * min(latencies):
         _log_axis(ax.xaxis, ax.set_xscale)  # CPU and GPU engines, or batch 1 and 32, on one readable axis
     if measured:
@@ -296,7 +311,7 @@ def plot_stage_times(jobs: list[Job], path: Path, title: str = "stage times") ->
     fig, ax = plt.subplots(figsize=(8, 1.5 + 0.35 * max(len(jobs), 1)))
     left = [0.0] * len(jobs)
     for stage in STAGES:
-        widths = [_value(j, f"{stage}_seconds") or 0.0 for j in jobs]
+        widths = [metric_value(j, f"{stage}_seconds") or 0.0 for j in jobs]
         ax.barh(range(len(jobs)), widths, left=left, label=stage)
         left = [a + b for a, b in zip(left, widths, strict=True)]
     ax.set_yticks(range(len(jobs)), names, fontsize=8)

@@ -51,10 +51,15 @@ def short(key: str, keys: list[str]) -> str:
 
 
 def child_name(job_overrides: str, swept: list[str], target: str) -> str:
-    """`min_block_size=3 onnxruntime`: the swept values of this job, and the target it ran."""
+    """`3 onnxruntime · min_block_size`: this job's swept values and target first, the keys they belong to after.
+
+    The runs table cuts names at ~25 characters: names that began with the shared key
+    (`min_block_size=1 ...`, `min_block_size=3 ...`) all read `min_block_size…` there.
+    """
     values = dict(split_override(o) for o in job_overrides.split())
-    parts = [f"{short(k, swept)}={values[k]}" for k in swept if k in values and k not in ("target", "target.name")]
-    return " ".join([*parts, target])
+    keys = [k for k in swept if k in values and k not in ("target", "target.name")]
+    head = " ".join([*(values[k] for k in keys), target])
+    return f"{head} · {', '.join(short(k, swept) for k in keys)}" if keys else head
 
 
 def sweep_name(overrides: list[str], swept: list[str], search_params: dict[str, Any] | None = None) -> str:

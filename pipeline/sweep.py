@@ -192,10 +192,10 @@ def disk_records(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def best_job(jobs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The fastest job that finished, was measured and passed its accuracy check."""
-    ok = [j for j in jobs if j["status"] == "FINISHED" and j["metrics"].get("validated")
-          and j["metrics"].get("accuracy_passed", 0) and "latency_p50_ms" in j["metrics"]]
-    return min(ok, key=lambda j: j["metrics"]["latency_p50_ms"]) if ok else None
+    """The winner (pipeline.ranking.winner): the fastest trusted job with an engine that passed its check."""
+    from pipeline.ranking import winner
+
+    return winner(jobs)[0]
 
 
 def finalize() -> int:
@@ -233,7 +233,9 @@ def finalize() -> int:
         tracking.finish_parent(_settings(config), parent["run_id"], status, summary["metrics"],
                                summary["tags"], files, note=note, child_tags=summary["child_tags"])
         console.print(f"mlflow: parent run {parent['run_id']} in experiment {parent['experiment']!r}", markup=False)
-        console.print(f"  runs table: {tracking.ui_link(parent['tracking_uri'], parent['experiment_id'])}", markup=False)
+        view = tracking.views.sweep_key(info["id"])
+        console.print(f"  runs table: {tracking.ui_link(parent['tracking_uri'], parent['experiment_id'], view=view)}",
+                      markup=False)
         console.print("  the sweep:  "
                       + tracking.ui_link(parent["tracking_uri"], parent["experiment_id"], parent["run_id"]), markup=False)
         if config.register and best:
@@ -259,20 +261,20 @@ def summarise(jobs: list[dict[str, Any]], best: dict[str, Any] | None, sweep_dir
     metrics: dict[str, float] = {"jobs_total": len(jobs), "jobs_failed": len(failed)}
     tags = {"jobs.total": str(len(jobs)), "jobs.failed": str(len(failed))}
     lines: list[str] = []
+    lines.append(("[bold]best[/]: " if best else "[yellow]no winner[/]: ")
+                 + escape(compare.winner_line(jobs).split(": ", 1)[1]))
     if best:
         metrics.update({f"best/{k}": best["metrics"][k] for k in BEST_METRICS if k in best["metrics"]})
-        tags.update({"best.job": str(best["job"]), "best.overrides": best["overrides"],
+        tags.update({"best.job": str(best["job"]), "best.overrides": compare.shown_overrides(best["overrides"]),
                      "best.run_id": best.get("run_id") or "", "best.run_name": best.get("run_name") or ""})
-        lines.append(f"[bold]best[/]: job {best['job']} ({escape(differs[id(best)] or best['overrides'])}): "
-                     f"p50 {best['metrics']['latency_p50_ms']:.3f} ms, speedup {best['metrics'].get('speedup', 0):.2f}x")
         twins = [j for j in jobs if j is not best and j.get("build_key") and j.get("build_key") == best.get("build_key")]
         if twins:
             numbers = ", ".join(str(j["job"]) for j in twins)
             tags["best.same_engine_as"] = numbers
             lines.append(f"  job(s) {numbers} built the very same engine (build key {best['build_key'][:12]}): "
-                         "their latency differs from the best by noise only")
-        if best["metrics"].get("latency_trusted") == 0.0:
-            lines.append("  [yellow]its latency varies too much to trust[/] (latency.trusted=false)")
+                         "one engine, measured once per job; the figures above are their median")
+    else:
+        tags["best.none"] = compare.winner(jobs)[1]
     optuna = sweep_dir / "optimization_results.yaml"
     if optuna.is_file():
         results = OmegaConf.load(optuna)
@@ -281,7 +283,10 @@ def summarise(jobs: list[dict[str, Any]], best: dict[str, Any] | None, sweep_dir
     for job in failed:
         lines.append(f"[red]failed[/] job {job['job']} ({escape(differs[id(job)])}): {escape(str(job['error']))}")
     child_tags = {j["run_id"]: {"pareto": "true" if id(j) in front else "false",
-                                "best": "true" if j is best else "false"} for j in jobs if j.get("run_id")}
+                                "best": "true" if j is best else "false",
+                                "reference": "true" if compare.is_reference(j) else "false",
+                                **({"mlflow.runName": f"★ {j['run_name']}"} if j is best and j.get("run_name") else {})}
+                  for j in jobs if j.get("run_id")}
     return {"lines": lines, "metrics": metrics, "tags": tags, "child_tags": child_tags}
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import env
+from pipeline import env, logs
 from pipeline.errors import PipelineError, StageCrashed
 
 # Imported once by the forkserver, so each job's worker starts with them loaded.
@@ -101,7 +101,8 @@ def run_request(request: Request) -> Reply:
         ctx = StageContext(config=OmegaConf.create(request.config, flags={"readonly": True}), target=target,
                            inputs={k: Path(v) for k, v in request.inputs.items()}, out=Path(request.out),
                            console=console)
-        metrics = stages.BY_NAME[request.stage].run(ctx)
+        with logs.collapse_repeats():
+            metrics = stages.BY_NAME[request.stage].run(ctx)
         return Reply(metrics=metrics, notes=ctx.notes, text=console.export_text())
     except BaseException as err:  # every error goes back to the job, which decides what it means
         return Reply(error=_portable(err), trace=traceback.format_exc(), text=console.export_text())

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.tracking import views
 from pipeline.tracking.recovery import (
     TrackingError,
     close_dead_runs,
@@ -43,27 +44,33 @@ def experiment_name(settings: dict[str, Any]) -> str:
 LOCAL_UI = "http://127.0.0.1:5000"
 
 
-def ui_path(experiment_id: str, run_id: str | None = None) -> str:
+def ui_path(experiment_id: str, run_id: str | None = None, view: str | None = None) -> str:
     """The UI's address of an experiment's runs table (or one run), relative to wherever it is served.
 
     `workflowType=machine_learning` is on both: without it MLflow 3 opens its GenAI pages
     (an "Evaluations" breadcrumb, a run page without the runs table's context) in a fresh browser.
+    `view` opens the runs table in a saved view (pipeline.tracking.views).
     """
+    if view and not run_id:
+        return views.path(experiment_id, view)
     runs = f"#/experiments/{experiment_id}/runs"
     return f"{runs}/{run_id}?workflowType=machine_learning" if run_id else f"{runs}?workflowType=machine_learning"
 
 
-def ui_link(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+def ui_link(uri: str, experiment_id: str, run_id: str | None = None, view: str | None = None) -> str:
     """The MLflow UI's runs table of an experiment (or one run), not its GenAI landing page."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    return f"{base}/{ui_path(experiment_id, run_id)}"
+    return f"{base}/{ui_path(experiment_id, run_id, view)}"
 
 
 def local_ui_link(settings: dict[str, Any]) -> str:
     """For `make ui`: the runs table of the configured experiment in the local store, if it exists yet."""
     client = make_client(settings)
     experiment = client.get_experiment_by_name(experiment_name(settings))
-    return ui_link(LOCAL_UI, experiment.experiment_id) if experiment else f"{LOCAL_UI}/#/experiments"
+    if experiment is None:
+        return f"{LOCAL_UI}/#/experiments"
+    views.save(client, experiment.experiment_id, views.EXPERIMENT_VIEW, views.experiment_state())
+    return ui_link(LOCAL_UI, experiment.experiment_id, view=views.EXPERIMENT_VIEW)
 
 
 def git_commit() -> str | None:
@@ -132,12 +139,16 @@ def open_experiment(client, settings: dict[str, Any]) -> str:
     name = experiment_name(settings)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if views.VIEW_TAG + views.EXPERIMENT_VIEW not in experiment.tags:  # stores made before the view
+            views.save(client, experiment.experiment_id, views.EXPERIMENT_VIEW, views.experiment_state())
         return experiment.experiment_id
     location = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         location = (Path(settings["artifacts"]).resolve() / name).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        experiment_id = client.create_experiment(name, artifact_location=location)
+        views.save(client, experiment_id, views.EXPERIMENT_VIEW, views.experiment_state())
+        return experiment_id
     except Exception:  # created meanwhile by a parallel job
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -234,6 +245,7 @@ class Tracker:
             tags.append(RunTag("validated", "true" if result.metrics["validated"] else "false"))
         if result.error:
             tags.append(RunTag("error", result.error[:5000]))
+        tags.append(RunTag("mlflow.note.content", views.run_description(result)))
         for i in range(0, max(len(metrics), 1), 1000):
             client.log_batch(self.run_id, metrics=metrics[i:i + 1000], tags=tags if i == 0 else [])
         if self.settings["log_artifacts"]:
@@ -262,6 +274,7 @@ def start_parent(settings: dict[str, Any], sweep_id: str, params: dict[str, Any]
     if commit:
         tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
     run = client.create_run(experiment_id, run_name=run_name or f"sweep {sweep_id}", tags=tags)
+    views.save(client, experiment_id, views.sweep_key(sweep_id), views.sweep_state(sweep_id))
     items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i:i + 100])

@@ -76,7 +76,7 @@ def test_labels_fall_back_to_positions_and_overrides_to_the_name():
 
 def test_pareto_front(jobs):
     front = compare.pareto_front(jobs)
-    assert [j["job"] for j in front] == [2, 0, 5]  # fastest first; 1 is dominated, 3 and 4 unmeasured
+    assert [j["job"] for j in front] == [2, 0]  # fastest first; 1 is dominated, 3 and 4 unmeasured, 5 the yardstick
     assert all(any(f is j for j in jobs) for f in front)
     assert compare.pareto_front([]) == []
     twins = [record(0, "a", measured(1.0, 1e-6)), record(1, "b", measured(1.0, 1e-6))]
@@ -88,7 +88,7 @@ def test_table_colours_status_and_marks_the_front(jobs):
     status = t.columns[1 + compare.COLUMNS.index("status")]
     styles = [str(cell.style) for cell in status._cells]
     assert styles[0] == "green" and styles[4] == "red"
-    assert list(t.columns[0]._cells) == ["*", "", "*", "", "", "*"]
+    assert list(t.columns[0]._cells) == ["*", "", "best", "", "", "ref"]
     console = Console(record=True, width=250, file=io.StringIO())
     console.print(t)
     text = console.export_text()
@@ -102,7 +102,8 @@ def test_markdown_has_one_line_per_job(jobs):
     block = md.split("```text\n", 1)[1].split("\n```", 1)[0].splitlines()
     assert len(block) == 2 + len(jobs) and block[0].split()[:2] == ["job", "target"]
     assert len({len(line.rstrip()) for line in block[:2]}) == 1 and set(block[1]) <= {"-", " "}
-    assert block[2 + 2].startswith("*    2  tensorrt") and "compile.min_block_size=2 target=tensorrt" in block[4]
+    assert block[2 + 2].startswith("best    2  tensorrt") and "compile.min_block_size=2 target=tensorrt" in block[4]
+    assert md.splitlines()[2] == "**Winner: job 2 (compile.min_block_size=2 target=tensorrt): p50 1 ms, 1.83x eager, rel L2 1.0e-03.**"
     # The failed job's error in full, fix and brackets included, after the table.
     assert "compile.torch_executed_ops=\\[aten.foo.default\\]" in md.split("```")[-1]
     assert "x" * 200 in md and md.count("Fix:") == 1
@@ -113,17 +114,53 @@ def test_note_is_a_compact_table_linking_each_job(jobs):
     table = [line for line in note.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(jobs)
     assert [c.strip() for c in table[0].split("|")[1:-1]] == ["", *compare.NOTE_COLUMNS]
-    assert table[2 + 2].startswith("| \\* | [2](#/experiments/1/runs/run2) | compile.min_block_size=2 target=tensorrt |")
+    assert note.splitlines()[0].startswith("**Winner: job 2 (compile.min")  # the verdict on the first line
+    assert table[2 + 2].startswith("| best | [2](#/experiments/1/runs/run2) | compile.min_block_size=2 target=tensorrt |")
     assert all(line.count("|") == len(compare.NOTE_COLUMNS) + 2 for line in table)
     assert "- job 4 (compile.min_block_size=4 target=onnxruntime): convert failed" in note
     assert "\\[aten.foo.default\\]" in note and "min_block_size" in note  # brackets escaped, words untouched
     assert "[0](" not in compare.note(jobs, "sweep x")  # no link function: plain numbers
 
 
+def test_no_winner_is_named_on_noise_and_the_yardstick_never_wins(jobs):
+    noisy = [{**j, "metrics": {**j["metrics"], "latency_trusted": 0.0}} for j in jobs]
+    best, reason = compare.winner(noisy)
+    assert best is None and "varies too much to trust" in reason
+    assert compare.winner_line(noisy).startswith("No winner: the latency of every candidate (3) varies too much")
+    assert "best" not in compare.marks(noisy) and "best" not in compare.markdown(noisy, "x").split("```")[1]
+    assert all(row["p50 ms"].endswith(" ~") and row["speedup"].endswith(" ~") for row in compare.rows(noisy)[:3])
+    # Only a reference measured (eager; or min_block_size so large that nothing was accelerated).
+    assert compare.winner([jobs[5]]) == (None, "only reference jobs (no engine) were measured")
+    quiet = [{**j, "metrics": {**j["metrics"], "latency_trusted": 1.0}} for j in jobs[:2]]
+    assert compare.winner([*noisy[:3], *quiet])[0] is quiet[0]  # a trusted job beats faster noise
+
+
+def test_jobs_of_one_engine_are_one_figure_with_its_spread():
+    one = [record(i, "onnxruntime", measured(lat, 1e-6, speedup=s)) for i, (lat, s) in
+           enumerate([(0.4, 230.81), (2.0, 40.35), (1.0, 90.0)])]
+    for job in one[:2]:
+        job["build_key"] = "k" * 64
+    rows = compare.rows(one)
+    assert rows[0]["p50 ms"] == rows[1]["p50 ms"] == "1.200 ±67%"
+    assert rows[0]["speedup"] == rows[1]["speedup"] == "135.58x ±70%" and rows[2]["speedup"] == "90.00x"
+    assert compare.winner(one)[0] is one[2]  # 1.0 ms beats the shared engine's median 1.2 ms, not its lucky 0.4
+    assert any(n.startswith("±: jobs 0, 1 built one engine") for n in compare.notes(one))
+
+
+def test_paths_stay_out_of_the_overrides_users_read():
+    job = record(0, "onnxruntime", measured(1.0, 1e-6),
+                 overrides="paths.outputs=/tmp/x compile.min_block_size=3 hydra.launcher.n_jobs=2 +paths.cache=/c")
+    assert compare.shown_overrides(job["overrides"]) == "compile.min_block_size=3"
+    assert compare.rows([job])[0]["overrides"] == "compile.min_block_size=3"
+    assert compare.winner_line([job]) == "Winner: job 0 (compile.min_block_size=3 on onnxruntime): p50 1 ms, 1.83x eager, rel L2 1.0e-06."
+
+
 def test_ui_links_open_the_model_training_pages():
     assert tracking.ui_path("3") == "#/experiments/3/runs?workflowType=machine_learning"
     assert tracking.ui_path("3", "abc") == "#/experiments/3/runs/abc?workflowType=machine_learning"
     assert tracking.ui_link("http://host:8080/", "3", "abc") == "http://host:8080/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert tracking.ui_path("3", view="sweep-s1") == ("#/experiments/3/runs?workflowType=machine_learning"
+                                                      "&viewStateShareKey=sweep-s1")
 
 
 def test_csv_round_trips_raw_numbers(jobs, tmp_path):
@@ -137,7 +174,9 @@ def test_csv_round_trips_raw_numbers(jobs, tmp_path):
         for key, value in job["metrics"].items():
             assert float(row[key]) == value
     assert back[3]["latency_p50_ms"] == "" and back[4]["rel_l2_err"] == ""
-    assert [r["pareto_front"] for r in back] == ["1", "0", "1", "0", "0", "1"]
+    assert [r["pareto_front"] for r in back] == ["1", "0", "1", "0", "0", "0"]
+    assert [r["best"] for r in back] == ["0", "0", "1", "0", "0", "0"]
+    assert [r["reference"] for r in back] == ["0", "0", "0", "0", "0", "1"]
 
 
 def test_write_report(jobs, tmp_path):

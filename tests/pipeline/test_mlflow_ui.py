@@ -40,7 +40,9 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 
 def job(number: int, target: str, latency: float | None, error: str | None = None) -> dict:
     metrics = {} if latency is None else {"latency_p50_ms": latency, "rel_l2_err": 1e-6 * (number + 1),
-                                          "speedup": 1.5, "validated": 1.0, "accuracy_passed": 1.0}
+                                          "speedup": 1.5, "validated": 1.0, "accuracy_passed": 1.0,
+                                          "latency_trusted": 1.0, "cosine_similarity": 0.999999,
+                                          "num_engines": 0.0 if target == "eager" else 1.0}
     return {"job": number, "name": str(number), "run_id": f"run{number}",
             "overrides": f"compile.min_block_size={number} target={target}", "target": target, "status": "FAILED" if error else "FINISHED", "error": error, "metrics": metrics,
             "tags": {}}
@@ -82,25 +84,56 @@ def server(tmp_path_factory):
             proc.wait(10)
 
 
+def add_children(client, parent: dict, jobs: list[dict]) -> None:
+    """Child runs as a sweep's jobs record them: the runner's tags, named by pipeline.naming, with their metrics."""
+    from mlflow.entities import Metric
+
+    from pipeline import naming
+
+    for j in jobs:
+        name = naming.child_name(j["overrides"], ["compile.min_block_size", "target"], j["target"])
+        run = client.create_run(parent["experiment_id"], run_name=name, tags={
+            "sweep.id": "ui-test", "sweep.job": str(j["job"]), "mlflow.parentRunId": parent["run_id"],
+            "target": j["target"], "sweep.overrides": j["overrides"], "model": "tiny_cnn",
+            **({"latency.trusted": "true"} if j["metrics"] else {})})
+        j.update(run_id=run.info.run_id, run_name=name)
+        client.log_batch(run.info.run_id, metrics=[Metric(k, v, 0, 0) for k, v in j["metrics"].items()])
+        client.set_terminated(run.info.run_id, status=j["status"])
+
+
 @pytest.fixture(scope="module")
 def parent(server, tmp_path_factory):
-    """A parent run written through the server the way a sweep's end writes it: description, report files."""
+    """A sweep written through the server the way a sweep writes it: children, their marks, the parent's report."""
+    from mlflow import MlflowClient
+
+    from pipeline import sweep
+
     tmp = tmp_path_factory.mktemp("report")
     settings = {"store": "unused", "artifacts": "unused", "experiment": "pipeline"}
     jobs = [job(0, "onnxruntime", 0.43), job(1, "eager", 1.1), job(2, "onnxruntime", None, ERROR)]
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = server
     try:
-        parent = tracking.start_parent(settings, "ui-test", {"sweep.overrides": "compile.min_block_size=0,1,2"})
+        parent = tracking.start_parent(settings, "ui-test", {"sweep.overrides": "compile.min_block_size=0,1,2"},
+                                       run_name="sweep min_block_size=0,1,2 target=onnxruntime,eager")
+        add_children(MlflowClient(server), parent, jobs)
         title = "sweep ui-test: 3 jobs, 1 failed"
         files = compare.write_report(jobs, tmp, title)
         note = compare.note(jobs, title, lambda run_id: tracking.ui_path(parent["experiment_id"], run_id))
-        tracking.finish_parent(settings, parent["run_id"], "FAILED", {}, {}, files, note=note)
+        summary = sweep.summarise(jobs, sweep.best_job(jobs), tmp)
+        tracking.finish_parent(settings, parent["run_id"], "FAILED", summary["metrics"], summary["tags"], files,
+                               note=note, child_tags=summary["child_tags"])
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI")
         if saved is not None:
             os.environ["MLFLOW_TRACKING_URI"] = saved
     return parent
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory):
+    """Where the pages are saved as PNG, for a person to look at (printed by the tests that take them)."""
+    return tmp_path_factory.mktemp("screenshots")
 
 
 @pytest.fixture(scope="module")
@@ -118,16 +151,33 @@ def page(server):
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_the_runs_table_link_opens_the_runs_table(parent, server, page):
-    page.goto(tracking.ui_link(server, parent["experiment_id"]))
-    # The table's footer ("1 matching run", "5 matching runs"), not the GenAI overview.
+def test_the_printed_link_opens_the_runs_with_the_deciding_columns_best_first(parent, server, page, screenshots):
+    """The sweep's link (a saved view): its jobs, with p50, speedup, trust and accuracy columns, fastest first."""
+    from pipeline.tracking import views
+
+    page.goto(tracking.ui_link(server, parent["experiment_id"], view=views.sweep_key("ui-test")))
     page.get_by_text(re.compile(r"\bmatching runs?\b")).wait_for(timeout=60_000)
-    page.get_by_text("sweep ui-test", exact=True).first.wait_for(timeout=30_000)
+    for header in ("latency_p50_ms", "speedup", "latency_trusted"):
+        page.get_by_role("columnheader", name=re.compile(re.escape(header))).first.wait_for(timeout=30_000)
+    page.get_by_text("★ 0 onnxruntime", exact=False).first.wait_for(timeout=30_000)
+    page.screenshot(path=str(screenshots / "runs_table.png"), full_page=True)
+    print(f"screenshot: {screenshots / 'runs_table.png'}")
+    rows = page.get_by_role("row").all_inner_texts()
+    named = [r for r in rows if "onnxruntime" in r or "eager" in r]
+    assert named and "★ 0 onnxruntime" in named[0], rows  # the winner first, marked
+    assert not any(r.startswith("sweep ") for r in named), rows  # the jobs themselves, not folded under the parent
+    # The grid draws the pinned name column and the value columns as separate rows, in the same order.
+    values = [r.split("\n") for r in rows if re.match(r"[\d.-]", r)]
+    assert values and {"0.43", "1.5", "1"} <= set(values[0]), rows  # the winner's p50, speedup and trust, first
 
 
-def test_the_parent_description_is_a_table_with_full_errors(parent, server, page):
+def test_the_parent_description_is_a_table_with_full_errors(parent, server, page, screenshots):
     page.goto(tracking.ui_link(server, parent["experiment_id"], parent["run_id"]))
     page.get_by_text("Description").first.wait_for(timeout=60_000)
+    # The verdict first: the winning job, its deciding figures rounded for reading.
+    page.get_by_text("Winner: job 0 (compile.min_block_size=0 target=onnxruntime): p50 0.43 ms, 1.5x eager",
+                     exact=False).first.wait_for(timeout=30_000)
+    page.screenshot(path=str(screenshots / "parent_run.png"), full_page=True)
     if page.get_by_text("Show more").count():
         page.get_by_text("Show more").first.click()
     table = page.locator("table").filter(has_text="overrides").first
