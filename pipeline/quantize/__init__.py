@@ -89,6 +89,11 @@ def int8_refusal(target_name: str, config: dict[str, Any], precision: str = "int
         return (f"quantize.mode=dynamic (activation scales at run time) is {', '.join(able)}'s int8 route, and "
                 f"{target_name} {'has no dynamic quantizer' if precision == 'int8' else 'would build ' + precision}",
                 f"set quantize.mode=static, or use target={able[0] if able else 'onnxruntime'} with int8")
+    if mode == "weight_only" and (precision != "int8" or not cls.weight_only_quantizer):
+        able = sorted(name for name, c in targets.registry().items() if c.weight_only_quantizer)
+        return (f"quantize.mode=weight_only (int8 weights, float compute) is {', '.join(able)}'s int8 route on "
+                f"CUDA, and {target_name} {'has none' if precision == 'int8' else 'would build ' + precision}",
+                "set quantize.mode=static, or use target=inductor target.device=cuda with int8")
     refusal = getattr(cls, f"{precision}_refusal", None)
     return refusal(config) if refusal else None
 

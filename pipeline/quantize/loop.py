@@ -124,7 +124,7 @@ def _worst_layers(engines, inputs, excluded: list[str], count: int, ctx, scratch
     """The `count` layers whose int8 versions add the most noise, over every segment, as segment/layer."""
     from pipeline.quantize import sensitivity
 
-    if not all(("onnx" in e and "qdq_model" in e) or "quantized_program" in e for e in engines):
+    if not all(("onnx" in e and "qdq_model" in e) or "quantized_program" in e or "torchao" in e for e in engines):
         ctx.console.print("int8: per-layer sensitivity reads QDQ ONNX models or PT2E programs, which these "
                           "engines do not have: no layer is moved to fp32", markup=False, highlight=False)
         return []
@@ -146,6 +146,11 @@ def _rank(entry: dict[str, Any], request, sample: list[tuple], ctx, scratch: Pat
     """(layer, dB of the noise it adds) of one segment: QDQ ONNX model or PT2E program, worst first."""
     from pipeline.quantize import sensitivity
 
+    if "torchao" in entry:  # torchao's linears on CUDA: each one's output against its bf16 weight's
+        from pipeline.quantize import torchao_gpu
+
+        spec = {**entry["torchao"], "exclude": list(request.exclude)}
+        return torchao_gpu.rank(ctx.inputs["convert"] / entry["program"], spec, sample, entry["device"])
     if "quantized_program" in entry:  # PT2E: layers are module paths, kept by the quantizer's module filter
         from pipeline.quantize import pt2e, pt2e_sensitivity
 
