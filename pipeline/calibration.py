@@ -219,5 +219,5 @@ def segment_inputs(gm, batches: list[shapes.Sample]) -> dict[str, list[tuple]]:
     found: dict[str, list[tuple]] = {}
     for sample in batches:
         for name, args in segments.capture_inputs(gm, sample).items():
-            found.setdefault(name, []).append(tuple(a.numpy() if hasattr(a, "numpy") else a for a in args))
+            found.setdefault(name, []).append(tuple(a.cpu().numpy() if hasattr(a, "numpy") else a for a in args))
     return found

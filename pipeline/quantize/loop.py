@@ -32,6 +32,7 @@ def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any
     cfg, target, q = ctx.config, ctx.target, ctx.config.quantize
     precision = precision_name(cfg.compile.precision)
     batches, digest = calibration.load_checked(cfg.calibration, cfg.input)
+    batches = [b.to(target.trace_device()) for b in batches]  # where the lowered program lives (a GPU's)
     recipe = load_json(ctx.inputs["partition"] / layout.PARTITION.recipe, "partition recipe")
     gm = segments.fuse(target.graph_module(programs.load(ctx.inputs["lower"])), recipe)
     inputs = calibration.segment_inputs(gm, batches)
