@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import platform
 import tempfile
+import time
 from pathlib import Path
 
 GOAL_SPEEDUP, GOAL_COSINE = 1.3, 0.999
@@ -42,8 +43,8 @@ class Positional:
         return Wrapped().eval()
 
 
-def models() -> dict:
-    """name -> (fp32 model on the GPU, held-out input batches)."""
+def models(only: list[str] | None = None) -> dict:
+    """name -> (fp32 model on the GPU, held-out input batches); `only`: names starting with these."""
     import torch
 
     from pipeline import zoo
@@ -55,7 +56,8 @@ def models() -> dict:
     images = [(torch.randn(64, 3, 224, 224, device="cuda", generator=g),) for _ in range(2)]
     tokens = [(torch.randint(0, 30522, (32, 128), device="cuda", generator=g),
                torch.ones(32, 128, dtype=torch.int64, device="cuda")) for _ in range(2)]
-    return {"vit_b_16 batch 64": (vit, images), "bert_base batch 32 seq 128": (bert, tokens)}
+    found = {"vit_b_16 batch 64": (vit, images), "bert_base batch 32 seq 128": (bert, tokens)}
+    return {k: v for k, v in found.items() if not only or k.split()[0] in only}
 
 
 def engine(model, args: tuple, work: Path, name: str, quantized: dict | None):
@@ -70,13 +72,16 @@ def engine(model, args: tuple, work: Path, name: str, quantized: dict | None):
     if quantized is None:
         model = model.half()
         args = tuple(a.half() if a.is_floating_point() else a for a in args)
+    started = time.perf_counter()
     with torch.no_grad():
         program = torch.export.export(model, args, strict=False)
     path = work / f"{name}.pt2"
     torch.export.save(program, path)
+    print(f"  {name}: exported in {time.perf_counter() - started:.1f} s", flush=True)
     settings = {"device": "cuda", "mode": "default", "memory_format": "contiguous"}
     runner = CompiledRunner(path, settings, dynamic=False, quantized=quantized)
     runner.compile_seconds = warm(runner, args)
+    print(f"  {name}: compiled in {runner.compile_seconds:.1f} s", flush=True)  # a timed-out run shows how far
     return runner
 
 
@@ -148,7 +153,7 @@ def compare(name: str, model, batches: list, work: Path, iterations: int) -> dic
     return result
 
 
-def run(iterations: int, out: Path) -> int:
+def run(iterations: int, out: Path, only: list[str] | None = None) -> int:
     import torch
 
     device = f"{torch.cuda.get_device_name(0)} (compute capability {'.'.join(map(str, torch.cuda.get_device_capability(0)))})"
@@ -158,7 +163,7 @@ def run(iterations: int, out: Path) -> int:
           f"python {platform.python_version()}", flush=True)
     results, missed = {"device": device, "torch": torch.__version__, "torchao": torchao.__version__}, 0
     with tempfile.TemporaryDirectory(prefix="bench-quant-gpu-") as work:
-        for name, (model, batches) in models().items():
+        for name, (model, batches) in models(only).items():
             r = compare(name, model, batches, Path(work), iterations)
             results[name] = r
             for precision in ("fp16", "fp8"):

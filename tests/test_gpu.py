@@ -149,8 +149,10 @@ def test_onnxruntime_on_cuda_keeps_tensors_on_the_gpu(tmp_path):
     assert float(torch.nn.functional.cosine_similarity(y.float().cpu().flatten(), ref.flatten(), dim=0)) > 0.999
 
 
-FP8 = ("target=inductor", "compile.precision=fp8", "model._target_=testkit.linear_net", "input=image_64",
-       "input.tensors.0.shape=[8,3,64,64]", NO_TRACKING)
+# feature_extraction: the random head's 16 logits are near ties, so fp8 noise flips top-1 on some
+# samples (0.875 seen on an H200, under the fp8 gate's 0.9) while cosine and rel L2 pass.
+FP8 = ("target=inductor", "compile.precision=fp8", "model._target_=testkit.linear_net", "model.task=feature_extraction",
+       "input=image_64", "input.tensors.0.shape=[8,3,64,64]", NO_TRACKING)
 
 
 def test_fp8_with_torchao_passes_the_gate_shows_fp8_gemms_and_reloads(tmp_path):
