@@ -145,9 +145,10 @@ def as_modules(gm, chosen: dict[str, str]) -> dict[str, str]:
     """Each chosen `aten.linear` node made a call of an `nn.Linear` holding its weight; new name -> path."""
     import torch
 
-    named = {}
+    named, moved = {}, set()
     for index, node in enumerate([n for n in gm.graph.nodes if n.name in chosen]):
         x, weight, bias = (list(node.args) + [None])[:3]
+        moved |= {weight.target} | ({bias.target} if bias is not None else set())
         w = _attr(gm, weight.target)
         layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
         layer.weight = torch.nn.Parameter(w.detach(), requires_grad=False)
@@ -162,8 +163,17 @@ def as_modules(gm, chosen: dict[str, str]) -> dict[str, str]:
         gm.graph.erase_node(node)
         named[name] = chosen[node.name]
     gm.graph.eliminate_dead_code()
+    _drop_unused_attributes(gm, moved)
     gm.recompile()
     return named
+
+
+def _drop_unused_attributes(gm, targets: set[str]) -> None:
+    """Forget the moved weights' old attributes, so the float copies do not stay on the GPU beside fp8 ones."""
+    still = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in targets - still:
+        owner, _, name = target.rpartition(".")
+        delattr(_attr(gm, owner) if owner else gm, name)
 
 
 def config(spec: dict[str, Any]):
