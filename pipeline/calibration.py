@@ -41,7 +41,8 @@ def check(config: dict[str, Any]) -> None:
     reason = quantizer_of(name, precision)[1]
     if reason:
         able = ("target=onnxruntime (or tensorrt, torch_tensorrt on a GPU, or inductor on the CPU)"
-                if precision == "int8" else "target=tensorrt (or torch_tensorrt on a GPU)")
+                if precision == "int8" else "target=tensorrt (or torch_tensorrt, or inductor on a GPU of compute "
+                "capability 8.9+)")
         raise ConfigError(f"target {name} cannot build compile.precision={precision}: {reason}.",
                           f"use {able}, or compile.precision=fp32.")
     refused = int8_refusal(name, config, precision)

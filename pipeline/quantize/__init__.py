@@ -8,9 +8,10 @@ a strongly typed INT8 engine) and reports what runs in int8. A target says it ca
 quantize through its class attribute `quantizer` (a line saying with what); one without
 it is refused in one line before any stage runs (pipeline.calibration.check), and so is a
 job whose settings its quantizer cannot serve (the classmethod `int8_refusal(config)`:
-inductor quantizes with PT2E on the CPU only, pipeline.quantize.pt2e). compile.precision=fp8
-takes the same route through `fp8_quantizer`/`fp8_refusal` (tensorrt only: an FP8 QDQ graph
-built as a strongly typed engine); a target without it may say why in `no_fp8`.
+inductor quantizes with PT2E on the CPU, pipeline.quantize.pt2e, and with torchao on CUDA,
+pipeline.quantize.torchao_gpu). compile.precision=fp8 takes the same route through
+`fp8_quantizer`/`fp8_refusal` (tensorrt: an FP8 QDQ graph built as a strongly typed engine;
+inductor: torchao's fp8 linears on compute capability 8.9+); a target without it may say why in `no_fp8`.
 
 The accuracy-aware rounds that wrap those builds are pipeline.quantize.loop.
 """
