@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-gpu bench bench-sweep bench-gpu bench-quant ui serve cache lint clean
+.PHONY: install run test test-gpu bench bench-sweep bench-gpu bench-quant bench-quant-gpu ui serve cache lint clean
 
 install: $(STAMP)
 
@@ -39,6 +39,9 @@ bench-sweep: install
 
 bench-quant: install  ## int8 vs fp32 engines (ResNet-50, BERT-base) on this CPU: speed and accuracy
 	$(PY) bench/quant.py
+
+bench-quant-gpu:  ## fp8 (torchao) vs fp16 Inductor engines on a CUDA GPU: ViT-B/16, BERT-base
+	$(PY) bench/quant.py --gpu
 
 ui: install    ## MLflow UI over the pipeline's store, on 127.0.0.1 (prints the runs table's link)
 	@$(PY) -c "from pipeline.tracking import local_ui_link; print('runs table:', local_ui_link({'store': 'outputs/mlflow.db', 'experiment': 'pipeline', 'artifacts': 'outputs/mlartifacts'}))"

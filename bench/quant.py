@@ -14,6 +14,8 @@ fp32 PyTorch, next to the speed. Goal: ResNet-50 int8 >= 2.5x its fp32 engine, c
                           #     [--targets onnxruntime inductor]
 
 Builds go to outputs/bench-quant/ (its own stage cache: a second run only times).
+
+    make bench-quant-gpu  # or: bench/quant.py --gpu: fp8 vs fp16 Inductor engines on a CUDA GPU (bench/quant_gpu.py)
 """
 
 from __future__ import annotations
@@ -127,10 +129,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--models", nargs="+", default=None, choices=list(MODELS),
+    parser.add_argument("--models", nargs="+", default=None, choices=[*MODELS, "vit_b_16"],
                         help="models for every target (default: each target's models in TARGETS)")
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--gpu", action="store_true", help="fp8 vs fp16 Inductor engines on this CUDA GPU "
+                        "(ViT-B/16 batch 64, BERT-base batch 32 seq 128): bench/quant_gpu.py")
+    parser.add_argument("--out", type=Path, default=WORK / "gpu-results.json")
     args = parser.parse_args()
+    if not args.gpu and "vit_b_16" in (args.models or []):
+        parser.error("vit_b_16 is a --gpu model (fp8 vs fp16 on a CUDA GPU)")
+    if args.gpu:
+        sys.path.insert(0, str(ROOT / "bench"))
+        import quant_gpu
+
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        sys.exit(1 if quant_gpu.run(args.iterations, args.out, args.models) else 0)
     results, failed = {}, {}
     pairs = [(m, t) for t in args.targets for m in (args.models or TARGETS[t])]
     for model, target in pairs:

@@ -41,7 +41,8 @@ def check(config: dict[str, Any]) -> None:
     reason = quantizer_of(name, precision)[1]
     if reason:
         able = ("target=onnxruntime (or tensorrt, torch_tensorrt on a GPU, or inductor on the CPU)"
-                if precision == "int8" else "target=tensorrt (or torch_tensorrt on a GPU)")
+                if precision == "int8" else "target=tensorrt (or torch_tensorrt, or inductor on a GPU of compute "
+                "capability 8.9+)")
         raise ConfigError(f"target {name} cannot build compile.precision={precision}: {reason}.",
                           f"use {able}, or compile.precision=fp32.")
     refused = int8_refusal(name, config, precision)
@@ -219,5 +220,5 @@ def segment_inputs(gm, batches: list[shapes.Sample]) -> dict[str, list[tuple]]:
     found: dict[str, list[tuple]] = {}
     for sample in batches:
         for name, args in segments.capture_inputs(gm, sample).items():
-            found.setdefault(name, []).append(tuple(a.numpy() if hasattr(a, "numpy") else a for a in args))
+            found.setdefault(name, []).append(tuple(a.cpu().numpy() if hasattr(a, "numpy") else a for a in args))
     return found

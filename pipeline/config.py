@@ -53,6 +53,8 @@ class QuantizeMode(str, Enum):
 
     static = "static"
     dynamic = "dynamic"
+    # int8 weights, float activations and compute (target=inductor on CUDA: torchao's Int8WeightOnlyConfig).
+    weight_only = "weight_only"
 
 
 @dataclass

@@ -169,8 +169,7 @@ BAD = {
     "target_cannot": (("target=eager",), "target eager cannot build compile.precision=int8"),
     "rounds_negative": (("quantize.max_rounds=-1",), "quantize.max_rounds=-1 is out of range"),
     "dynamic_elsewhere": (("target=inductor", "target.device=cpu", "quantize.mode=dynamic"),
-                          "quantize.mode=dynamic (activation scales at run time) is onnxruntime's int8 route, "
-                          "and inductor has no dynamic quantizer"),
+                          "its CPU int8 route (PT2E) calibrates static activation ranges, not quantize.mode=dynamic"),
 }
 
 

@@ -309,3 +309,25 @@ def reload_in_fresh_process(run_dir: Path, script: str, tmp: Path, env: dict[str
                           cwd=REPO, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return ref, torch.load(tmp / "y.pt")
+
+
+def linear_net(width: int = 256):
+    """A small linear-heavy model (patches of an image through an MLP): what torchao's fp8 linears serve."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    class PatchMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, 64, kernel_size=8, stride=8)
+            self.mlp = nn.Sequential(nn.Linear(64, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
+                                     nn.Linear(width, 64))
+            self.head = nn.Linear(64, 16)
+
+        def forward(self, x):
+            tokens = self.patch(x).flatten(2).transpose(1, 2)
+            return self.head(self.mlp(tokens).mean(1))
+
+    return PatchMLP().eval()

@@ -5,6 +5,7 @@
 #   tools/gpu-machine.sh fetch          # here, with an index: wheels for what that machine lacks -> .whl/
 #   tools/gpu-machine.sh test           # there: install .whl/ into /tmp/site, then make test-gpu
 #   tools/gpu-machine.sh bench [args]   # there: install .whl/, then bench/gpu.py [args]
+#   tools/gpu-machine.sh bench-quant    # there: install .whl/, then bench/quant.py --gpu (fp8 vs fp16)
 #   tools/gpu-machine.sh smoke          # there: the command, resnet50 fp16 with target=auto
 #   tools/gpu-machine.sh fetch-ort      # here: onnxruntime-gpu (CUDA 13, ~255 MB) in five parts -> .ortgpu/pN
 #   tools/gpu-machine.sh join-ort       # there: join the parts and install them into /tmp/site-ort
@@ -30,7 +31,10 @@ PACKAGES=(hydra-core==1.3.2 omegaconf==2.3.0 rich==13.9.4 markdown-it-py==3.0.0 
           # Torch-TensorRT's int8/fp8 route quantizes the module with modelopt in export (~57 MB,
           # scipy the most of it; install() skips what the machine has).
           nvidia-modelopt==0.47.0 nvidia-ml-py==13.615.71 pulp==3.3.2 ninja==1.13.2 pydantic==2.14.4
-          pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 scipy==1.18.1)
+          pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 scipy==1.18.1
+          # target=inductor's fp8/int8 on CUDA (pipeline.quantize.torchao_gpu): torchao 0.17 is built
+          # against torch 2.11, the machine's (0.18 needs 2.12+); 3 MB, its CUDA kernels unused.
+          torchao==0.17.0)
 
 fetch() {
     mkdir -p "$WHEELS"
@@ -83,7 +87,8 @@ case "${1:-}" in
     join-ort) join_ort ;;
     test) install; make --no-print-directory test-gpu PY="$PY" ;;
     bench) install; shift; PYTHONUNBUFFERED=1 $PY bench/gpu.py "$@" ;;
+    bench-quant) install; shift; PYTHONUNBUFFERED=1 $PY bench/quant.py --gpu "$@" ;;
     smoke) install; PYTHONUNBUFFERED=1 $PY -m pipeline model=resnet50 compile.precision=fp16 tracking.enabled=false \
                paths.outputs="${OUTPUTS:-/tmp/pipeline-outputs}" ;;
-    *) echo "usage: tools/gpu-machine.sh fetch|fetch-ort|join-ort|test|bench [bench/gpu.py args]|smoke" >&2; exit 2 ;;
+    *) echo "usage: tools/gpu-machine.sh fetch|fetch-ort|join-ort|test|bench [bench/gpu.py args]|bench-quant|smoke" >&2; exit 2 ;;
 esac

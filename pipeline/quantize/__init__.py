@@ -8,9 +8,10 @@ a strongly typed INT8 engine) and reports what runs in int8. A target says it ca
 quantize through its class attribute `quantizer` (a line saying with what); one without
 it is refused in one line before any stage runs (pipeline.calibration.check), and so is a
 job whose settings its quantizer cannot serve (the classmethod `int8_refusal(config)`:
-inductor quantizes with PT2E on the CPU only, pipeline.quantize.pt2e). compile.precision=fp8
-takes the same route through `fp8_quantizer`/`fp8_refusal` (tensorrt only: an FP8 QDQ graph
-built as a strongly typed engine); a target without it may say why in `no_fp8`.
+inductor quantizes with PT2E on the CPU, pipeline.quantize.pt2e, and with torchao on CUDA,
+pipeline.quantize.torchao_gpu). compile.precision=fp8 takes the same route through
+`fp8_quantizer`/`fp8_refusal` (tensorrt: an FP8 QDQ graph built as a strongly typed engine;
+inductor: torchao's fp8 linears on compute capability 8.9+); a target without it may say why in `no_fp8`.
 
 The accuracy-aware rounds that wrap those builds are pipeline.quantize.loop.
 """
@@ -89,6 +90,11 @@ def int8_refusal(target_name: str, config: dict[str, Any], precision: str = "int
         return (f"quantize.mode=dynamic (activation scales at run time) is {', '.join(able)}'s int8 route, and "
                 f"{target_name} {'has no dynamic quantizer' if precision == 'int8' else 'would build ' + precision}",
                 f"set quantize.mode=static, or use target={able[0] if able else 'onnxruntime'} with int8")
+    if mode == "weight_only" and (precision != "int8" or not cls.weight_only_quantizer):
+        able = sorted(name for name, c in targets.registry().items() if c.weight_only_quantizer)
+        return (f"quantize.mode=weight_only (int8 weights, float compute) is {', '.join(able)}'s int8 route on "
+                f"CUDA, and {target_name} {'has none' if precision == 'int8' else 'would build ' + precision}",
+                "set quantize.mode=static, or use target=inductor target.device=cuda with int8")
     refusal = getattr(cls, f"{precision}_refusal", None)
     return refusal(config) if refusal else None
 

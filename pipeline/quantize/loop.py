@@ -32,6 +32,7 @@ def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any
     cfg, target, q = ctx.config, ctx.target, ctx.config.quantize
     precision = precision_name(cfg.compile.precision)
     batches, digest = calibration.load_checked(cfg.calibration, cfg.input)
+    batches = [b.to(target.trace_device()) for b in batches]  # where the lowered program lives (a GPU's)
     recipe = load_json(ctx.inputs["partition"] / layout.PARTITION.recipe, "partition recipe")
     gm = segments.fuse(target.graph_module(programs.load(ctx.inputs["lower"])), recipe)
     inputs = calibration.segment_inputs(gm, batches)
@@ -124,7 +125,7 @@ def _worst_layers(engines, inputs, excluded: list[str], count: int, ctx, scratch
     """The `count` layers whose int8 versions add the most noise, over every segment, as segment/layer."""
     from pipeline.quantize import sensitivity
 
-    if not all(("onnx" in e and "qdq_model" in e) or "quantized_program" in e for e in engines):
+    if not all(("onnx" in e and "qdq_model" in e) or "quantized_program" in e or "torchao" in e for e in engines):
         ctx.console.print("int8: per-layer sensitivity reads QDQ ONNX models or PT2E programs, which these "
                           "engines do not have: no layer is moved to fp32", markup=False, highlight=False)
         return []
@@ -146,6 +147,11 @@ def _rank(entry: dict[str, Any], request, sample: list[tuple], ctx, scratch: Pat
     """(layer, dB of the noise it adds) of one segment: QDQ ONNX model or PT2E program, worst first."""
     from pipeline.quantize import sensitivity
 
+    if "torchao" in entry:  # torchao's linears on CUDA: each one's output against its bf16 weight's
+        from pipeline.quantize import torchao_gpu
+
+        spec = {**entry["torchao"], "exclude": list(request.exclude)}
+        return torchao_gpu.rank(ctx.inputs["convert"] / entry["program"], spec, sample, entry["device"])
     if "quantized_program" in entry:  # PT2E: layers are module paths, kept by the quantizer's module filter
         from pipeline.quantize import pt2e, pt2e_sensitivity
 

@@ -58,6 +58,10 @@ def refusal(config: dict[str, Any]) -> tuple[str, str] | None:
         return ("its int8 route builds an AOTInductor package, not target.artifact=compile_cache",
                 "set target.artifact=aoti (or auto)")
     cal, quantize = config["calibration"], config["quantize"]
+    mode = getattr(quantize["mode"], "value", quantize["mode"])
+    if mode != "static":
+        return (f"its CPU int8 route (PT2E) calibrates static activation ranges, not quantize.mode={mode} "
+                "(torchao's CUDA route's)", "set quantize.mode=static, or target.device=cuda on a GPU")
     if str(cal["method"]) not in OBSERVERS:
         return (f"torchao has no {cal['method']} observer for PT2E calibration",
                 f"set calibration.method to one of {', '.join(OBSERVERS)}")

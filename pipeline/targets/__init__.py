@@ -97,6 +97,8 @@ class Target:
     # (quantize_module, inside export_context) and build takes the graph's quantize ops as
     # they are, without the accuracy rounds (a round would be a new export).
     quantizes_module: tuple[str, ...] = ()
+    # quantize.mode=weight_only (int8 weights, float compute): how this target does it; None: it cannot.
+    weight_only_quantizer: str | None = None
 
     def __init__(self, settings: dict[str, Any]):
         # The schema's defaults under the given settings: a target made from some of them has them all.

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ArtifactError, CompileError, ConfigError, first_line
+from pipeline.quantize import torchao_gpu
 from pipeline.quantize.pt2e import QUANTIZER
 from pipeline.targets import Target, TargetSettings
 from pipeline.targets.inductor_runtime import CUDAGRAPH_MODES
@@ -81,14 +82,23 @@ class InductorTarget(Target):
     libraries = ("torch", "triton", "torchao")
     # AOTInductor packages are shared libraries and torch.compile's caches hold generated code.
     engines_are_code = True
-    # compile.precision=int8 (pipeline.quantize.pt2e): the CPU's PT2E route, refused elsewhere in one line.
-    quantizer = QUANTIZER
+    # compile.precision=int8: the CPU's PT2E route (pipeline.quantize.pt2e) or, on CUDA, torchao's
+    # linears (pipeline.quantize.torchao_gpu), which also serve fp8 on compute capability 8.9+.
+    quantizer = f"{QUANTIZER}; on CUDA, {torchao_gpu.INT8_QUANTIZER}"
+    dynamic_quantizer = torchao_gpu.INT8_QUANTIZER
+    weight_only_quantizer = torchao_gpu.WEIGHT_ONLY_QUANTIZER
+    fp8_quantizer = torchao_gpu.QUANTIZER
 
     @classmethod
     def int8_refusal(cls, config: dict[str, Any]) -> tuple[str, str] | None:
         from pipeline.quantize import pt2e
 
-        return pt2e.refusal(config)
+        device = _device(config)
+        return pt2e.refusal(config) if device == "cpu" else _torchao_refusal(config, "int8", device)
+
+    @classmethod
+    def fp8_refusal(cls, config: dict[str, Any]) -> tuple[str, str] | None:
+        return _torchao_refusal(config, "fp8", _device(config))
 
     def __init__(self, settings: dict[str, Any]):
         super().__init__(settings)
@@ -152,7 +162,9 @@ class InductorTarget(Target):
         started = time.perf_counter()
         artifact = self.settings["artifact"]
         try:
-            if artifact == "compile_cache":
+            if artifact == "compile_cache" and segment.get("quantize"):  # CUDA int8/fp8: torchao's linears
+                built = self.build_torchao(segment, convert_dir, out, compile_cfg)
+            elif artifact == "compile_cache":
                 built = inductor_runtime.build_compile_cache(segment, convert_dir, out, self.settings)
             elif segment.get("quantize"):  # compile.precision=int8: PT2E, then an AOTInductor package
                 from pipeline.quantize import pt2e
@@ -170,6 +182,17 @@ class InductorTarget(Target):
             ) from err
         return {**segment, **built, "artifact": artifact, "device": self.settings["device"],
                 "build_seconds": round(time.perf_counter() - started, 3)}
+
+    def build_torchao(self, segment: dict[str, Any], convert_dir: Path, out: Path, compile_cfg) -> dict[str, Any]:
+        """torchao's quantized linears compiled into a compile_cache; the precision read off the generated code."""
+        from pipeline import programs
+        from pipeline.dtypes import precision_name
+        from pipeline.targets import inductor_runtime
+
+        spec = torchao_gpu.spec_of(segment["quantize"], precision_name(compile_cfg.precision))
+        built = inductor_runtime.build_compile_cache(segment, convert_dir, out, self.settings, quantized=spec)
+        program = programs.load_program(convert_dir / segment["program"]).graph_module
+        return {**built, **torchao_gpu.facts(program, spec, built.pop("generated_code"))}
 
     def build_aoti(self, segment: dict[str, Any], convert_dir: Path, out: Path) -> dict[str, Any]:
         import torch._inductor
@@ -195,6 +218,26 @@ class InductorTarget(Target):
             return inductor_runtime.load_compile_cache(segment, build_dir, {**self.settings,
                                                                             "device": segment["device"]})
         return inductor_runtime.AotiRunner(build_dir / segment["engine"])
+
+
+def _device(config: dict[str, Any]) -> str:
+    from pipeline.targets import resolve_device
+
+    return resolve_device({**Settings().__dict__, **config["target"]}["device"])
+
+
+def _torchao_refusal(config: dict[str, Any], precision: str, device: str) -> tuple[str, str] | None:
+    """torchao's CUDA route: its config for the mode, torchao, a GPU new enough, a compile_cache."""
+    from pipeline.dtypes import choice_name
+
+    refused = torchao_gpu.refusal(precision, choice_name(config["quantize"]["mode"]), device)
+    if refused or device == "cpu":
+        return refused
+    settings = {**Settings().__dict__, **config["target"], "device": device}
+    if choose_artifact(settings) != "compile_cache":
+        return (f"its CUDA {precision} route builds a compile_cache, not target.artifact={settings['artifact']}",
+                "set target.artifact=compile_cache (or auto)")
+    return None
 
 
 TARGET = InductorTarget

@@ -66,7 +66,8 @@ def convert(a, device: str, fmt):
 class CompiledRunner:
     """torch.compile of a segment's program, compiled on first use (hot from loaded caches)."""
 
-    def __init__(self, program_path: Path, settings: dict[str, Any], dynamic: bool):
+    def __init__(self, program_path: Path, settings: dict[str, Any], dynamic: bool,
+                 quantized: dict[str, Any] | None = None):
         import torch
 
         from pipeline import programs
@@ -75,6 +76,10 @@ class CompiledRunner:
         self.settings = settings
         module = programs.without_input_checks(programs.load_program(program_path).module())  # never unpickles
         self.module, _ = place(module, (), settings["device"], settings["memory_format"])
+        if quantized:  # torchao's linears (pipeline.quantize.torchao_gpu), the same at build and at load
+            from pipeline.quantize import torchao_gpu
+
+            self.module = torchao_gpu.prepare(self.module, quantized)
         self.format = torch.channels_last if settings["memory_format"] == "channels_last" else torch.contiguous_format
         self.cudagraphs = settings["device"] == "cuda" and settings["mode"] in CUDAGRAPH_MODES
         self.compiled = torch.compile(self.module, mode=None if settings["mode"] == "default" else settings["mode"],
@@ -115,8 +120,13 @@ def warm(runner: CompiledRunner, args: tuple) -> float:
     return time.perf_counter() - started
 
 
-def build_compile_cache(segment: dict[str, Any], convert_dir: Path, out: Path, settings: dict[str, Any]):
-    """Compile the segment with torch.compile and keep what a fresh process needs to load it hot."""
+def build_compile_cache(segment: dict[str, Any], convert_dir: Path, out: Path, settings: dict[str, Any],
+                        quantized: dict[str, Any] | None = None):
+    """Compile the segment with torch.compile and keep what a fresh process needs to load it hot.
+
+    `quantized`: torchao's settings (pipeline.quantize.torchao_gpu.spec_of); the result then also
+    holds Inductor's generated code under "generated_code", for the caller to read and drop.
+    """
     import torch
 
     from pipeline.files import link_or_copy
@@ -125,8 +135,15 @@ def build_compile_cache(segment: dict[str, Any], convert_dir: Path, out: Path, s
     for key in ("program", "args"):  # convert's files, linked: the weights are not stored twice
         link_or_copy(convert_dir / segment[key], out / segment[key])
     torch.compiler.reset()  # artifacts of this compile only (the stage worker is fresh anyway)
-    runner = CompiledRunner(out / segment["program"], settings, dynamic=is_dynamic(segment))
-    seconds = warm(runner, load_args(out / segment["args"], settings["device"]))
+    runner = CompiledRunner(out / segment["program"], settings, dynamic=is_dynamic(segment), quantized=quantized)
+    args = load_args(out / segment["args"], settings["device"])
+    if quantized:  # the generated code shows whether the quantized GEMMs were reached
+        from torch._inductor.utils import run_and_get_code
+
+        seconds, code = run_and_get_code(warm, runner, args)
+        extra = {"generated_code": "\n".join(code)}
+    else:
+        seconds, extra = warm(runner, args), {}
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         raise RuntimeError("torch.compile recorded no cache artifacts (is torch.compile's caching disabled?)")
@@ -135,7 +152,7 @@ def build_compile_cache(segment: dict[str, Any], convert_dir: Path, out: Path, s
     engine.write_bytes(blob)
     kinds = {kind: len(keys) for kind, keys in info.artifacts.items()} if info is not None else {}
     return {"engine": engine.name, "bytes": engine.stat().st_size, "compile_seconds": round(seconds, 3),
-            "artifacts": kinds}
+            "artifacts": kinds, **extra}
 
 
 def load_compile_cache(segment: dict[str, Any], build_dir: Path, settings: dict[str, Any]) -> CompiledRunner:
@@ -144,7 +161,8 @@ def load_compile_cache(segment: dict[str, Any], build_dir: Path, settings: dict[
 
     mend_autotune_recheck()
     torch.compiler.load_cache_artifacts((build_dir / segment["engine"]).read_bytes())
-    runner = CompiledRunner(build_dir / segment["program"], settings, dynamic=is_dynamic(segment))
+    runner = CompiledRunner(build_dir / segment["program"], settings, dynamic=is_dynamic(segment),
+                            quantized=segment.get("torchao"))
     runner.ready_seconds = warm(runner, load_args(build_dir / segment["args"], settings["device"]))
     return runner
 
