@@ -11,22 +11,25 @@ A job trusts what it built or took from its own cache (validate and build call
 file name read from its JSON must stay inside its folder, the program is loaded without
 unpickling and imports only what the rules of pipeline.programs allow, and engines that
 are code (a target's `engines_are_code`: AOTInductor's shared libraries, Torch-TensorRT's
-pickled modules) load only with trusted=True or when they are the very files of the
-user's own local cache (pipeline.cache.linked_from). README "Trust and security".
+pickled modules) load only with trusted=True or when the build's manifest carries this
+user's provenance record (pipeline.provenance: a job of this user published it), which no
+copied or extracted folder can carry. Every file read is a regular file of the folder that
+its manifest lists (pipeline.files.check_manifest). docs/security.md lists each attack.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline import input_guard, layout, programs, segments, targets
-from pipeline.cache import linked_from
+from pipeline import input_guard, layout, programs, provenance, segments, targets
 from pipeline.errors import ArtifactError
-from pipeline.files import load_json, require_manifest
+from pipeline.files import confined, load_json, require_manifest
+from pipeline.layout import MANIFEST
 
 # Keys of a segment in engines.json that name files of the build folder.
 FILE_KEYS = ("engine", "shapes", "network", "program", "layers", "args")
@@ -56,20 +59,22 @@ class EngineModule(torch.nn.Module):
 
 
 def assemble(lower_dir: Path, partition_dir: Path, build_dir: Path, target, imports: tuple[str, ...] = (),
-             trusted: bool = True):
+             trusted: bool = True, manifest: dict[str, Any] | None = None):
     """Fuse the lowered program by the recipe and swap each segment for its engine.
 
-    trusted=False (pipeline.load): recorded imports follow pipeline.programs' rule, and a
-    target whose engines are code loads them only from the user's own cache.
+    trusted=False (pipeline.load, which passes the build's checked `manifest`): recorded
+    imports follow pipeline.programs' rule, every engine file must be one the manifest
+    lists, and a target whose engines are code loads them only from the user's own builds.
     """
     recipe = load_json(partition_dir / layout.PARTITION.recipe, "partition recipe")
     engines = load_json(build_dir / layout.BUILD.engines, "engine list")
     built = {seg["name"]: seg for seg in engines["segments"]}
+    listed = None if manifest is None else {f["path"] for f in manifest["files"]}
     for segment in built.values():
         for key in FILE_KEYS:
             if segment.get(key) is not None:
-                inside(build_dir, segment[key], f"segment {segment['name']}'s {key}")
-    code_ok = trusted or allow_code(build_dir, target)
+                inside(build_dir, segment[key], f"segment {segment['name']}'s {key}", listed)
+    code_ok = trusted or allow_code(build_dir, target, manifest)
     gm = segments.fuse(target.graph_module(programs.load(lower_dir, imports, trusted=trusted)), recipe)
     programs.without_input_checks(gm)
     options = {**target.runtime_options(gm), "trusted": code_ok}
@@ -82,48 +87,38 @@ def assemble(lower_dir: Path, partition_dir: Path, build_dir: Path, target, impo
     return gm  # exported programs are already in eval mode (and refuse .eval())
 
 
-def inside(folder: Path, name: Any, what: str) -> Path:
-    """`folder / name`, if `name` is a relative path that stays in `folder` (links resolved)."""
-    path = folder / name if isinstance(name, str) and name else None
-    if path is None or Path(name).is_absolute() or ".." in Path(name).parts \
-            or not path.resolve().is_relative_to(folder.resolve()):
-        raise ArtifactError(f"{folder / layout.BUILD.engines}: {what} is {name!r}, a path outside {folder}.",
+def inside(folder: Path, name: Any, what: str, listed: set[str] | None = None) -> Path:
+    """`folder / name`, if `name` is a relative path that stays in `folder` (links resolved) to a regular
+    file that, given the names the folder's manifest lists, is one of those; or to nothing (a segment
+    also names convert's files, which only some targets copy into build/)."""
+    why = confined(folder, name, missing_ok=True)
+    if not why and listed is not None and name not in listed and os.path.lexists(folder / name):
+        why = f"{MANIFEST} does not list it"
+    if why:
+        raise ArtifactError(f"{folder / layout.BUILD.engines}: {what} is {name!r}, a path outside {folder} "
+                            f"or no regular file ({why}).",
                             "a run folder names only its own files: rebuild it, and do not load folders "
                             "from unknown sources.")
-    return path
+    return folder / name
 
 
-def allow_code(build_dir: Path, target) -> bool:
-    """True where the engines are no code, or the whole build folder is an entry of this user's own cache.
+def allow_code(build_dir: Path, target, manifest: dict[str, Any] | None = None) -> bool:
+    """True where the engines are no code, or this user's own job published the build (pipeline.provenance).
 
-    Every file of the folder (its manifest included) must be that entry's very file: a
-    run folder linked from your cache, not one copied from elsewhere.
+    The manifest's file hashes were checked (require_manifest), so a verified record covers
+    every file the engines are loaded from.
     """
     if not target.engines_are_code:
         return True
-    run_dir = build_dir.parent
-    cache = own_cache_root(run_dir)
-    names = [f["path"] for f in require_manifest(build_dir, "the build output of this run")["files"]]
-    if cache is not None and linked_from(build_dir, cache, [*names, layout.MANIFEST]):
+    manifest = manifest or require_manifest(build_dir, "the build output of this run")
+    if provenance.verify(manifest):
         return True
     raise ArtifactError(
-        f"{run_dir} holds {target.name} engines, which are compiled code (shared libraries or pickled "
-        "modules): loading them runs whatever their author put in them, and they are not files of your "
-        "own local cache (hard links into the run's paths.cache, owned by you, writable by no one else).",
+        f"{build_dir.parent} holds {target.name} engines, which are compiled code (shared libraries or pickled "
+        "modules): loading them runs whatever their author put in them, and this build was not made by your own "
+        f"jobs (its manifest carries no provenance record of your key, {provenance.key_path()}).",
         "load run folders of other people only if you trust them: pipeline.load(run_dir, trusted=True); "
         "or rebuild the run yourself from its config.yaml.")
-
-
-def own_cache_root(run_dir: Path) -> Path | None:
-    """paths.cache of the run's config.yaml (relative paths from the current folder), unresolved text refused."""
-    config_file = run_dir / layout.RUN_CONFIG
-    if not config_file.is_file():
-        return None
-    from omegaconf import OmegaConf  # YAML only: loading a config runs no code
-
-    paths = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False).get("paths") or {}
-    cache = paths.get("cache") if isinstance(paths, dict) else None
-    return Path(cache).resolve() if isinstance(cache, str) and "${" not in cache else None
 
 
 def run_settings(run_dir: Path, engines: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +126,7 @@ def run_settings(run_dir: Path, engines: dict[str, Any]) -> dict[str, Any]:
     name = engines["target"]
     settings = {**targets.default_settings(name), **engines["settings"]}
     config_file = run_dir / layout.RUN_CONFIG
-    if config_file.is_file():
+    if not confined(run_dir, layout.RUN_CONFIG):  # a regular file of the folder (not a FIFO, not a link out)
         from omegaconf import OmegaConf  # YAML only: loading a config runs no code
 
         job_target = OmegaConf.to_container(OmegaConf.load(config_file)).get("target") or {}
@@ -147,18 +142,20 @@ def load(run_dir: str | Path, imports: tuple[str, ...] = (), trusted: bool = Fal
     if not run_dir.is_dir():
         raise ArtifactError(f"{run_dir} is not a run folder.",
                             "pass the folder a pipeline run printed (outputs/runs/<date>/<time>).")
-    for stage in layout.LOAD_STAGES:
-        require_manifest(run_dir / stage, f"the {stage} output of this run")
+    manifests = {stage: require_manifest(run_dir / stage, f"the {stage} output of this run")
+                 for stage in layout.LOAD_STAGES}
     build_dir = run_dir / "build"
     engines = load_json(build_dir / layout.BUILD.engines, "engine list")
     target = targets.target_class(engines["target"])(run_settings(run_dir, engines))
     imports = tuple(imports)
     if engines.get("package"):  # the target's own format of the whole program (torch_tensorrt.save)
-        package = inside(build_dir, engines["package"], "the package")
+        package = inside(build_dir, engines["package"], "the package",
+                         {f["path"] for f in manifests["build"]["files"]})
         if not trusted:
-            allow_code(build_dir, target)
+            allow_code(build_dir, target, manifests["build"])
         for module in imports:
             importlib.import_module(module)
         return input_guard.guard(target.load_package(package), input_guard.spec_of_run(run_dir))
-    module = assemble(run_dir / "lower", run_dir / "partition", build_dir, target, imports, trusted=trusted)
+    module = assemble(run_dir / "lower", run_dir / "partition", build_dir, target, imports, trusted=trusted,
+                      manifest=manifests["build"])
     return input_guard.guard(module, input_guard.spec_of_run(run_dir))

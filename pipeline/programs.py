@@ -14,15 +14,17 @@ and refused if it holds any of those (or compiled code); then, while torch reads
 torch.load is held to weights_only=True and every other unpickler refuses, so a format
 nobody foresaw cannot unpickle either.
 
-Imports follow one rule (README "Trust and security"). A job trusts its own cache
-(`trusted=True`, the default here, used by the stages): it imports what the entry
-recorded, which its cache key ties to the job's own `model._target_`. `pipeline.load`
-of a run folder is untrusted unless the caller says so: it imports the modules the
-caller names, and of the recorded ones only those of installed code: a plain module
-name, never `__main__`, either already imported (with its package's own submodules) or
-found, without running it, outside the current folder, outside the run folder and
-outside every folder above the run folder (where a module "planted beside" a run would
-sit), and outside the standard library.
+Imports follow one rule (docs/security.md). A job trusts its own cache (`trusted=True`,
+the default here, used by the stages): it imports what the entry recorded, which its cache
+key ties to the job's own `model._target_`. `pipeline.load` of a run folder is untrusted
+unless the caller says so: it imports the modules the caller names (`imports=`) and, of the
+recorded ones, only those this project registers (REGISTERED: its zoo's operators, the
+operators of libraries it quantizes with, transformers' output types), and those only
+when their package is already imported (pipeline itself) or is found, without running it,
+outside the current folder and outside the run folder and the folders above it (where a
+module "planted beside" a run would sit). Any other
+recorded module, installed or not, is refused with its name: a run folder cannot make a
+load import whatever the user happens to have on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
-import sysconfig
 import threading
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from pipeline import symbolic
 from pipeline.errors import ArtifactError
 from pipeline.layout import ProgramFiles
 
@@ -51,6 +54,10 @@ LIBRARY_NAMESPACES = {"tensorrt": "modelopt.torch.quantization"}
 # Archive folders under data/ that torch.export.load reads without code: tensors and configs.
 DATA_FOLDERS = ("data/weights/", "data/constants/", "data/sample_inputs/")
 NATIVE_SUFFIXES = (".so", ".dll", ".dylib", ".pyd")
+# Recorded modules an untrusted load imports unnamed: the zoo's custom operators, the libraries'
+# operator namespaces above, transformers' ModelOutput types (shared ones, and a model's own).
+REGISTERED = frozenset({"pipeline.zoo", "transformers.modeling_outputs", *LIBRARY_NAMESPACES.values()})
+REGISTERED_PATTERNS = (re.compile(r"transformers\.models\.[a-z0-9_]+\.modeling_[a-z0-9_]+"),)
 _GUARD = threading.Lock()  # the unpickling guard patches module attributes: one load at a time
 
 
@@ -146,11 +153,18 @@ def not_plain(module: str) -> str | None:
     return None
 
 
+def registered(module: str) -> bool:
+    return module in REGISTERED or any(p.fullmatch(module) for p in REGISTERED_PATTERNS)
+
+
 def refusal(module: str, run_dir: Path) -> str | None:
     """Why a recorded module may not be imported unnamed, or None (see the module docstring)."""
+    if not registered(module):
+        return ("the caller did not name it (imports=) and it is not a module this project registers "
+                "for an operator or output type it knows")
     top = module.split(".")[0]
     run_dir = run_dir.resolve()
-    if top in sys.modules:  # already running: its own submodules are files of its own folder
+    if top in sys.modules:  # already running (pipeline itself): its own submodules are files of its own folder
         where = [Path(p) for p in getattr(sys.modules[top], "__path__", [])]
         inside = next((p for p in where if p.resolve().is_relative_to(run_dir)), None)
         return f"its package lives in the run folder ({inside})" if inside else None
@@ -177,10 +191,6 @@ def untrusted_place(folder: Path, run_dir: Path) -> str | None:
         return "inside the run folder"
     if run_dir.is_relative_to(folder):
         return "a folder that holds the run folder"
-    site = [Path(p).resolve() for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}]
-    stdlib = [Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib")]
-    if any(folder.is_relative_to(s) for s in stdlib) and not any(folder.is_relative_to(s) for s in site):
-        return "the standard library, whose modules are not output types or operators"
     return None
 
 
@@ -204,10 +214,11 @@ def load_program(path: Path):
 
 
 def check_archive(path: Path) -> None:
-    """Refuse, before torch reads it, an archive that would unpickle or load compiled code."""
+    """Refuse, before torch reads it, an archive that would unpickle, load compiled code or evaluate
+    an expression string (pipeline.symbolic)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            reason = pickled_entry(archive)
+            reason = pickled_entry(archive) or symbolic.archive_refusal(archive)
     except FileNotFoundError:
         raise
     except (zipfile.BadZipFile, ValueError, KeyError, AttributeError, OSError) as err:

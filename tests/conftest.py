@@ -9,7 +9,7 @@ hits; the first job of each cache runs on an empty one.
 from __future__ import annotations
 
 import pytest
-from testkit import ENV_VARS, ORT_1_THREAD, RESNET18, run_job
+from testkit import ENV_VARS, ORT_1_THREAD, RESNET18, inductor_job_or_skip, run_job
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,6 +18,14 @@ def _session_env():
     with pytest.MonkeyPatch.context() as mp:
         for name in ENV_VARS:
             mp.delenv(name, raising=False)
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _provenance_key(tmp_path_factory):
+    """Jobs sign their builds with a key of this test session, never the user's (pipeline.provenance)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PIPELINE_STATE_DIR", str(tmp_path_factory.mktemp("state")))
         yield
 
 
@@ -41,6 +49,12 @@ def custom_op_job(tiny_job, tmp_path_factory):
     """custom_op_net: its custom op pipeline_zoo.soft_clip must stay in PyTorch."""
     return run_job(tmp_path_factory.mktemp("custom_op"), "model=custom_op_net", "target=onnxruntime",
                    cache=tiny_job.cache)
+
+
+@pytest.fixture(scope="session")
+def inductor_tiny(tmp_path_factory):
+    """tiny_cnn on target=inductor: an AOTInductor package (compiled code) built on this CPU, tracked in MLflow."""
+    return inductor_job_or_skip(tmp_path_factory, "inductor-tiny", tracked=True)
 
 
 # --- resnet18: every job shares one cache -------------------------------------------------

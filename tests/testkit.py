@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from pipeline import layout  # noqa: E402  (the repo is on sys.path from here on)
+from pipeline.files import describe_files, write_json  # noqa: E402
 
 STAGES = layout.STAGES
 # Environment that changes where runs are tracked or how errors print: never inherited.
@@ -276,8 +278,8 @@ def raw_bert(hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
 
 # --- Inductor jobs and reloading in a fresh process ----------------------------------------
 
-def inductor_job_or_skip(tmp_path_factory, name: str, *extra: str) -> Job:
-    """A tiny_cnn job on target=inductor (untracked, its own cache), or a skip saying what is missing."""
+def inductor_job_or_skip(tmp_path_factory, name: str, *extra: str, tracked: bool = False) -> Job:
+    """A tiny_cnn job on target=inductor (its own cache; untracked unless `tracked`), or a skip saying what is missing."""
     import pytest
 
     from pipeline.targets.inductor import InductorTarget
@@ -286,7 +288,8 @@ def inductor_job_or_skip(tmp_path_factory, name: str, *extra: str) -> Job:
     if reason:
         pytest.skip(f"target=inductor cannot run here: {reason}")
     root = tmp_path_factory.mktemp(name)
-    return run_job(root / "out", "target=inductor", "tracking.enabled=false", *extra, cache=root / "cache")
+    tracking = () if tracked else ("tracking.enabled=false",)
+    return run_job(root / "out", "target=inductor", *tracking, *extra, cache=root / "cache")
 
 
 def reload_in_fresh_process(run_dir: Path, script: str, tmp: Path, env: dict[str, str] | None = None,
@@ -331,3 +334,35 @@ def linear_net(width: int = 256):
             return self.head(self.mlp(tokens).mean(1))
 
     return PatchMLP().eval()
+
+
+# --- tampering with run folders, as an attacker would ----------------------------------------
+
+def replace(path: Path, data: bytes) -> None:
+    """A new file in place of `path`: the cache's inode behind a hard link is never written."""
+    path.unlink()
+    path.write_bytes(data)
+
+
+def reseal(stage_dir: Path) -> None:
+    """What an attacker does after tampering: make the manifest match the files again."""
+    manifest = json.loads((stage_dir / layout.MANIFEST).read_text())
+    manifest["files"] = describe_files(stage_dir)
+    write_json(stage_dir / layout.MANIFEST, manifest)  # written through a rename: a new file too
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    replace(path, json.dumps(data).encode())
+    reseal(path.parent)
+
+
+def rewrite_archive(path: Path, change) -> None:
+    """Rewrite entries of a real .pt2 zip: change(name below the root, bytes) -> bytes."""
+    src = path.read_bytes()
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(src)) as zin, zipfile.ZipFile(out, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, change(info.filename.split("/", 1)[1], zin.read(info.filename)))
+    replace(path, out.getvalue())

@@ -37,7 +37,6 @@ import platform
 import re
 import shutil
 import socket
-import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -45,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import env
+from pipeline import env, provenance
 from pipeline.files import describe_files, link_or_copy, load_json, read_manifest, write_json
 from pipeline.layout import MANIFEST
 from pipeline.stage import Metrics, StageSpec
@@ -111,8 +110,9 @@ class Outcome:
 
 
 def publish_folder(staging: Path, final: Path, manifest: dict[str, Any]) -> Path:
-    """Write the manifest last, then rename the whole folder into place."""
+    """Write the manifest last (signed: pipeline.provenance), then rename the whole folder into place."""
     manifest["files"] = describe_files(staging)
+    provenance.sign(manifest)  # this user built it: what lets pipeline.load trust engines that are code
     write_json(staging / MANIFEST, manifest)
     protect(staging)
     if final.exists():
@@ -286,29 +286,3 @@ class StageCache:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": metrics, "notes": notes}
         publish_folder(staging, final, manifest)
         return manifest
-
-
-def linked_from(stage_dir: Path, root: Path, names: list[str]) -> bool:
-    """True if these files of a run's stage folder are the very files of an entry of this user's
-    cache: what "from the local cache the user built" means.
-
-    The entry is <root>/<stage>/<key of the folder's manifest> under a marked cache; each
-    file must be the same inode (a hard link, not a copy of someone's folder) and belong to
-    this user, writable by no one else. Only the user's own jobs publish such files, so no
-    one else can put their bytes there (folder modes do not matter: a file someone else
-    creates is theirs).
-    """
-    try:
-        key = json.loads((stage_dir / MANIFEST).read_text()).get("key")
-        if not isinstance(key, str) or not KEY.fullmatch(key) or not StageCache(root).is_marked():
-            return False
-        entry = root / stage_dir.name / key
-        return all(_only_mine(entry / name) and os.path.samefile(stage_dir / name, entry / name) for name in names)
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _only_mine(path: Path) -> bool:
-    st = path.lstat()
-    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
-

@@ -118,3 +118,50 @@ class OnnxTarget(Target):
 
         nodes = onnx.load(str(convert_dir / segment["onnx"]), load_external_data=False).graph.node
         return {n.name for n in nodes}, [n.name for n in nodes if n.op_type in FLOAT_COMPUTE]
+
+
+def check_external_data(model_path: Path, folder: Path) -> None:
+    """Refuse, before a runtime opens it, a model whose external data leaves `folder` or is no regular file.
+
+    ONNX Runtime opens each initializer's `location` (relative to the model) before its own
+    checks refuse an absolute path or `..`; a symbolic link inside the folder it follows. So
+    the model is parsed without its external data and every location is confined first.
+    """
+    import onnx
+
+    from pipeline.errors import ArtifactError
+    from pipeline.files import confined
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 (protobuf's DecodeError and friends: not a model)
+        raise ArtifactError(f"{model_path} is not an ONNX model ({type(err).__name__}).",
+                            "rebuild the run with this pipeline.") from None
+    base = model_path.parent.relative_to(folder)  # locations are relative to the model's own folder
+    for tensor in tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {entry.key: entry.value for entry in tensor.external_data}.get("location")
+        why = confined(folder, (base / location).as_posix() if location else location)
+        if why:
+            raise ArtifactError(f"{model_path}: initializer {tensor.name!r} reads its data from {location!r}, "
+                                f"which is refused ({why}).",
+                                "a run folder names only its own files: rebuild it, and do not load folders "
+                                "from unknown sources.")
+
+
+def tensors(model) -> list:
+    """Every tensor of a model: initializers, sparse ones, and tensor attributes, in subgraphs and functions."""
+    found, graphs = [], [model.graph]
+    nodes = [node for function in model.functions for node in function.node]
+    while graphs or nodes:
+        if graphs:
+            graph = graphs.pop()
+            found.extend(graph.initializer)
+            found.extend(t for s in graph.sparse_initializer for t in (s.values, s.indices))
+            nodes.extend(graph.node)
+            continue
+        for attribute in nodes.pop().attribute:
+            found.extend([attribute.t, *attribute.tensors] if attribute.HasField("t") else attribute.tensors)
+            graphs.extend([attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs)
+    return found

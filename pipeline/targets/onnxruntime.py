@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.errors import CompileError, ConfigError, TargetUnavailable, first_line
 from pipeline.targets import TargetSettings, resolve_device
-from pipeline.targets.onnx_base import OnnxTarget
+from pipeline.targets.onnx_base import OnnxTarget, check_external_data
 from pipeline.targets.onnxruntime_session import GPU_PROVIDERS
 
 LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
@@ -183,6 +183,7 @@ class OnnxRuntimeTarget(OnnxTarget):
     def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
         from pipeline.targets.onnxruntime_session import OrtSession
 
+        check_external_data(build_dir / segment["engine"], build_dir)  # before ONNX Runtime opens any of it
         opts = session_options(self.settings, options.get("allow_spinning"))
         binding = bool(self.settings.get("io_binding")) or self.device() == "cuda"
         return OrtSession(build_dir / segment["engine"], opts, self.settings["providers"], binding)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import symbolic
 from pipeline.dtypes import ENGINE_DTYPES, PRECISION_DTYPES, compute_dtype, precision_name
 from pipeline.errors import ArtifactError, ConfigError, first_line
 from pipeline.files import link_or_copy, write_json
@@ -388,6 +389,7 @@ class TorchTensorRTTarget(Target):
         return path.name
 
     def load_package(self, path: Path):
+        symbolic.check_file(path)  # torch.export.load inside sympifies its shape expressions
         return self._phases.load(path)
 
 
