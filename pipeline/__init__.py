@@ -8,11 +8,11 @@
 def load(run_dir, imports=(), trusted: bool = False):
     """Rebuild the compiled module of a run folder (see pipeline.hybrid).
 
-    A run folder is not trusted: nothing in it is unpickled, no file outside it is
-    opened, and of the modules it asks for only installed code is imported. `imports`
-    names modules you trust (your model's package); `trusted=True` also imports every
-    module the run recorded and loads engines that are code (AOTInductor, Torch-TensorRT)
-    from a folder that is not your own cache's. README "Trust and security".
+    A run folder is not trusted: nothing in it is unpickled or evaluated, no file outside
+    it (nor a device or FIFO) is opened, and of the modules it asks for only those you
+    name in `imports` (your model's package) or this project registers are imported.
+    `trusted=True` also imports every module the run recorded and loads engines that are
+    code (AOTInductor, Torch-TensorRT) that your own jobs did not build. docs/security.md.
     """
     from pipeline.hybrid import load as _load
 

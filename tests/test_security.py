@@ -207,8 +207,8 @@ def test_paths_outside_the_run_folder_are_refused(run, tiny_job, how):
 
 # --- engines that are code ------------------------------------------------------------------
 
-def test_engines_that_are_code_need_trust_unless_they_are_your_own_cache(run):
-    """A target whose engines are shared libraries: a folder that is not your cache's is refused."""
+def test_engines_that_are_code_need_trust_unless_you_built_them(run):
+    """A target whose engines are shared libraries: a build your key did not sign is refused."""
     edit_json(run / "build" / "engines.json", lambda e: e.update(target="inductor"))
     with pytest.raises(ArtifactError, match="compiled code") as caught:
         pipeline.load(run)

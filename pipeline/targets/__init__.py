@@ -90,7 +90,7 @@ class Target:
     # True: build also saves the whole compiled program in the target's own format (package()).
     saves_program: bool = False
     # True: its engines are code (shared libraries, pickles): pipeline.load loads them only
-    # with trusted=True or from the user's own cache (README "Trust and security").
+    # with trusted=True or when the user's own jobs built them (pipeline.provenance; docs/security.md).
     engines_are_code: bool = False
     # compile.precision values this target quantizes in the nn.Module before export
     # (Torch-TensorRT's modelopt route): export calibrates and fake-quantizes the model

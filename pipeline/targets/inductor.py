@@ -211,7 +211,7 @@ class InductorTarget(Target):
     def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
         from pipeline.targets import inductor_runtime
 
-        if not options.get("trusted"):  # hybrid.assemble decides (pipeline.load: trusted=True or your own cache)
+        if not options.get("trusted"):  # hybrid.assemble decides (pipeline.load: trusted=True or your own build)
             raise ArtifactError(f"{build_dir / segment['engine']} is compiled code from an untrusted folder.",
                                 "load it with pipeline.load(run_dir, trusted=True) only if you trust its author.")
         if segment.get("artifact") == "compile_cache":

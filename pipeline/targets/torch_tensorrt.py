@@ -374,7 +374,7 @@ class TorchTensorRTTarget(Target):
     def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
         import torch
 
-        if not options.get("trusted"):  # hybrid.assemble decides (pipeline.load: trusted=True or your own cache)
+        if not options.get("trusted"):  # hybrid.assemble decides (pipeline.load: trusted=True or your own build)
             raise ArtifactError(f"{build_dir / segment['shapes']} is a pickle from an untrusted folder.",
                                 "load it with pipeline.load(run_dir, trusted=True) only if you trust its author.")
         meta = dict(segment)

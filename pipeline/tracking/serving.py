@@ -4,7 +4,7 @@ This file is the model's code: MLflow stores it beside the run's artifacts and r
 when the model is loaded (`mlflow models serve`, `mlflow.pyfunc.load_model`), so no
 Python object is pickled. The model itself is the run folder's export, lower,
 partition and build outputs and config.yaml, turned back into the compiled module by
-`pipeline.load`, which treats them as data (see README "Trust and security").
+`pipeline.load`, which treats them as data (see docs/security.md).
 """
 
 from __future__ import annotations
