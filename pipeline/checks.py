@@ -32,6 +32,7 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "validate.rounds": (1, None, False),
     "validate.min_seconds": (0, None, False),
     "validate.cv_warn_threshold": (0, None, True),
+    "validate.threads": (0, None, False),
     "compile.min_block_size": (1, None, False),
     "compile.optimization_level": (0, 5, False),
     "compile.workspace_size": (0, None, False),

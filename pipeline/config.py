@@ -200,6 +200,10 @@ class ValidateConfig:
     rounds: int = 5
     # Keep timing until at least this many seconds have passed per target (trtexec --duration).
     min_seconds: float = 0.0
+    # CPU threads of eager PyTorch and of the engines alike while timed (torch.set_num_threads,
+    # ONNX Runtime's intra_op_num_threads). 0: the physical cores this process may use, less those
+    # busy with other work when validate starts (pipeline.timing.thread_budget).
+    threads: int = 0
     # Coefficient of variation above which latency figures are flagged as unreliable.
     cv_warn_threshold: float = 0.1
     tolerances: dict[str, Tolerance] = field(default_factory=_default_tolerances)

@@ -201,6 +201,10 @@ class Runner:
             trusted = cv <= self.config["validate"]["cv_warn_threshold"]
             tags["latency.trusted"] = "true" if trusted else "false"
             result.metrics["latency_trusted"] = float(trusted)
+            if "speedup" in m:
+                from pipeline.compare import speedup_text
+
+                tags["speedup"] = speedup_text(m)  # with its `~` in MLflow's runs table too
         return tags
 
     def check_validation(self) -> None:

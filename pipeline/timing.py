@@ -8,9 +8,11 @@ left running.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -78,6 +80,62 @@ def measure(candidates: dict[str, Callable[[], object]], *, warmup: int, iterati
         if on_progress:
             on_progress(done)
     return {name: LatencyStats.from_samples(ms, batch_size) for name, ms in samples.items()}
+
+
+def physical_cores(cpus: set[int]) -> int:
+    """Distinct physical cores among the logical CPUs `cpus` (hyper-threads of one core count once)."""
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
+def _cpu_ticks(cpus: set[int]) -> tuple[int, int]:
+    """(idle, total) jiffies of the logical CPUs `cpus`, from /proc/stat."""
+    idle = total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                values = [int(v) for v in fields[:8]]
+                idle += values[3] + values[4]  # idle + iowait
+                total += sum(values)
+    return idle, total
+
+
+def idle_cpus(cpus: set[int], seconds: float = 0.3) -> float | None:
+    """How many of `cpus` sat idle over the last `seconds` (None where /proc/stat cannot tell)."""
+    try:
+        idle0, total0 = _cpu_ticks(cpus)
+        time.sleep(seconds)
+        idle1, total1 = _cpu_ticks(cpus)
+    except (OSError, ValueError):
+        return None
+    return len(cpus) * (idle1 - idle0) / (total1 - total0) if total1 > total0 else None
+
+
+def thread_budget(asked: int) -> tuple[int, str]:
+    """(threads, why): the CPU threads eager PyTorch and the engines both get while timed.
+
+    `asked` > 0 is taken as it is. 0 (auto) is the physical cores this process may run on
+    (its CPU affinity), less those other work keeps busy right now: a thread without a core
+    of its own waits a scheduler slice at each parallel region's barrier, which made eager
+    tiny_cnn 16-80x slower at 2 threads than at 1 on this 2-core machine under load, while
+    ONNX Runtime (which runs small ops on the calling thread) hardly moved.
+    """
+    if asked > 0:
+        return asked, f"validate.threads={asked}"
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = physical_cores(cpus)
+    idle = idle_cpus(cpus)
+    if idle is None:
+        return cores, f"auto: {cores} physical core(s) available"
+    threads = max(1, min(cores, round(idle)))
+    return threads, f"auto: {cores} physical core(s) available, {idle:.1f} of {len(cpus)} CPU(s) idle"
 
 
 def allocated_mb(device: str) -> float:

@@ -7,7 +7,9 @@ with validate.latency_at_corners).
 
 The reference is the eager model rebuilt from its config at fp32; export's weight hash
 proves it is the model that was compiled. Latency compares the compiled module with the
-eager model at the same precision on the same device, interleaved in one process.
+eager model at the same precision on the same device, interleaved in one process, with
+one CPU thread budget for both (validate.threads; auto: the cores free now, see
+timing.thread_budget), recorded in the report and as the latency_threads metric.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ def run(ctx: StageContext) -> Metrics:
                                             "accuracy": None, "latency": None, "warnings": list(ctx.notes)})
         return {"validated": 0.0, **tags}
     device = ctx.target.device()
+    threads = set_threads(ctx, engines)  # before the engines load: their thread pools are sized then
     compiled, loading = load_compiled(ctx, device)
     checks = shape_checks(cfg.input, cfg.validate)
     accuracy, per_shape, accuracy_failures = check_accuracy(ctx, reference, compiled, checks, device)
@@ -128,16 +131,30 @@ def run(ctx: StageContext) -> Metrics:
         "precision": precision, "precision_achieved": achieved, "device": device,
         "num_samples": sum(c[2] for c in checks),
         "accuracy": accuracy, "shapes": per_shape, "tolerance": dict(cfg.validate.tolerances[precision]),
-        "latency": {**latency["opt"], "method": latency_method(device, latency), "at": latency},
+        "latency": {**latency["opt"], "method": latency_method(device, latency), "threads": threads, "at": latency},
         "engine_load_seconds": loading["seconds"], "gpu_memory_mb": memory,
         "quantization": quantization_summary(ctx), "warnings": list(ctx.notes),
     }
     write_json(ctx.out / FILES.report, report)
     metrics = {**report_metrics(accuracy, per_shape, latency, failures), **tags,
-               "engine_load_seconds": loading["seconds"]}
+               "engine_load_seconds": loading["seconds"], "latency_threads": float(threads["threads"])}
     if memory:
         metrics.update({"gpu_mem_peak_mb": memory["compiled"]["peak"], "eager/gpu_mem_peak_mb": memory["eager"]["peak"]})
     return metrics
+
+
+def set_threads(ctx: StageContext, engines: dict[str, Any]) -> dict[str, Any]:
+    """One CPU thread budget for eager PyTorch and the engines alike, and why it is that.
+
+    A speedup of an engine with every core over eager fighting for them (or the reverse)
+    measures the threads, not the engine.
+    """
+    budget, why = timing.thread_budget(int(ctx.config.validate.threads))
+    threads = ctx.target.engine_threads(budget, engines)
+    if threads != budget:
+        why += f"; the engines run with {threads} (set in target or at build), so eager gets {threads} too"
+    torch.set_num_threads(threads)
+    return {"threads": threads, "reason": why}
 
 
 def quantization_summary(ctx: StageContext) -> dict[str, Any] | None:

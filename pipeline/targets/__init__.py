@@ -54,10 +54,13 @@ class AutoSettings(TargetSettings):
 
 def cuda_missing() -> str | None:
     """None where torch sees a CUDA GPU, else why engines for one cannot run here."""
-    import torch
+    from pipeline import env
 
-    if torch.cuda.is_available():
-        return None
+    if not env.gpu_absent():
+        import torch
+
+        if torch.cuda.is_available():
+            return None
     return "no CUDA GPU here (torch.cuda.is_available() is False)"
 
 
@@ -245,6 +248,16 @@ class Target:
         """Run-time choices that depend on the assembled program (e.g. thread spinning)."""
         return {}
 
+    def engine_threads(self, budget: int, engines: dict[str, Any]) -> int:
+        """The CPU threads this target's engines run with when validate gives PyTorch `budget` threads.
+
+        Validate times eager and the engines with one thread count. Engines that run inside
+        PyTorch follow torch.set_num_threads; a target with a thread pool of its own sizes it
+        here (before its engines load), and one whose count was fixed at build returns that,
+        which eager then gets too. `engines`: the build's engines.json.
+        """
+        return budget
+
     def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
         """A callable running one segment's engine: tensors in, a tuple of tensors out."""
         raise NotImplementedError
@@ -319,6 +332,8 @@ def candidate_settings(candidate: str) -> tuple[dict[str, Any] | None, str | Non
     extra = cls.variant(variant) if variant else {}
     if extra is None:
         return None, f"{name} has no variant {variant!r}"
+    if extra.get("device") == "cuda" and cuda_missing():  # before the target's own checks, which can cost seconds
+        return None, cuda_missing()
     reason = cls.unavailable_reason()
     if reason:
         return None, reason

@@ -206,7 +206,17 @@ class InductorTarget(Target):
         configs = {"max_autotune": self.settings["mode"].startswith("max-autotune"), "freezing": freezing}
         with torch.no_grad():  # freezing folds weights for inference only
             torch._inductor.aoti_compile_and_package(program, package_path=str(engine), inductor_configs=configs)
-        return {"engine": engine.name, "bytes": engine.stat().st_size, "freezing": freezing}
+        built = {"engine": engine.name, "bytes": engine.stat().st_size, "freezing": freezing}
+        if self.settings["device"] == "cpu":  # its C++ loops are compiled for this many OpenMP threads
+            from torch._inductor.utils import parallel_num_threads
+
+            built["threads"] = parallel_num_threads()
+        return built
+
+    def engine_threads(self, budget: int, engines: dict[str, Any]) -> int:
+        """AOTInductor's CPU loops run with the thread count they were compiled for (eager then gets it too)."""
+        fixed = {seg["threads"] for seg in engines["segments"] if seg.get("threads")}
+        return fixed.pop() if len(fixed) == 1 else budget
 
     def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
         from pipeline.targets import inductor_runtime

@@ -43,7 +43,7 @@ class Settings(TargetSettings):
     io_binding: bool = False
     # disable | basic | extended | all
     graph_optimization_level: str = "all"
-    # 0 lets ONNX Runtime choose (one thread per physical core).
+    # 0 lets ONNX Runtime choose (one thread per physical core); validate gives it validate.threads.
     intra_op_num_threads: int = 0
     inter_op_num_threads: int = 0
     # sequential | parallel
@@ -179,6 +179,12 @@ class OnnxRuntimeTarget(OnnxTarget):
             spinning = (len(segments.accelerated(gm)) == 1
                         and not any(segments.is_compute(n) for n in gm.graph.nodes))
         return {"allow_spinning": spinning}
+
+    def engine_threads(self, budget: int, engines: dict[str, Any]) -> int:
+        """intra_op_num_threads=0 (ONNX Runtime's own choice: every physical core) takes the budget."""
+        if not self.settings.get("intra_op_num_threads"):
+            self.settings["intra_op_num_threads"] = budget
+        return int(self.settings["intra_op_num_threads"])
 
     def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
         from pipeline.targets.onnxruntime_session import OrtSession

@@ -229,11 +229,11 @@ class TorchTensorRTTarget(Target):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        import torch
-
         found = installed_version()
         if found is None or importlib.util.find_spec("torch_tensorrt") is None:
             return f"torch_tensorrt is not installed ({INSTALL})"
+        import torch
+
         version, minor, _ = found
         torch_minor = parse_version(torch.__version__)
         if minor != torch_minor:

@@ -55,6 +55,13 @@ def test_columns_and_formatting(jobs):
     assert first["build s"] == "0.50"
 
 
+def test_a_speedup_text_carries_the_mark_of_an_untrusted_latency():
+    """The single-run summary and the speedup tag print it as the tables do."""
+    assert compare.speedup_text({"speedup": 925.754, "latency_trusted": 0.0}) == "925.75x ~"
+    assert compare.speedup_text({"speedup": 1.834, "latency_trusted": 1.0}) == "1.83x"
+    assert compare.speedup_text({"speedup": 1.834}) == "1.83x" and compare.speedup_text({}) == "-"
+
+
 def test_missing_metrics_and_not_measured(jobs):
     r = compare.rows(jobs)
     not_here, failed = r[3], r[4]

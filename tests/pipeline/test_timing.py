@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 
 import pytest
 
-from pipeline.timing import LatencyStats, measure
+from pipeline.timing import LatencyStats, measure, physical_cores, thread_budget
 
 
 def test_from_samples_on_one_to_hundred():
@@ -81,3 +82,18 @@ def test_measure_runs_at_least_the_requested_iterations():
     stats = measure({"noop": lambda: None}, warmup=0, iterations=10, rounds=3, min_seconds=0.0,
                     batch_size=1, cuda=False)
     assert stats["noop"].iterations >= 10  # the docstring's promise; 9 are run
+
+
+def test_thread_budget_asked_for_is_taken_as_it_is():
+    assert thread_budget(3) == (3, "validate.threads=3")
+
+
+def test_auto_thread_budget_stays_within_the_cores_this_process_may_use():
+    import multiprocessing
+
+    cpus = os.sched_getaffinity(0)
+    threads, why = thread_budget(0)
+    assert 1 <= threads <= physical_cores(cpus) <= len(cpus) and why.startswith("auto: ")
+    # A process pinned to one CPU gets one thread, whatever the machine has.
+    with multiprocessing.get_context("spawn").Pool(1, initializer=os.sched_setaffinity, initargs=(0, {min(cpus)})) as pool:
+        assert pool.apply(thread_budget, (0,))[0] == 1
