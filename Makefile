@@ -43,9 +43,12 @@ bench-quant: install  ## int8 vs fp32 engines (ResNet-50, BERT-base) on this CPU
 bench-quant-gpu:  ## fp8 (torchao) vs fp16 Inductor engines on a CUDA GPU: ViT-B/16, BERT-base
 	$(PY) bench/quant.py --gpu
 
+# The UI alone: one web worker, none of MLflow 3's job-execution workers (7 huey processes), and
+# not the Starlette deprecation warning each process printed; the link is printed while it starts.
 ui: install    ## MLflow UI over the pipeline's store, on 127.0.0.1 (prints the runs table's link)
-	@$(PY) -c "from pipeline.tracking import local_ui_link; print('runs table:', local_ui_link({'store': 'outputs/mlflow.db', 'experiment': 'pipeline', 'artifacts': 'outputs/mlartifacts'}))"
-	$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 \
+	@$(PY) -c "from pipeline.tracking import local_ui_link; print('runs table:', local_ui_link({'store': 'outputs/mlflow.db', 'experiment': 'pipeline', 'artifacts': 'outputs/mlartifacts'}))" &
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false PYTHONWARNINGS="ignore:starlette.middleware.wsgi is deprecated" \
+		$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \
 		--backend-store-uri sqlite:///$(abspath outputs/mlflow.db) \
 		--default-artifact-root $(abspath outputs/mlartifacts)
 

@@ -200,3 +200,14 @@ def test_comparison_md_reads_one_job_a_line_in_the_artifact_pane(parent, server,
     lines = code.inner_text().splitlines()
     assert any("onnxruntime" in line and "FINISHED" in line and "0.430" in line for line in lines), lines
     assert page.get_by_text("Errors of the failed jobs, in full").count() == 1
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_ui_starts_the_ui_alone():
+    """No job-execution workers (MLflow 3 starts 7 huey processes), one web worker, the Starlette warning filtered."""
+    repo = Path(__file__).resolve().parents[2]
+    recipe = subprocess.run(["make", "-n", "ui", "PY=python"], cwd=repo, capture_output=True, text=True,
+                            check=True).stdout
+    server = next(line for line in recipe.replace("\\\n", " ").splitlines() if "mlflow ui" in line)
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in server and "--workers 1" in server
+    assert 'PYTHONWARNINGS="ignore:starlette.middleware.wsgi is deprecated"' in server
