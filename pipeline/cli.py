@@ -27,7 +27,7 @@ def job_dir() -> tuple[Path, bool]:
 
 def run_job(cfg: DictConfig) -> float | None:
     """One job; in a sweep a failure is recorded and returned as NaN so the sweep goes on."""
-    from pipeline import sweep, worker
+    from pipeline import sweep, targets, worker
     from pipeline.runner import Runner
     from pipeline.tracking import Tracker
 
@@ -37,8 +37,10 @@ def run_job(cfg: DictConfig) -> float | None:
     debug = cfg.verbose or os.environ.get("PIPELINE_DEBUG") == "1"
     try:
         label_custom_model(cfg)
-        worker.warm_up()  # the stage worker's server imports torch while the runner checks the config
-        runner = Runner(cfg, run_dir, console, sweep=context)
+        runner = Runner(cfg, run_dir, console, sweep=context)  # resolves the target: no torch, no stage
+        # The stage worker's server imports torch (and, in a sweep, what the target's jobs all redo) while
+        # the runner checks the config and opens MLflow.
+        worker.warm_up(targets.target_class(runner.target_name).sweep_preload if in_sweep else ())
         result = runner.run(Tracker(runner.config["tracking"]))
     except KeyboardInterrupt as err:  # SIGINT, or SIGTERM (errors.Terminated): recorded KILLED by the runner
         name = getattr(err, "signal_name", "SIGINT")

@@ -61,9 +61,9 @@ class Reply:
     trace: str | None = None
 
 
-def _context():
+def _context(extra: tuple[str, ...] = ()):
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    ctx.set_forkserver_preload([*PRELOAD, *extra])  # read once, when the server starts
     return ctx
 
 
@@ -137,11 +137,15 @@ def _standard_start_method():
         multiprocessing.set_start_method(previous, force=True)
 
 
-def warm_up() -> None:
-    """Start the forkserver (and its torch import) now, while the job still composes and checks."""
+def warm_up(extra: tuple[str, ...] = ()) -> None:
+    """Start the forkserver (and its imports: PRELOAD and `extra`) now, while the job still checks.
+
+    The server lives as long as the job's process: the jobs of a sweep that Hydra runs in one
+    process (the basic launcher, each joblib worker) fork their workers from the first job's server.
+    """
     from multiprocessing import forkserver
 
-    _context()
+    _context(extra)
     forkserver.ensure_running()
 
 

@@ -95,6 +95,9 @@ class Target:
     # True: its engines are code (shared libraries, pickles): pipeline.load loads them only
     # with trusted=True or when the user's own jobs built them (pipeline.provenance; docs/security.md).
     engines_are_code: bool = False
+    # Modules the stage worker's server imports once for all the jobs of a sweep: work of seconds
+    # that each job's worker would otherwise redo (torch.onnx's op registry for partition).
+    sweep_preload: tuple[str, ...] = ()
     # compile.precision values this target quantizes in the nn.Module before export
     # (Torch-TensorRT's modelopt route): export calibrates and fake-quantizes the model
     # (quantize_module, inside export_context) and build takes the graph's quantize ops as

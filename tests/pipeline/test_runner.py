@@ -320,3 +320,11 @@ def test_unknown_target_fails_before_any_run(tmp_path):
         make_runner(tmp_path, "target.name=nope")
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "cache").exists()
 
+
+
+def test_sweep_preloads_name_modules_that_exist():
+    """Target.sweep_preload is imported by name in the stage worker's server: a typo would fail every sweep."""
+    for name, cls in targets.registry().items():
+        for module in cls.sweep_preload:
+            assert importlib.util.find_spec(module) is not None, f"{name}: {module}"
+    assert targets.target_class("onnxruntime").sweep_preload  # the ONNX registry partition needs
