@@ -102,7 +102,8 @@ def rows(jobs: list[Job]) -> list[dict[str, str]]:
             # The spread warning fired: neither the latency nor a speedup made of it may look like a quiet one.
             row["p50 ms"] += " ~" if row["p50 ms"] != "-" else ""
             row["speedup"] += " ~" if row["speedup"] not in ("-", "n/m") else ""
-        if metric_value(job, "build_seconds") is not None and (job.get("tags") or {}).get("cache.build") == "hit":
+        cached = (job.get("tags") or {}).get("cache.build") == "hit" or metric_value(job, "build_cache_hit") == 1
+        if metric_value(job, "build_seconds") is not None and cached:  # MLflow's tag, or run.json's metric
             row["build s"] = "hit"
         row["error"] = short_error(job.get("error"))
         out.append(row)
@@ -141,8 +142,12 @@ def table(jobs: list[Job], title: str, width: int | None = None) -> Table:
     the overrides and errors keep room to read instead of wrapping a few letters a line.
     """
     columns = [c for c in COLUMNS if width is None or width >= WIDE or c not in SECONDARY]
-    out = Table(title=Text(title), title_justify="left", caption=Text("\n".join(notes(jobs))),
-                caption_justify="left")
+    hidden = [c for c in COLUMNS if c not in columns]
+    caption = "\n".join(notes(jobs))
+    if hidden:
+        caption += (f"\nhidden: {', '.join(hidden)} (terminal of {width} columns; COLUMNS={WIDE} or "
+                    "python -m pipeline.compare --wide shows them all, as comparison.md and .csv do)")
+    out = Table(title=Text(title), title_justify="left", caption=Text(caption), caption_justify="left")
     out.add_column("")
     for column in columns:
         numeric = column in METRIC_COLUMNS or column == "job"
@@ -360,6 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.add_argument("--experiment", help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME or pipeline)")
     cli.add_argument("--store", help=f"the MLflow SQLite file (default: MLFLOW_TRACKING_URI or {store})")
     cli.add_argument("--out", type=Path, metavar="DIR", help="also write comparison.md, .csv and plots there")
+    cli.add_argument("--wide", action="store_true", help="every column, however narrow the terminal")
     args = cli.parse_args(argv)
     if args.store:  # an explicit flag beats the environment
         os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -386,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     title = f"sweep {sweep_id}" if sweep_id else f"every run of experiment {experiment!r}"
     # The terminal's width, or 120 columns when piped: cells wrap inside the table, never past it.
     console = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120)
-    console.print(table(jobs, title, console.width))
+    console.print(table(jobs, title, None if args.wide else console.width))
     if parent:
         console.print(f"parent run: {parent['run_id']} ({parent['status']})", markup=False)
     if args.out:

@@ -164,6 +164,7 @@ class Runner:
             result.metrics.update({k: v for k, v in record.metrics.items() if isinstance(v, (int, float))})
             result.tags.update({k: v for k, v in record.metrics.items() if isinstance(v, str)})
             result.metrics[f"{spec.name}_seconds"] = record.seconds
+            result.metrics[f"{spec.name}_cache_hit"] = float(record.hit)  # 0 s of a hit is no build time
             self.console.print(f"[green]done[/] {spec.name:<9} {'cache hit' if record.hit else 'built':<9} "
                                f"{record.seconds:6.2f}s")
             run_id = tracker.opened()  # a store that failed to open stops the job here, not at the end

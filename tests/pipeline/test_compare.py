@@ -102,6 +102,27 @@ def test_table_colours_status_and_marks_the_front(jobs):
     assert "sweep x" in text and "n/m: not measured" in text and "1.83x" in text
 
 
+def test_a_narrow_table_says_which_columns_it_hid_and_how_to_see_them(jobs):
+    def shown(width):
+        console = Console(record=True, width=250, file=io.StringIO())
+        console.print(compare.table(jobs, "sweep x", width))
+        return console.export_text()
+
+    narrow, wide = shown(120), shown(None)
+    assert "hidden: accel ops, engines, build s, p99 ms, top-1 (terminal of 120 columns; COLUMNS=160" in narrow
+    assert "--wide" in narrow and "hidden:" not in wide
+    assert "p99 ms" in [c.header for c in compare.table(jobs, "x", None).columns]
+    assert "p99 ms" not in [c.header for c in compare.table(jobs, "x", 120).columns]
+
+
+def test_a_cached_build_reads_hit_from_a_run_json_record_too(jobs):
+    """The sweep's own table reads run.json, which has no cache.* tags: the build_cache_hit metric says it."""
+    jobs[0]["metrics"].update(build_seconds=0.0, build_cache_hit=1.0)
+    jobs[1]["metrics"].update(build_seconds=3.25, build_cache_hit=0.0)
+    first, second = compare.rows(jobs)[:2]
+    assert (first["build s"], second["build s"]) == ("hit", "3.25")
+
+
 def test_markdown_has_one_line_per_job(jobs):
     """comparison.md: aligned text in a code block (MLflow's artifact pane squeezes markdown tables), full errors."""
     md = compare.markdown(jobs, "sweep x")
@@ -232,6 +253,12 @@ def test_cli_compares_every_run(two_jobs):
     assert "every run of experiment 'pipeline'" in proc.stdout
     assert sorted(p.name for p in (tmp / "report").iterdir()) == [
         "comparison.csv", "comparison.md", "pareto.png", "stage_times.png"]
+    piped = {k: v for k, v in clean_env().items() if k != "COLUMNS"}  # 120 columns, as when piped
+    narrow = subprocess.run([sys.executable, "-m", "pipeline.compare", "--store", str(tmp / "mlflow.db")], cwd=REPO,
+                            env=piped, capture_output=True, text=True, timeout=120)
+    wide = subprocess.run([sys.executable, "-m", "pipeline.compare", "--store", str(tmp / "mlflow.db"), "--wide"],
+                          cwd=REPO, env=piped, capture_output=True, text=True, timeout=120)
+    assert "hidden: accel ops" in narrow.stdout and "hidden:" not in wide.stdout and "p99 ms" in wide.stdout
 
 
 def test_cli_compares_the_latest_sweep(two_jobs, tmp_path):
