@@ -40,7 +40,8 @@ def run_job(cfg: DictConfig) -> float | None:
         runner = Runner(cfg, run_dir, console, sweep=context)  # resolves the target: no torch, no stage
         # The stage worker's server imports torch (and, in a sweep, what the target's jobs all redo) while
         # the runner checks the config and opens MLflow.
-        worker.warm_up(targets.target_class(runner.target_name).sweep_preload if in_sweep else ())
+        worker.warm_up((*worker.SWEEP_PRELOAD, *targets.target_class(runner.target_name).sweep_preload)
+                       if in_sweep else ())
         result = runner.run(Tracker(runner.config["tracking"]))
     except KeyboardInterrupt as err:  # SIGINT, or SIGTERM (errors.Terminated): recorded KILLED by the runner
         name = getattr(err, "signal_name", "SIGINT")

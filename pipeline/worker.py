@@ -31,11 +31,12 @@ from typing import Any
 from pipeline import env, logs
 from pipeline.errors import PipelineError, StageCrashed
 
-# Imported once by the forkserver, so each job's worker starts with them loaded. torch.export's
-# loader (torch._dynamo, sympy: ~2 s of CPU) is imported by every job, by export or by the
-# first stage that loads a program: a job whose early stages are cache hits paid it in that
-# stage (the sweep's "partition took 56 s" on a loaded machine), and each job of a sweep paid it again.
-PRELOAD = ["torch", "torch.export.pt2_archive._package", "torch._export.serde.serialize", "pipeline.worker", "stages"]
+# Imported once by the forkserver, so each job's worker starts with them loaded.
+PRELOAD = ["torch", "pipeline.worker", "stages"]
+# And for the jobs of a sweep: torch.export's loader (torch._dynamo, sympy: ~2 s of CPU), which
+# every job imports (in export, or in the first stage that loads a program when export is a
+# cache hit), so each job of a sweep paid it again. A single run imports it in its stage.
+SWEEP_PRELOAD = ("torch.export.pt2_archive._package", "torch._export.serde.serialize")
 POLL_SECONDS = 0.2
 # Below this much free space a crashed stage is blamed on the disk.
 LOW_DISK = 64 * 2**20

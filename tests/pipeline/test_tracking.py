@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import subprocess
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -100,6 +102,9 @@ def test_artifacts(tiny_job, tracked):
     assert expected <= paths
     local = Path(client.download_artifacts(run.info.run_id, "build/accel_0.ort.onnx", str(tiny_job.outputs / "dl")))
     assert local.read_bytes() == (tiny_job.run_dir / "build" / "accel_0.ort.onnx").read_bytes()
+    # A local store holds the engine as a hard link of the cache's read-only file, not a second copy.
+    stored = Path(urlparse(run.info.artifact_uri).path) / "build" / "accel_0.ort.onnx"
+    assert os.path.samefile(stored, tiny_job.run_dir / "build" / "accel_0.ort.onnx")
 
 
 def test_experiment_name_from_the_environment(tiny_job, tmp_path, monkeypatch):
