@@ -129,7 +129,7 @@ def _print_measurements(console: Console, m: dict) -> None:
     top1 = f", top-1 agreement {m['top1_agreement']:.0%}" if "top1_agreement" in m else ""
     console.print(f"accuracy vs eager: max abs {m['max_abs_err']:.3g}, rel L2 {m['rel_l2_err']:.3g}, "
                   f"cosine {m['cosine_similarity']:.6f}{top1}")
-    from pipeline.compare import speedup_text
+    from pipeline.ranking import speedup_text
 
     noisy = " (~: too noisy to trust; see the warnings above)" if m.get("latency_trusted") == 0 else ""
     console.print(f"latency p50 {m['latency_p50_ms']:.3f} ms (p99 {m['latency_p99_ms']:.3f}) vs eager "

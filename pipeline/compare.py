@@ -18,7 +18,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from rich.console import Console
 from rich.table import Table
@@ -61,16 +61,6 @@ FRONT_NOTE = ("best: the winner (the fastest trusted job with an engine that pas
               "*: on the Pareto front (no other job has both lower p50 latency and lower rel L2 error)")
 REFERENCE_NOTE = "ref: no engine, everything ran in eager PyTorch: the yardstick, never a candidate"
 STATUS_STYLES = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan"}
-
-
-def speedup_text(metrics: dict[str, Any]) -> str:
-    """A job's speedup as its summary line and its MLflow tag print it: ` ~` after it, as in the tables,
-    when a latency behind it varied too much to trust (latency_trusted=0), so a noisy 900x never reads
-    like a measured one."""
-    value = metrics.get("speedup")
-    if value is None:
-        return "-"
-    return f"{float(value):.2f}x" + (" ~" if metrics.get("latency_trusted") == 0 else "")
 
 
 def short_error(error: str | None, limit: int = 80) -> str:

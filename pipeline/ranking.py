@@ -138,3 +138,13 @@ def pareto_front(jobs: list[Job]) -> list[Job]:
     front = [(x, y, j) for x, y, j in points
              if not any(a <= x and b <= y and (a < x or b < y) for a, b, _ in points)]
     return [j for _, _, j in sorted(front, key=lambda p: (p[0], p[1]))]
+
+
+def speedup_text(metrics: dict[str, Any]) -> str:
+    """A job's speedup as its summary line and its MLflow tag print it: ` ~` after it, as in the tables,
+    when a latency behind it varied too much to trust (latency_trusted=0), so a noisy 900x never reads
+    like a measured one."""
+    value = metrics.get("speedup")
+    if value is None:
+        return "-"
+    return f"{float(value):.2f}x" + (" ~" if metrics.get("latency_trusted") == 0 else "")

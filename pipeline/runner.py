@@ -203,7 +203,7 @@ class Runner:
             tags["latency.trusted"] = "true" if trusted else "false"
             result.metrics["latency_trusted"] = float(trusted)
             if "speedup" in m:
-                from pipeline.compare import speedup_text
+                from pipeline.ranking import speedup_text
 
                 tags["speedup"] = speedup_text(m)  # with its `~` in MLflow's runs table too
         return tags

@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 from testkit import REPO, clean_env, mlflow_client, mlflow_runs, run_job
 
-from pipeline import compare, tracking
+from pipeline import compare, ranking, tracking
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STAGE_SECONDS = {f"{s}_seconds": 0.1 * (i + 1) for i, s in enumerate(compare.STAGES)}
@@ -57,9 +57,9 @@ def test_columns_and_formatting(jobs):
 
 def test_a_speedup_text_carries_the_mark_of_an_untrusted_latency():
     """The single-run summary and the speedup tag print it as the tables do."""
-    assert compare.speedup_text({"speedup": 925.754, "latency_trusted": 0.0}) == "925.75x ~"
-    assert compare.speedup_text({"speedup": 1.834, "latency_trusted": 1.0}) == "1.83x"
-    assert compare.speedup_text({"speedup": 1.834}) == "1.83x" and compare.speedup_text({}) == "-"
+    assert ranking.speedup_text({"speedup": 925.754, "latency_trusted": 0.0}) == "925.75x ~"
+    assert ranking.speedup_text({"speedup": 1.834, "latency_trusted": 1.0}) == "1.83x"
+    assert ranking.speedup_text({"speedup": 1.834}) == "1.83x" and ranking.speedup_text({}) == "-"
 
 
 def test_missing_metrics_and_not_measured(jobs):
