@@ -112,6 +112,9 @@ def print_summary(console: Console, result) -> None:
                       f"(see {escape(str(result.run_dir / 'validate' / 'report.json'))})")
     else:
         _print_measurements(console, m)
+    for key, why in result.tags.items():  # what the target chose for this job's input, and why
+        if key.endswith(".reason") and key[:-7] in result.tags:
+            console.print(f"{key[:-7]}: {result.tags[key[:-7]]} ({why})", markup=False)
     console.print(f"artifacts: {result.run_dir}", markup=False)
     if result.tracking.get("recorded"):
         from pipeline.tracking import ui_link

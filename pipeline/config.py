@@ -185,6 +185,19 @@ def _default_tolerances() -> dict[str, Tolerance]:
 
 
 @dataclass
+class ThroughputConfig:
+    """Model Navigator's max-throughput-with-budget: batches timed upwards until p99 passes the budget."""
+
+    enabled: bool = False
+    # p99 host latency (enqueue and wait) a batch may take to be chosen, ms.
+    p99_budget_ms: float = 10.0
+    # Batches to time; empty: powers of two from the batch dim's min up to its max, and the max.
+    batches: list[int] = field(default_factory=list)
+    # Calls timed per batch (in `rounds` rounds, as validate times).
+    iterations: int = 200
+
+
+@dataclass
 class ValidateConfig:
     # Seeded input batches compared against eager PyTorch at the opt shape.
     num_samples: int = 8
@@ -204,13 +217,18 @@ class ValidateConfig:
     # ONNX Runtime's intra_op_num_threads). 0: the physical cores this process may use, less those
     # busy with other work when validate starts (pipeline.timing.thread_budget).
     threads: int = 0
-    # Coefficient of variation above which latency figures are flagged as unreliable.
-    cv_warn_threshold: float = 0.1
+    # On a GPU, time at least this many calls (a p99 read from >= 10 calls above it).
+    gpu_iterations: int = 1000
+    # Latency is trusted when the rounds' medians lie within this fraction of their median
+    # ((max - min) / median); above it the figures are flagged (latency.trusted=false).
+    spread_warn_threshold: float = 0.05
     tolerances: dict[str, Tolerance] = field(default_factory=_default_tolerances)
     # Re-use a previous validation of the same build instead of measuring again.
     cache: bool = False
     # On a GPU: time the compiled module replayed from a CUDA graph (trtexec --useCudaGraph).
     cuda_graph: bool = False
+    # The batch with the most throughput under a p99 latency budget (pipeline/throughput.py).
+    throughput: ThroughputConfig = field(default_factory=lambda: ThroughputConfig())
 
 
 @dataclass

@@ -183,6 +183,11 @@ class Runner:
         check_settings(self.config)  # ranges and paths: before the target, before any stage
         target = targets.make(self.target_name, self.config["target"])
         target.configure(OmegaConf.create(self.config["compile"]))
+        choices = target.settle(self.config["input"])
+        for key, value in choices.items():
+            if not key.endswith(".reason"):
+                self.console.print(f"[bold]{escape(key)}[/]: {escape(value)} ({escape(choices.get(key + '.reason', ''))})")
+        result.tags.update(choices)
         self.config["target"].update({k: v for k, v in target.settings.items() if k in self.config["target"]})
         result.tags.update(env.device_tags(target.device()))
         self.console.print(f"[bold]device[/]: {escape(result.tags['device'])} ({escape(result.tags['device.name'])})")
@@ -198,8 +203,8 @@ class Runner:
             tags["warnings"] = " | ".join(notes)[:5000]
         m = result.metrics
         if m.get("validated"):
-            cv = max(m.get("latency_cv", 0.0), m.get("eager/latency_cv", 0.0))
-            trusted = cv <= self.config["validate"]["cv_warn_threshold"]
+            spread = max(m.get("latency_median_spread", 0.0), m.get("eager/latency_median_spread", 0.0))
+            trusted = spread <= self.config["validate"]["spread_warn_threshold"]
             tags["latency.trusted"] = "true" if trusted else "false"
             result.metrics["latency_trusted"] = float(trusted)
             if "speedup" in m:

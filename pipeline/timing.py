@@ -1,9 +1,16 @@
-"""Latency measured the way trtexec does: warm up, time every iteration, report spread.
+"""Latency measured the way trtexec does: GPU compute time apart from host latency, judged by rounds.
 
 Candidates are timed in interleaved rounds (A, B, A, B, ...) in one process so a change
-of clock speed or background load hits all of them alike. On a GPU each iteration is
-bracketed by CUDA events; on the CPU by a monotonic clock, with nothing asynchronous
-left running.
+of clock speed or background load hits all of them alike. On a GPU each call is
+bracketed by CUDA events (GPU compute time, trtexec's "GPU Compute Time") and by the
+host's clock from before the enqueue to after the wait (trtexec's "Latency": enqueue
+and wait included); on the CPU both are the monotonic clock, with nothing asynchronous
+left running. Every call's sample is kept, so p50/p90/p99 are read from real calls.
+
+Trust is judged by how stable the median is across rounds, not by the per-call spread:
+sub-millisecond GPU calls carry host jitter that no quiet machine removes (coefficients
+of variation of 20-30% on an idle H200) while their medians repeat within a percent. A
+machine whose load comes and goes moves the rounds' medians apart, and is flagged.
 """
 
 from __future__ import annotations
@@ -11,14 +18,29 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 
+def percentiles(ms: list[float]) -> tuple[float, float, float]:
+    a = np.asarray(ms, dtype=np.float64)
+    return float(np.percentile(a, 50)), float(np.percentile(a, 90)), float(np.percentile(a, 99))
+
+
+def median_spread(rounds: list[list[float]]) -> tuple[list[float], float]:
+    """The rounds' medians and their spread: (max - min) / the median of them (0 for one round)."""
+    medians = [float(np.median(r)) for r in rounds if r]
+    if len(medians) < 2:
+        return medians, 0.0
+    middle = float(np.median(medians))
+    return medians, (max(medians) - min(medians)) / middle if middle else 0.0
+
+
 @dataclass
 class LatencyStats:
+    # GPU compute time on a GPU (CUDA events), the host's clock on the CPU.
     p50_ms: float
     p90_ms: float
     p99_ms: float
@@ -29,57 +51,79 @@ class LatencyStats:
     cv: float
     iterations: int
     throughput_per_s: float
+    # Host latency: enqueue and wait, wall clock (the same samples as above on the CPU).
+    host_p50_ms: float = 0.0
+    host_p90_ms: float = 0.0
+    host_p99_ms: float = 0.0
+    host_mean_ms: float = 0.0
+    # The median of each round and their spread, (max - min) / median: what trust is judged by.
+    round_medians_ms: list[float] = field(default_factory=list)
+    median_spread: float = 0.0
 
     @classmethod
-    def from_samples(cls, ms: list[float], batch_size: int) -> LatencyStats:
+    def from_samples(cls, ms: list[float], batch_size: int, host_ms: list[float] | None = None,
+                     rounds: list[list[float]] | None = None) -> LatencyStats:
         a = np.asarray(ms, dtype=np.float64)
+        host = np.asarray(host_ms if host_ms is not None else ms, dtype=np.float64)
         mean = float(a.mean())
         std = float(a.std(ddof=1)) if len(a) > 1 else 0.0
-        return cls(p50_ms=float(np.percentile(a, 50)), p90_ms=float(np.percentile(a, 90)),
-                   p99_ms=float(np.percentile(a, 99)), mean_ms=mean, std_ms=std,
+        p50, p90, p99 = percentiles(ms)
+        h50, h90, h99 = percentiles(list(host))
+        medians, spread = median_spread(rounds if rounds is not None else [list(ms)])
+        host_mean = float(host.mean())
+        return cls(p50_ms=p50, p90_ms=p90, p99_ms=p99, mean_ms=mean, std_ms=std,
                    min_ms=float(a.min()), max_ms=float(a.max()), cv=std / mean if mean else 0.0,
-                   iterations=len(a), throughput_per_s=batch_size * 1000.0 / mean if mean else 0.0)
+                   iterations=len(a), throughput_per_s=batch_size * 1000.0 / host_mean if host_mean else 0.0,
+                   host_p50_ms=h50, host_p90_ms=h90, host_p99_ms=h99, host_mean_ms=host_mean,
+                   round_medians_ms=[round(m, 6) for m in medians], median_spread=spread)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
-def _time_block(fn: Callable[[], object], n: int, cuda: bool) -> list[float]:
+def _time_block(fn: Callable[[], object], n: int, cuda: bool) -> tuple[list[float], list[float]]:
+    """(compute ms, host ms) of `n` calls: CUDA events and the host's clock around each, waited for."""
+    host = []
     if cuda:
         import torch
 
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-        for start, end in events:
+        events = []
+        for _ in range(n):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter_ns()
             start.record()
             fn()
             end.record()
-        torch.cuda.synchronize()
-        return [s.elapsed_time(e) for s, e in events]
-    out = []
+            end.synchronize()
+            host.append((time.perf_counter_ns() - t0) / 1e6)
+            events.append((start, end))
+        return [s.elapsed_time(e) for s, e in events], host
     for _ in range(n):
         t0 = time.perf_counter_ns()
         fn()
-        out.append((time.perf_counter_ns() - t0) / 1e6)
-    return out
+        host.append((time.perf_counter_ns() - t0) / 1e6)
+    return host, host
 
 
 def measure(candidates: dict[str, Callable[[], object]], *, warmup: int, iterations: int, rounds: int,
             min_seconds: float, batch_size: int, cuda: bool,
             on_progress: Callable[[int], None] | None = None) -> dict[str, LatencyStats]:
-    """Latency of each candidate over at least `iterations` runs and `min_seconds` seconds."""
+    """Latency of each candidate over at least `iterations` calls, `rounds` rounds and `min_seconds` seconds."""
     rounds = max(1, min(rounds, iterations))
     per_round = -(-iterations // rounds)  # ceil: at least `iterations` samples
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    blocks: dict[str, list[tuple[list[float], list[float]]]] = {name: [] for name in candidates}
     for fn in candidates.values():
         _time_block(fn, warmup, cuda)
     done = 0
-    while done < rounds or any(sum(s) / 1000.0 < min_seconds for s in samples.values()):
+    while done < rounds or any(sum(sum(b[1]) for b in s) / 1000.0 < min_seconds for s in blocks.values()):
         for name, fn in candidates.items():
-            samples[name].extend(_time_block(fn, per_round, cuda))
+            blocks[name].append(_time_block(fn, per_round, cuda))
         done += 1
         if on_progress:
             on_progress(done)
-    return {name: LatencyStats.from_samples(ms, batch_size) for name, ms in samples.items()}
+    return {name: LatencyStats.from_samples([x for b in bs for x in b[0]], batch_size,
+                                            host_ms=[x for b in bs for x in b[1]], rounds=[b[0] for b in bs])
+            for name, bs in blocks.items()}
 
 
 def physical_cores(cpus: set[int]) -> int:

@@ -187,9 +187,10 @@ def graph_precision(ctx: StageContext) -> str | None:
 
 def latency_method(device: str, latency: dict[str, Any]) -> str:
     if device != "cuda":
-        return "perf_counter, per iteration"
+        return "perf_counter, per call; trusted by the spread of the rounds' medians"
     graphed = latency["opt"].get("cuda_graph")
-    return "CUDA events on the current stream" + (", compiled module replayed from a CUDA graph" if graphed else "")
+    return ("GPU compute: CUDA events around each call; host_*: enqueue and wait, wall clock; trusted by the "
+            "spread of the rounds' medians" + (", compiled module replayed from a CUDA graph" if graphed else ""))
 
 
 def gpu_memory(ctx: StageContext, modules: dict[str, Any], resident: dict[str, float],
@@ -266,15 +267,17 @@ def time_latency(ctx: StageContext, eager, compiled, checks, device: str) -> dic
         compiled_fn, graphed = call(compiled), False
         if vcfg.cuda_graph and device == "cuda":
             compiled_fn, graphed = graph_or_warn(ctx, compiled_fn)
+        iterations = max(vcfg.iterations, vcfg.gpu_iterations) if device == "cuda" else vcfg.iterations
         with ctx.console.status(f"timing eager and compiled at {name} (interleaved)") as status:
             stats = timing.measure({"eager": call(eager), "compiled": compiled_fn}, warmup=vcfg.warmup,
-                            iterations=vcfg.iterations, rounds=vcfg.rounds, min_seconds=vcfg.min_seconds,
+                            iterations=iterations, rounds=vcfg.rounds, min_seconds=vcfg.min_seconds,
                             batch_size=shapes.batch_size(cfg.input, dims), cuda=device == "cuda",
                             on_progress=lambda r, n=name: status.update(f"timing eager and compiled at {n}: round {r}"))
         for who, st in stats.items():
-            if st.cv > vcfg.cv_warn_threshold:
-                ctx.warn(f"{who} latency at {name} varies too much to trust: coefficient of variation {st.cv:.1%} "
-                         f"> {vcfg.cv_warn_threshold:.0%}; quiet the machine or raise validate.iterations")
+            if st.median_spread > vcfg.spread_warn_threshold:
+                ctx.warn(f"{who} latency at {name} varies too much to trust: the medians of its "
+                         f"{len(st.round_medians_ms)} rounds spread {st.median_spread:.1%} "
+                         f"> {vcfg.spread_warn_threshold:.0%}; quiet the machine or raise validate.iterations")
         latency[name] = {"dims": dims, "compiled": stats["compiled"].as_dict(), "eager": stats["eager"].as_dict(),
                          "speedup": stats["eager"].p50_ms / stats["compiled"].p50_ms, "cuda_graph": graphed}
     return latency
@@ -305,6 +308,8 @@ def report_metrics(accuracy: dict[str, Any], per_shape: list, latency: dict[str,
         "accuracy_passed": float(not failures),
         "latency_p50_ms": c["p50_ms"], "latency_p90_ms": c["p90_ms"], "latency_p99_ms": c["p99_ms"],
         "latency_mean_ms": c["mean_ms"], "latency_std_ms": c["std_ms"], "latency_cv": c["cv"],
+        "latency_median_spread": c["median_spread"], "eager/latency_median_spread": e["median_spread"],
+        "host_latency_p50_ms": c["host_p50_ms"], "host_latency_p99_ms": c["host_p99_ms"],
         "throughput_per_s": c["throughput_per_s"],
         "eager/latency_p50_ms": e["p50_ms"], "eager/latency_p90_ms": e["p90_ms"], "eager/latency_p99_ms": e["p99_ms"],
         "eager/latency_mean_ms": e["mean_ms"], "eager/latency_cv": e["cv"], "eager/throughput_per_s": e["throughput_per_s"],

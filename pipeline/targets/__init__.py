@@ -154,6 +154,14 @@ class Target:
     def configure(self, compile_cfg) -> None:
         """Check and translate this job's compile settings before any stage runs (errors here are the user's)."""
 
+    def settle(self, input_cfg) -> dict[str, str]:
+        """Choices that follow the job's input (static or dynamic shapes), made in self.settings.
+
+        Returns tags naming each choice and, under `<name>.reason`, why: the runner prints
+        them, puts them in the summary and the MLflow tags; config.yaml holds the settings.
+        """
+        return {}
+
     # --- what changes its outputs -------------------------------------------------------
 
     def build_settings(self) -> dict[str, Any]:

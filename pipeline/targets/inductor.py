@@ -30,7 +30,7 @@ from pipeline.targets import Target, TargetSettings
 from pipeline.targets.inductor_runtime import CUDAGRAPH_MODES
 from pipeline.targets.onnx_base import value_info
 
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ARTIFACTS = ("auto", "aoti", "compile_cache")
 MEMORY_FORMATS = ("contiguous", "channels_last")
 
@@ -42,9 +42,13 @@ class Settings(TargetSettings):
     name: str = "inductor"
     # auto: CUDA where torch sees a GPU, else the CPU.
     device: str = "auto"
-    # torch.compile's mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
-    # (on CUDA, reduce-overhead and max-autotune replay CUDA graphs).
-    mode: str = "default"
+    # torch.compile's mode: auto | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    # (on CUDA, reduce-overhead and max-autotune replay CUDA graphs). auto: reduce-overhead for
+    # static shapes on CUDA, default elsewhere (choose_mode says why); max-autotune is never
+    # chosen for you: its compile costs minutes.
+    mode: str = "auto"
+    # Why `mode` is what it is (filled in when the job settles its target; not a setting).
+    mode_reason: str = ""
     # contiguous | channels_last: weights and 4-D inputs in this layout (GPU convolutions prefer channels_last).
     memory_format: str = "contiguous"
     # auto | aoti | compile_cache: auto is aoti on the CPU, compile_cache on CUDA.
@@ -74,6 +78,27 @@ def choose_artifact(settings: dict[str, Any]) -> str:
         raise ConfigError("target.memory_format=channels_last is applied by torch.compile, not by AOTInductor.",
                           "use target.artifact=compile_cache, or target.memory_format=contiguous.")
     return chosen
+
+
+def choose_mode(settings: dict[str, Any], dynamic_dims: list[str]) -> tuple[str, str]:
+    """(torch.compile mode, why): CUDA graphs by default for static shapes on CUDA.
+
+    A CUDA graph replays a whole call with one launch, which is what small batches lack
+    (ResNet-50 fp16 batch 1 on an H200: 3.80 ms in mode default, 0.46 ms in reduce-overhead).
+    Graphs are captured per input shape, so dynamic dims keep mode default.
+    """
+    asked = settings["mode"]
+    if asked != "auto":
+        return asked, f"target.mode={asked} was asked for"
+    if settings["device"] != "cuda":
+        return "default", "target.mode=auto: on the CPU there are no CUDA graphs to replay"
+    if settings["artifact"] == "aoti":
+        return "default", "target.mode=auto: an AOTInductor package cannot hold CUDA graphs"
+    if dynamic_dims:
+        return "default", (f"target.mode=auto: the input's dims {', '.join(dynamic_dims)} are dynamic and CUDA "
+                           "graphs are captured per shape (set target.mode=reduce-overhead to capture each size met)")
+    return "reduce-overhead", ("target.mode=auto: static shapes on CUDA replay CUDA graphs (one launch per call); "
+                               "max-autotune stays explicit, its compile costs minutes")
 
 
 class InductorTarget(Target):
@@ -115,6 +140,12 @@ class InductorTarget(Target):
             return (f"Inductor needs a C++ compiler and found none ({err}); install one "
                     "(apt-get install g++) or point CXX at it")
         return None
+
+    def settle(self, input_cfg) -> dict[str, str]:
+        dims = input_cfg.get("dims") or {}
+        mode, why = choose_mode(self.settings, [str(n) for n, d in dims.items() if d["min"] != d["max"]])
+        self.settings.update(mode=mode, mode_reason=why)
+        return {"target.mode": mode, "target.mode.reason": why}
 
     def layer_names(self, segment: dict[str, Any], convert_dir: Path) -> tuple[set[str], list[str]]:
         """What quantize.exclude can name in this segment (module paths, as PT2E's quantizer takes them)."""

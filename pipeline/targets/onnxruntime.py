@@ -125,6 +125,16 @@ class OnnxRuntimeTarget(OnnxTarget):
             return "onnxruntime is not installed (pip install onnxruntime)"
         return None
 
+    def settle(self, input_cfg) -> dict[str, str]:
+        if self.device() != "cuda":
+            return {}
+        # The CUDA provider's enable_cuda_graph replays only with every input and output bound at
+        # the same device address each run; these sessions bind the caller's tensors where they
+        # live and let ONNX Runtime allocate fresh outputs, so earlier outputs are never overwritten.
+        return {"target.cuda_graph": "off", "target.cuda_graph.reason": (
+            "ONNX Runtime's enable_cuda_graph needs inputs and outputs bound at fixed device addresses; "
+            "the IO binding here binds each call's tensors in place and fresh outputs")}
+
     def configure(self, compile_cfg) -> None:
         """A provider this onnxruntime lacks fails here, before any stage: build needs it too."""
         self._check_providers()

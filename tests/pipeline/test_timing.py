@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import pytest
 
-from pipeline.timing import LatencyStats, measure, physical_cores, thread_budget
+from pipeline.config import ValidateConfig
+from pipeline.timing import LatencyStats, measure, median_spread, physical_cores, thread_budget
 
 
 def test_from_samples_on_one_to_hundred():
@@ -48,7 +51,48 @@ def test_from_samples_single_sample_has_no_spread():
 def test_as_dict_has_every_field():
     d = LatencyStats.from_samples([1.0, 2.0], batch_size=1).as_dict()
     assert set(d) == {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms", "cv",
-                      "iterations", "throughput_per_s"}
+                      "iterations", "throughput_per_s", "host_p50_ms", "host_p90_ms", "host_p99_ms",
+                      "host_mean_ms", "round_medians_ms", "median_spread"}
+
+
+def test_host_latency_is_reported_apart_and_sets_throughput():
+    s = LatencyStats.from_samples([1.0, 1.0, 1.0, 1.0], batch_size=8, host_ms=[2.0, 2.0, 2.0, 6.0])
+    assert (s.p50_ms, s.host_p50_ms, s.host_mean_ms) == (1.0, 2.0, 3.0)
+    assert s.host_p99_ms == pytest.approx(5.88)
+    assert s.throughput_per_s == pytest.approx(8 * 1000.0 / 3.0)  # what a caller waiting on each call gets
+
+
+def test_median_spread_of_rounds():
+    assert median_spread([[1.0, 1.0, 1.0], [1.1, 1.1], [0.9]]) == ([1.0, 1.1, 0.9], pytest.approx(0.2))
+    assert median_spread([[5.0]]) == ([5.0], 0.0)
+
+
+def test_jittery_calls_with_steady_medians_are_trusted():
+    """Sub-millisecond GPU calls: a third of the calls jitter, the rounds' medians do not move."""
+    rounds = [[0.46, 0.46, 0.47, 0.46, 0.9, 0.46, 1.4, 0.46, 0.47] for _ in range(5)]
+    s = LatencyStats.from_samples([x for r in rounds for x in r], batch_size=1, rounds=rounds)
+    assert s.cv > 0.4  # what the old rule flagged
+    assert s.median_spread < ValidateConfig().spread_warn_threshold
+
+
+def test_a_loaded_cpu_is_flagged():
+    """Load that arrives mid-measurement (busy processes on every core) moves the rounds' medians apart."""
+    busy: list[subprocess.Popen] = []
+
+    def load(done_rounds: int) -> None:
+        if done_rounds == 3:
+            busy.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                        for _ in range(3 * (os.cpu_count() or 1)))
+            time.sleep(0.5)  # let the scheduler share the cores out
+
+    try:
+        stats = measure({"work": lambda: sum(range(30000))}, warmup=5, iterations=240, rounds=6,
+                        min_seconds=0.0, batch_size=1, cuda=False, on_progress=load)
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    assert stats["work"].median_spread > ValidateConfig().spread_warn_threshold
 
 
 def test_measure_interleaves_candidates_in_rounds():
