@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pipeline import hybrid, layout, shapes, timing
+from pipeline import hybrid, layout, shapes, throughput, timing
 from pipeline.dtypes import is_quantized, precisions_of
 from pipeline.errors import ArtifactError
 from pipeline.files import load_json, write_json
@@ -126,6 +126,7 @@ def run(ctx: StageContext) -> Metrics:
     latency = time_latency(ctx, eager, compiled, checks, device)
     memory = (gpu_memory(ctx, {"eager": eager, "compiled": compiled}, resident, loading["outside_mb"])
               if device == "cuda" else None)
+    best = search_throughput(ctx, compiled, device) if cfg.validate.throughput.enabled else None
     report = {
         "validated": True, "passed": not failures, "failures": failures,
         "precision": precision, "precision_achieved": achieved, "device": device,
@@ -133,11 +134,14 @@ def run(ctx: StageContext) -> Metrics:
         "accuracy": accuracy, "shapes": per_shape, "tolerance": dict(cfg.validate.tolerances[precision]),
         "latency": {**latency["opt"], "method": latency_method(device, latency), "threads": threads, "at": latency},
         "engine_load_seconds": loading["seconds"], "gpu_memory_mb": memory,
-        "quantization": quantization_summary(ctx), "warnings": list(ctx.notes),
+        "quantization": quantization_summary(ctx), "throughput": best, "warnings": list(ctx.notes),
     }
     write_json(ctx.out / FILES.report, report)
     metrics = {**report_metrics(accuracy, per_shape, latency, failures), **tags,
                "engine_load_seconds": loading["seconds"], "latency_threads": float(threads["threads"])}
+    if best and best["chosen"]:
+        metrics.update({"throughput.chosen_batch": float(best["chosen_batch"]),
+                        "throughput.chosen_per_s": best["chosen"]["throughput_per_s"]})
     if memory:
         metrics.update({"gpu_mem_peak_mb": memory["compiled"]["peak"], "eager/gpu_mem_peak_mb": memory["eager"]["peak"]})
     return metrics
@@ -281,6 +285,35 @@ def time_latency(ctx: StageContext, eager, compiled, checks, device: str) -> dic
         latency[name] = {"dims": dims, "compiled": stats["compiled"].as_dict(), "eager": stats["eager"].as_dict(),
                          "speedup": stats["eager"].p50_ms / stats["compiled"].p50_ms, "cuda_graph": graphed}
     return latency
+
+
+def search_throughput(ctx: StageContext, compiled, device: str) -> dict[str, Any] | None:
+    """validate.throughput: the batch with the most throughput under the p99 budget, on this one engine."""
+    cfg, vcfg = ctx.config, ctx.config.validate
+    dim = throughput.batch_dim(cfg.input)
+    if dim is None:
+        ctx.warn("validate.throughput needs a dynamic batch (the first input's first size named in input.dims, "
+                 "min < max), so that one engine serves every batch; not searched")
+        return None
+    opt, cast = shapes.corners(cfg.input)["opt"], caster(cfg.compile.precision)
+
+    def time_at(batch: int) -> timing.LatencyStats:
+        sample = shapes.make(cfg.input, {**opt, dim: batch}, 1, seed_offset=2)[0].to(device, cast)
+
+        def fn():
+            with torch.no_grad():
+                sample(compiled)
+        return timing.measure({"compiled": fn}, warmup=vcfg.warmup, iterations=vcfg.throughput.iterations,
+                              rounds=vcfg.rounds, min_seconds=0.0, batch_size=batch, cuda=device == "cuda")["compiled"]
+
+    sizes = throughput.batches(int(cfg.input.dims[dim].min), int(cfg.input.dims[dim].max),
+                               list(vcfg.throughput.batches))
+    with ctx.console.status("throughput search") as status:
+        found = throughput.search(time_at, sizes, float(vcfg.throughput.p99_budget_ms),
+                                  on_point=lambda p: status.update(f"throughput search: batch {p['batch']} done"))
+    ctx.console.print(throughput.table(found), markup=False)
+    throughput.plot(found, ctx.out / "throughput.png", f"{cfg.model.name} {cfg.compile.precision} on {device}")
+    return found
 
 
 def graph_or_warn(ctx: StageContext, fn):

@@ -15,6 +15,7 @@ retries while SQLite says the database is locked.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import random
 import subprocess
@@ -238,6 +239,7 @@ class Tracker:
         client = self.client
         now_ms = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now_ms, 0) for k, v in sorted(result.metrics.items())]
+        metrics += curve_metrics(run_dir, now_ms)
         tags = [RunTag(f"cache.{s.name}", "hit" if s.hit else "miss") for s in result.stages]
         tags += [RunTag("target.reason", result.target_reason[:5000]), RunTag("status", result.status)]
         tags += [RunTag(k, str(v)[:5000]) for k, v in sorted(result.tags.items())]
@@ -258,6 +260,19 @@ class Tracker:
         from pipeline.tracking.artifacts import log_run
 
         log_run(self.client, self.experiment_id, self.run_id, run_dir, keys, self.settings.get("log_engines", True))
+
+
+def curve_metrics(run_dir: Path, now_ms: int) -> list:
+    """validate.throughput's curve as metrics with the batch as step: MLflow charts them against batch."""
+    from mlflow.entities import Metric
+
+    path = run_dir / "validate" / "report.json"
+    found = json.loads(path.read_text()).get("throughput") if path.is_file() else None
+    out = []
+    for point in (found or {}).get("curve", []):
+        out += [Metric(f"throughput_curve.{k}", float(point[k]), now_ms, int(point["batch"]))
+                for k in ("throughput_per_s", "p99_ms", "p50_ms")]
+    return out
 
 
 # --- sweeps -------------------------------------------------------------------------------
