@@ -266,6 +266,8 @@ class Config:
     verbose: bool = False
     # Register the compiled program in MLflow's model registry (a new version of the model's name).
     register: bool = False
+    # Estimate the host and GPU memory the job needs before any stage and refuse it if it cannot fit.
+    check_memory: bool = True
 
 
 def register() -> None:

@@ -27,7 +27,7 @@ from pipeline.errors import CompileError, PipelineError, terminate_as_interrupt
 from pipeline.files import load_json, write_json
 from pipeline.stage import StageSpec
 from pipeline.tracking.recovery import process_identity
-from pipeline.worker import Request, StageWorker, disk_full, reraise
+from pipeline.worker import MEMORY_CHECK, Request, StageWorker, disk_full, reraise
 
 
 @dataclass
@@ -155,6 +155,9 @@ class Runner:
         ops.resolve(self.config["compile"]["torch_executed_ops"])
         shapes.check(OmegaConf.create(self.config["input"]))
         self.cache.remove_dead_staging()  # what jobs killed outright left behind
+        if self.config.get("check_memory", True):
+            self.current_stage = "memory check"
+            result.metrics.update(self.check_memory(target))
         keys: dict[str, str] = {}
         for spec in ORDER:
             self.current_stage = spec.name
@@ -173,6 +176,18 @@ class Runner:
             write_json(self.run_dir / layout.RUN_JSON, result.as_dict())
         self.current_stage = "validation gate"
         result.tags.update(self.trust_tags(result))
+
+    def check_memory(self, target) -> dict[str, float]:
+        """The job's memory estimate against what the host and device have free, in the stage worker."""
+        request = Request(stage=MEMORY_CHECK, config={k: self.config[k] for k in ("model", "input", "compile",
+                                                                                 "validate")},
+                          target=target.name, settings=target.settings, inputs={}, out=str(self.run_dir),
+                          job_pid=os.getpid())
+        with self.console.status("estimating the memory the job needs"):
+            reply = self.worker.run(request)
+        if reply.error is not None:
+            reraise(reply, request)
+        return reply.metrics
 
     def settle_target(self, result: JobResult) -> targets.Target:
         """The job's target, made and configured; what it resolved (device=auto, providers, artifact)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import env, logs
+from pipeline import env, logs, peaks
 from pipeline.errors import PipelineError, StageCrashed
 
 # Imported once by the forkserver, so each job's worker starts with them loaded.
@@ -40,6 +40,8 @@ SWEEP_PRELOAD = ("torch.export.pt2_archive._package", "torch._export.serde.seria
 POLL_SECONDS = 0.2
 # Below this much free space a crashed stage is blamed on the disk.
 LOW_DISK = 64 * 2**20
+# The request that estimates the job's memory before any stage (pipeline.memory), not a stage.
+MEMORY_CHECK = "memory check"
 
 
 @dataclass
@@ -102,13 +104,19 @@ def run_request(request: Request) -> Reply:
     console = Console(file=io.StringIO(), record=True, width=120, soft_wrap=True, highlight=False)
     try:
         target = targets.target_class(request.target)(request.settings)
+        if request.stage == MEMORY_CHECK:  # before any stage, in this process that has torch loaded
+            from pipeline import memory
+
+            return Reply(metrics=memory.check(request.config, target.device()), notes=[])
         ctx = StageContext(config=OmegaConf.create(request.config, flags={"readonly": True}), target=target,
                            inputs={k: Path(v) for k, v in request.inputs.items()}, out=Path(request.out),
                            console=console)
+        peaks.reset()
         with logs.collapse_repeats():
             metrics = stages.BY_NAME[request.stage].run(ctx)
-        return Reply(metrics=metrics, notes=ctx.notes, text=console.export_text())
+        return Reply(metrics={**metrics, **peaks.read(request.stage)}, notes=ctx.notes, text=console.export_text())
     except BaseException as err:  # every error goes back to the job, which decides what it means
+        err = peaks.out_of_gpu_memory(err, request.stage, request.config) or err
         return Reply(error=_portable(err), trace=traceback.format_exc(), text=console.export_text())
 
 
@@ -161,6 +169,7 @@ class StageWorker:
         with _standard_start_method():
             self.process.start()
         child.close()
+        self.oom_kills = peaks.oom_kills()  # the kernel's count now: a rise means our child was killed for memory
 
     def run(self, request: Request) -> Reply:
         try:
@@ -171,7 +180,7 @@ class StageWorker:
             reply: Reply = self.conn.recv()
         except (EOFError, OSError):
             self.process.join(5)
-            raise crashed(request, self.process.exitcode) from None
+            raise crashed(request, self.process.exitcode, self.oom_kills) from None
         except BaseException:  # interrupted (SIGINT, SIGTERM): stop the stage before its staging is removed
             self.kill()
             raise
@@ -190,12 +199,20 @@ class StageWorker:
             self.kill()
 
 
-def crashed(request: Request, exitcode: int | None) -> StageCrashed:
-    """One line naming the stage and how its process ended (and the disk, when it is full)."""
+def crashed(request: Request, exitcode: int | None, oom_kills_before: int | None = None) -> StageCrashed:
+    """One line naming the stage and how its process ended (the disk when it is full, memory when the
+    kernel's OOM killer ended it)."""
     if exitcode is not None and exitcode < 0:
         how = f"was killed by {signal.Signals(-exitcode).name}"
     else:
         how = f"exited with status {exitcode}"
+    now = peaks.oom_kills()
+    if exitcode == -signal.SIGKILL and oom_kills_before is not None and now is not None and now > oom_kills_before:
+        return StageCrashed(
+            f"stage {request.stage} ran out of host memory: the kernel's OOM killer ended its process "
+            f"(oom_kill count {oom_kills_before} -> {now}).",
+            "lower the batch (input.tensors shapes or input.dims.<dim>.max) or validate.num_samples, "
+            "or run where more memory is free.")
     if shutil.disk_usage(Path(request.out).parent).free < LOW_DISK:  # native writers abort on a full disk
         return disk_full(request.stage, Path(request.out), how)
     return StageCrashed(
