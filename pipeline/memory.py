@@ -122,8 +122,14 @@ def describe(parts: dict[str, float]) -> str:
 
 
 def check(config: dict[str, Any], device: str) -> dict[str, Any]:
-    """Refuse, in one line, a job whose estimate exceeds the memory free on the host or the device."""
-    needed = estimate(config, device)
+    """Refuse, in one line, a job whose estimate exceeds the memory free on the host or the device.
+
+    A model that fails at batch 1 is not estimated: export then says what is wrong with it.
+    """
+    try:
+        needed = estimate(config, device)
+    except Exception:  # the model's own errors, reported by export in its words
+        return {}
     free, source = host_available()
     wants = {"host": (sum(needed["host"].values()), free, source, needed["host"])}
     if needed["device"] is not None:

@@ -82,22 +82,29 @@ class LatencyStats:
 
 
 def _time_block(fn: Callable[[], object], n: int, cuda: bool) -> tuple[list[float], list[float]]:
-    """(compute ms, host ms) of `n` calls: CUDA events and the host's clock around each, waited for."""
-    host = []
+    """(compute ms, host ms) of `n` calls each.
+
+    On a GPU, compute: the calls queued back to back with CUDA events around each (trtexec's
+    GPU compute time: waiting after every call would add the host's wake-up to the next call);
+    host: `n` more calls, each enqueued and waited for, on the host's clock.
+    """
     if cuda:
         import torch
 
-        events = []
-        for _ in range(n):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0 = time.perf_counter_ns()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
             start.record()
             fn()
             end.record()
-            end.synchronize()
+        torch.cuda.synchronize()
+        host = []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            fn()
+            torch.cuda.synchronize()
             host.append((time.perf_counter_ns() - t0) / 1e6)
-            events.append((start, end))
         return [s.elapsed_time(e) for s, e in events], host
+    host = []
     for _ in range(n):
         t0 = time.perf_counter_ns()
         fn()
@@ -105,19 +112,34 @@ def _time_block(fn: Callable[[], object], n: int, cuda: bool) -> tuple[list[floa
     return host, host
 
 
+def warm(fn: Callable[[], object], calls: int, seconds: float, cuda: bool) -> float:
+    """Run `calls` calls and at least `seconds` (GPU clocks ramp up under load); the mean ms of a call."""
+    started, done = time.perf_counter(), 0
+    while done < calls or time.perf_counter() - started < seconds:
+        _time_block(fn, 1, cuda)
+        done += 1
+    return (time.perf_counter() - started) * 1000.0 / max(done, 1)
+
+
 def measure(candidates: dict[str, Callable[[], object]], *, warmup: int, iterations: int, rounds: int,
-            min_seconds: float, batch_size: int, cuda: bool,
+            min_seconds: float, batch_size: int, cuda: bool, round_seconds: float = 0.0,
             on_progress: Callable[[int], None] | None = None) -> dict[str, LatencyStats]:
-    """Latency of each candidate over at least `iterations` calls, `rounds` rounds and `min_seconds` seconds."""
+    """Latency of each candidate over at least `iterations` calls, `rounds` rounds and `min_seconds` seconds.
+
+    `round_seconds`: each round lasts about this long at least (more calls per round for fast
+    candidates), so that one passing hiccup cannot move a round's median.
+    """
     rounds = max(1, min(rounds, iterations))
-    per_round = -(-iterations // rounds)  # ceil: at least `iterations` samples
+    per_round = {name: -(-iterations // rounds) for name in candidates}  # ceil: at least `iterations` samples
+    for name, fn in candidates.items():
+        ms = warm(fn, warmup, round_seconds, cuda)
+        if round_seconds and ms > 0:
+            per_round[name] = max(per_round[name], int(round_seconds * 1000.0 / ms))
     blocks: dict[str, list[tuple[list[float], list[float]]]] = {name: [] for name in candidates}
-    for fn in candidates.values():
-        _time_block(fn, warmup, cuda)
     done = 0
     while done < rounds or any(sum(sum(b[1]) for b in s) / 1000.0 < min_seconds for s in blocks.values()):
         for name, fn in candidates.items():
-            blocks[name].append(_time_block(fn, per_round, cuda))
+            blocks[name].append(_time_block(fn, per_round[name], cuda))
         done += 1
         if on_progress:
             on_progress(done)

@@ -81,11 +81,25 @@ def _export(model, sample: shapes.Sample, cfg):
         raise
 
 
+# Where transformers' BERT encoders (conf/model/bert_*.yaml, input=text_dynamic) were seen to keep
+# batch and seq dynamic. torch 2.11 traced on the CPU (SDPA) guards batch != 1, which min 1 violates.
+TESTED_DYNAMIC = ("transformers encoders keep batch and seq dynamic with torch 2.14 + transformers 5.17 or "
+                  "5.24 (CPU), and torch 2.11 + transformers 5.17 on CUDA")
+
+
 def _not_dynamic(cfg, detail: str) -> ConfigError:
+    import sys
+
+    import torch
+
+    here = [f"torch {torch.__version__}"]
+    if "transformers" in sys.modules:
+        here.append(f"transformers {sys.modules['transformers'].__version__}")
     return ConfigError(
-        f"model {cfg.model.name} does not keep input dimension(s) {', '.join(cfg.input.dims)} dynamic: {detail}",
+        f"model {cfg.model.name} does not keep input dimension(s) {', '.join(cfg.input.dims)} dynamic "
+        f"({', '.join(here)}): {detail}",
         "make that dimension static in input.tensors (a number instead of its name), or narrow its "
-        "min/max in input.dims to sizes the model treats alike.",
+        f"min/max in input.dims to sizes the model treats alike ({TESTED_DYNAMIC}).",
     )
 
 
