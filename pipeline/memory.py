@@ -132,9 +132,9 @@ def check(config: dict[str, Any], device: str) -> dict[str, Any]:
         return {}
     free, source = host_available()
     wants = {"host": (sum(needed["host"].values()), free, source, needed["host"])}
-    if needed["device"] is not None:
-        import torch
+    import torch
 
+    if needed["device"] is not None and torch.cuda.is_available():  # a build-only machine runs nothing here
         gpu_free, gpu_total = torch.cuda.mem_get_info()
         wants["GPU"] = (sum(needed["device"].values()), gpu_free,
                         f"free of {gpu_total / GB:.1f} GB on {torch.cuda.get_device_name()}", needed["device"])

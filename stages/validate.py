@@ -374,7 +374,7 @@ def shape_checks(input_cfg, vcfg) -> list[tuple[str, dict[str, int], int]]:
 
 # Measurements are of this moment on this machine: reused only with validate.cache=true.
 SPEC = StageSpec(
-    name="validate", version=4, run=run, inputs=("export", "lower", "partition", "build"),
+    name="validate", version=5, run=run, inputs=("export", "lower", "partition", "build"),
     reads=(*MODEL_KEYS, "model.task", *INPUT_KEYS, "compile.precision", "validate"),
     labels=("model.name",), asks=RUNNING, writes=FILES, cacheable="validate.cache",
 )
