@@ -95,7 +95,9 @@ def test_a_loaded_cpu_is_flagged():
             time.sleep(0.5)  # let the scheduler share the cores out
 
     try:
-        stats = measure({"work": lambda: sum(range(30000))}, warmup=5, iterations=240, rounds=6,
+        # Calls of ~20 ms, as a model's on the CPU: longer than a scheduler slice, so load moves the
+        # median (calls of 1 ms mostly finish inside one slice: load then shows in the tail only).
+        stats = measure({"work": lambda: sum(range(600000))}, warmup=2, iterations=60, rounds=6,
                         min_seconds=0.0, batch_size=1, cuda=False, on_progress=load)
     finally:
         for proc in busy:
