@@ -10,6 +10,14 @@ from __future__ import annotations
 
 import pytest
 from testkit import ENV_VARS, ORT_1_THREAD, RESNET18, inductor_job_or_skip, run_job
+from tiers import tiers_of
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test's tier markers, from the one table in tests/tiers.py (`make test-fast` deselects them)."""
+    for item in items:
+        for tier in sorted(tiers_of(item.path, getattr(item, "originalname", item.name))):
+            item.add_marker(tier)
 
 
 @pytest.fixture(scope="session", autouse=True)
