@@ -234,10 +234,11 @@ def compare_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def two_jobs(tmp_path_factory):
+def two_jobs(tiny_job, tmp_path_factory):
+    """Two runs in a store of their own, built from the session's tiny_cnn cache (only validate runs)."""
     tmp = tmp_path_factory.mktemp("compare")
-    jobs = [run_job(tmp, "compile.min_block_size=1", run_dir=tmp / "run0"),
-            run_job(tmp, "target=eager", run_dir=tmp / "run1")]
+    jobs = [run_job(tmp, "target=onnxruntime", run_dir=tmp / "run0", cache=tiny_job.cache),
+            run_job(tmp, "target=eager", run_dir=tmp / "run1", cache=tiny_job.cache)]
     return tmp, jobs
 
 
