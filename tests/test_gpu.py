@@ -17,8 +17,7 @@ from testkit import REPO, clean_env, half_written, run_cli, run_job
 
 from pipeline.models import build_model
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu on one)")]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu on one)")
 
 NO_TRACKING = "tracking.enabled=false"
 RELOAD = r"""

@@ -192,7 +192,6 @@ def export_stage(tmp_path, precision: str, *extra: str):
 
 
 @needs_modelopt
-@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="modelopt emits tensorrt::quantize_op for CUDA tensors only")
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_export_traces_modelopt_quantize_ops_on_the_gpu(tmp_path, precision):

@@ -221,7 +221,6 @@ def test_asking_fp16_and_getting_fp32_fails(trt_job):
 
 
 @no_gpu
-@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_resnet18_engines(tmp_path, precision):
     job = run_job(tmp_path, *RESNET18, "target=tensorrt", f"compile.precision={precision}")

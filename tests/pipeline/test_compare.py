@@ -234,10 +234,14 @@ def compare_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def two_jobs(tmp_path_factory):
+def two_jobs(tiny_cache_as_built, tmp_path_factory):
+    """Two runs in a store of their own, on a copy of the session's tiny_cnn cache: the onnxruntime job
+    hits every stage but validate, and the eager job's entries stay out of the session's cache (a job
+    there that expects to read the export program would hit eager's lowered one instead)."""
     tmp = tmp_path_factory.mktemp("compare")
-    jobs = [run_job(tmp, "compile.min_block_size=1", run_dir=tmp / "run0"),
-            run_job(tmp, "target=eager", run_dir=tmp / "run1")]
+    shutil.copytree(tiny_cache_as_built, tmp / "cache")
+    jobs = [run_job(tmp, "target=onnxruntime", run_dir=tmp / "run0", cache=tmp / "cache"),
+            run_job(tmp, "target=eager", run_dir=tmp / "run1", cache=tmp / "cache")]
     return tmp, jobs
 
 
