@@ -72,7 +72,7 @@ bench: install   ## engine speed vs hand-written ORT, orchestrator cost, then th
 bench-sweep: install
 	$(PY) bench/sweep.py
 
-bench-quant: install  ## int8 vs fp32 engines (ResNet-50, BERT-base) on this CPU: speed and accuracy
+bench-quant: install  ## int8 vs fp32 engines (ResNet-50, BERT-base, the digits CNN with task top-1 drops) on this CPU
 	$(PY) bench/quant.py
 
 bench-quant-gpu:  ## fp8 (torchao) vs fp16 Inductor engines on a CUDA GPU: ViT-B/16, BERT-base

@@ -57,16 +57,18 @@ def check(config: dict[str, Any]) -> None:
                               f"set {key} to {low} or more.")
     input_cfg = OmegaConf.create(config["input"])
     shapes.check(input_cfg)
-    batches = load(OmegaConf.create(config["calibration"]), input_cfg)
+    batches = load(OmegaConf.create(config["calibration"]), input_cfg, OmegaConf.create(config.get("data") or {}))
     config["calibration"]["digest"] = digest(batches)
 
 
-def load(cal, input_cfg) -> list[shapes.Sample]:
+def load(cal, input_cfg, data_cfg=None) -> list[shapes.Sample]:
     """The first calibration.num_samples batches of the configured source, each checked against the spec."""
     count = int(cal.num_samples)
     source = choice_name(cal.source)
     if source == "random":
         return _random(input_cfg, count, int(cal.seed))
+    if source == "data":
+        return [sample for sample, _ in data_batches(data_cfg, input_cfg, count)]
     if source == "folder":
         items = _folder_items(cal.folder, count)
     else:
@@ -82,6 +84,21 @@ def _random(input_cfg, count: int, seed: int) -> list[shapes.Sample]:
     corners = shapes.corners(input_cfg)
     sizes = [corners["opt"], corners["min"], corners["max"], *shapes.random_dims(input_cfg, count, seed)]
     return [shapes.make(input_cfg, sizes[i], 1, seed_offset=seed + i)[0] for i in range(count)]
+
+
+def data_batches(data_cfg, input_cfg, count: int) -> list:
+    """The first `count` (batch, labels) of the data group's calibration split (calibration.source=data)."""
+    from pipeline import data
+
+    if not data.present(data_cfg):
+        raise ConfigError("calibration.source=data but no data is configured (data=none).",
+                          "pick real data, e.g. data=tensors data.path=... data.labels=..., or calibration=default.")
+    batches = data.split(data_cfg, input_cfg, "calibration")
+    if len(batches) < count:
+        raise ConfigError(f"data {data_cfg.name}'s calibration split holds {len(batches)} batch(es), fewer than "
+                          f"calibration.num_samples={count}.",
+                          f"raise data.calibration_items, or lower calibration.num_samples to {len(batches)}.")
+    return batches[:count]
 
 
 def _folder_items(folder: str | None, count: int) -> list[tuple[str, Any]]:
@@ -113,17 +130,22 @@ def _read(path: Path):
                           "save batches with numpy.save (no pickles) or torch.save of tensors.") from None
 
 
-def _factory_items(target: str | None, kwargs: dict[str, Any], count: int) -> list[tuple[str, Any]]:
-    fix = ("give calibration._target_ an importable callable returning an iterable of batches "
-           "(fix it in Python first: calling it shows the traceback).")
+def call_factory(group: str, target: str | None, kwargs: dict[str, Any], limit: int | None, fix: str) -> list:
+    """The first `limit` items (all: None) of the iterable a user's `<group>._target_` returns, or one line."""
     if not target:
-        raise ConfigError("calibration.source=factory but calibration._target_ is not set.", fix)
+        raise ConfigError(f"{group}.source=factory but {group}._target_ is not set.", fix)
     module_name, _, attr = target.rpartition(".")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-        items = list(itertools.islice(iter(factory(**kwargs)), count))
+        return list(itertools.islice(iter(factory(**kwargs)), limit))
     except Exception as err:  # the user's code: any failure means the same thing
-        raise ConfigError(f"calibration factory {target} failed: {_first_line(err)}.", fix) from None
+        raise ConfigError(f"{group} factory {target} failed: {_first_line(err)}.", fix) from None
+
+
+def _factory_items(target: str | None, kwargs: dict[str, Any], count: int) -> list[tuple[str, Any]]:
+    fix = ("give calibration._target_ an importable callable returning an iterable of batches "
+           "(fix it in Python first: calling it shows the traceback).")
+    items = call_factory("calibration", target, kwargs, count, fix)
     if len(items) < count:
         raise ConfigError(f"calibration factory {target} yielded {len(items)} batch(es), fewer than "
                           f"calibration.num_samples={count}.",
@@ -200,9 +222,9 @@ def digest(batches: list[shapes.Sample]) -> str:
     return h.hexdigest()
 
 
-def load_checked(cal, input_cfg) -> tuple[list[shapes.Sample], str]:
+def load_checked(cal, input_cfg, data_cfg=None) -> tuple[list[shapes.Sample], str]:
     """The batches again (in a stage's process) and their sha256, refused if they changed since the job was keyed."""
-    batches = load(cal, input_cfg)
+    batches = load(cal, input_cfg, data_cfg)
     found = digest(batches)
     if cal.digest and found != cal.digest:
         raise ArtifactError("the calibration data changed while the job ran (its sha256 differs from the "

@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline import calibration
+from pipeline import calibration, data
 from pipeline.errors import ConfigError
+from pipeline.models import check_weights
 
 # Dotted key -> (lowest allowed, highest allowed or None, whether the lowest is excluded).
 RANGES: dict[str, tuple[float, float | None, bool]] = {
@@ -63,6 +64,8 @@ def check_settings(config: dict[str, Any]) -> None:
             f"lower validate.rounds or raise validate.iterations (e.g. validate.rounds={validate['iterations']}).",
         )
     _check_tolerances(validate["tolerances"], config["compile"]["precision"])
+    check_weights(config)  # a local model.weights file: keyed by its sha256
+    data.check(config)  # real data loads and splits; validate is keyed by its sha256
     calibration.check(config)  # int8: the target can quantize, the data loads and fits; keyed by its sha256
     for key in ("paths.outputs", "paths.cache"):
         check_writable_dir(key, _get(config, key))

@@ -138,3 +138,8 @@ def _print_measurements(console: Console, m: dict) -> None:
     console.print(f"latency p50 {m['latency_p50_ms']:.3f} ms (p99 {m['latency_p99_ms']:.3f}) vs eager "
                   f"{m['eager/latency_p50_ms']:.3f} ms: speedup {speedup_text(m)}, "
                   f"{m['throughput_per_s']:.1f}/s, {m.get('latency_threads', 0):.0f} thread(s) each{noisy}")
+    from pipeline import payoff, task_metrics
+
+    for line in [*task_metrics.summary_lines(m), payoff.summary_line(m)]:
+        if line:
+            console.print(line, markup=False, highlight=False)

@@ -14,6 +14,7 @@ imported only to plot, and mlflow only by pipeline.tracking: the table stays qui
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import re
 import sys
@@ -26,7 +27,9 @@ from rich.text import Text
 
 from pipeline.layout import STAGES
 from pipeline.ranking import (  # noqa: F401  (pareto_front, shown_overrides, winner: the comparison's API)
+    AXES,
     Job,
+    accuracy_axis,
     engine_figure,
     engine_groups,
     is_reference,
@@ -51,14 +54,16 @@ METRIC_COLUMNS = {
     "rel L2": ("rel_l2_err", lambda v: f"{v:.2e}"),
     "cosine": ("cosine_similarity", lambda v: f"{v:.6f}"),
     "top-1": ("top1_agreement", lambda v: f"{v:.0%}"),
+    "task top-1": ("task/top1", lambda v: f"{v:.2f}%"),
+    "drop": ("task/top1_drop", lambda v: f"{v:+.2f}"),
 }
 # Measured by validate: "n/m" rather than "-" when the engines could not run here.
-MEASURED = ("p50 ms", "p99 ms", "speedup", "rel L2", "cosine", "top-1")
+MEASURED = ("p50 ms", "p99 ms", "speedup", "rel L2", "cosine", "top-1", "task top-1", "drop")
 COLUMNS = ("job", "overrides", "target", "status", *METRIC_COLUMNS, "error")
 NOT_MEASURED = ("n/m: not measured (the engines cannot run on this machine); "
                 "~: latency varies too much to trust (latency.trusted=false)")
 FRONT_NOTE = ("best: the winner (the fastest trusted job with an engine that passed its accuracy check); "
-              "*: on the Pareto front (no other job has both lower p50 latency and lower rel L2 error)")
+              "*: on the Pareto front (no other job has lower p50 latency and lower error: task drop, else rel L2)")
 REFERENCE_NOTE = "ref: no engine, everything ran in eager PyTorch: the yardstick, never a candidate"
 STATUS_STYLES = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan"}
 
@@ -152,11 +157,11 @@ def table(jobs: list[Job], title: str, width: int | None = None) -> Table:
 
 # The parent run's description: the columns that pick a winner. MLflow renders it as an HTML
 # table sized by its content, so these fit its pane; the other figures are in comparison.md/.csv.
-NOTE_COLUMNS = ("job", "overrides", "target", "status", "p50 ms", "speedup", "rel L2", "top-1")
+NOTE_COLUMNS = ("job", "overrides", "target", "status", "p50 ms", "speedup", "rel L2", "top-1", "task top-1", "drop")
 # comparison.md: the figures that pick a winner first (what MLflow's pane shows before it
 # scrolls sideways), the long overrides after them; errors follow the table in full.
-REPORT_COLUMNS = ("job", "target", "status", "p50 ms", "speedup", "rel L2", "top-1", "overrides", "cosine",
-                  "p99 ms", "accel ops", "engines", "build s")
+REPORT_COLUMNS = ("job", "target", "status", "p50 ms", "speedup", "rel L2", "top-1", "task top-1", "drop",
+                  "overrides", "cosine", "p99 ms", "accel ops", "engines", "build s")
 
 
 def _md_cell(text: str) -> str:
@@ -263,7 +268,9 @@ def _log_axis(axis, set_scale) -> None:
 def plot_pareto(jobs: list[Job], path: Path, title: str = "latency against accuracy error") -> Path:
     plt = _pyplot()
     names = dict(zip(map(id, jobs), labels(jobs), strict=True))
-    measured = [j for j in jobs if measured_point(j)]
+    axis = accuracy_axis(jobs)
+    point = functools.partial(measured_point, axis=axis)
+    measured = [j for j in jobs if point(j)]
     failed = sum(j.get("status") != "FINISHED" for j in jobs)
     unmeasured = len(jobs) - len(measured) - failed
     fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -271,38 +278,38 @@ def plot_pareto(jobs: list[Job], path: Path, title: str = "latency against accur
     targets = sorted({j.get("target") or "?" for j in engines})
     colours = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(targets)}
     for target in targets:
-        xs, ys = zip(*(measured_point(j) for j in engines if (j.get("target") or "?") == target), strict=True)
+        xs, ys = zip(*(point(j) for j in engines if (j.get("target") or "?") == target), strict=True)
         ax.scatter(xs, ys, color=colours[target], label=target, zorder=3)
-    references = [measured_point(j) for j in measured if is_reference(j)]
+    references = [point(j) for j in measured if is_reference(j)]
     if references:
         xs, ys = zip(*references, strict=True)
         ax.scatter(xs, ys, color="grey", marker="x", label="reference (no engine: eager PyTorch)", zorder=3)
     best, _ = winner(jobs)
-    if best is not None and measured_point(best):
-        ax.scatter(*measured_point(best), s=420, marker="*", color="gold", edgecolors="black",
+    if best is not None and point(best):
+        ax.scatter(*point(best), s=420, marker="*", color="gold", edgecolors="black",
                    label=f"best: job {names[id(best)]}", zorder=5)
     # Labels of nearby points take turns around them instead of printing over each other.
     offsets = ((5, 4), (5, -11), (-14, 4), (-14, -11))
-    for i, j in enumerate(sorted(measured, key=measured_point)):
-        ax.annotate(names[id(j)], measured_point(j), textcoords="offset points", xytext=offsets[i % len(offsets)], fontsize=8)
+    for i, j in enumerate(sorted(measured, key=point)):
+        ax.annotate(names[id(j)], point(j), textcoords="offset points", xytext=offsets[i % len(offsets)], fontsize=8)
     front = pareto_front(jobs)
     if front:
-        xs, ys = zip(*map(measured_point, front), strict=True)
+        xs, ys = zip(*map(point, front), strict=True)
         ax.step(xs, ys, where="post", color="grey", linestyle="--", zorder=2)
         ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="black", label="Pareto front", zorder=4)
-    positive = [measured_point(j)[1] for j in measured if measured_point(j)[1] > 0]
+    positive = [point(j)[1] for j in measured if point(j)[1] > 0]
     if len(positive) >= 2 and max(positive) >= 100 * min(positive):
         # Exact results (eager: error 0) have no place on a log axis; symlog keeps them at 0.
         exact = len(positive) < len(measured)
         ax.set_yscale("symlog" if exact else "log", **({"linthresh": min(positive)} if exact else {}))
-    latencies = [measured_point(j)[0] for j in measured]
+    latencies = [point(j)[0] for j in measured]
     if latencies and min(latencies) > 0 and max(latencies) >= 10 * min(latencies):
         _log_axis(ax.xaxis, ax.set_xscale)  # CPU and GPU engines, or batch 1 and 32, on one readable axis
     if measured:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no job was measured", ha="center", va="center", transform=ax.transAxes)
-    ax.set(xlabel="latency p50 (ms)", ylabel="rel L2 error vs eager PyTorch")
+    ax.set(xlabel="latency p50 (ms)", ylabel=AXES[axis])
     ax.set_title(f"{title}\n{len(jobs) - len(measured)} of {len(jobs)} jobs left out ({failed} failed, "
                  f"{unmeasured} not measured)", fontsize=10)
     ax.grid(True, alpha=0.3)

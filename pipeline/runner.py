@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline import env, layout, naming, ops, shapes, targets
+from pipeline import env, layout, naming, ops, payoff, shapes, targets
 from pipeline.cache import StageCache, select
 from pipeline.checks import check_settings
 from pipeline.config import check_known_keys
@@ -82,14 +82,18 @@ class Runner:
         self.target_name = name
         self.cache = StageCache(Path(container["paths"]["cache"]).resolve())
 
-    def run_stage(self, spec: StageSpec, keys: dict[str, str], target) -> StageRecord:
-        """One stage through the cache: linked if an entry exists, else run by the worker and published."""
-        material = self.cache.material(spec, self.config, target, self.run_dir, keys)
-        visible = select(self.config, spec.reads_for(self.config, target) + spec.labels)
+    def run_stage(self, spec: StageSpec, keys: dict[str, str], target, config: dict[str, Any] | None = None,
+                  run_dir: Path | None = None) -> StageRecord:
+        """One stage through the cache: linked if an entry exists, else run by the worker and published.
+
+        `config` and `run_dir` differ from the job's for the baseline chain of an int8 job (pipeline.payoff)."""
+        config, run_dir = config or self.config, run_dir or self.run_dir
+        material = self.cache.material(spec, config, target, run_dir, keys)
+        visible = select(config, spec.reads_for(config, target) + spec.labels)
 
         def execute(staging: Path):
             request = Request(stage=spec.name, config=visible, target=target.name, settings=target.settings,
-                              inputs={up: str((self.run_dir / up).resolve()) for up in spec.inputs},
+                              inputs={up: str((run_dir / up).resolve()) for up in spec.inputs},
                               out=str(staging.resolve()), job_pid=os.getpid())
             with self.console.status(f"{spec.name}: running in the stage worker"):
                 reply = self.worker.run(request)
@@ -100,7 +104,7 @@ class Runner:
             return reply.metrics, reply.notes
 
         try:
-            outcome = self.cache.obtain(spec, material, self.run_dir, execute, cached=spec.is_cached(self.config),
+            outcome = self.cache.obtain(spec, material, run_dir, execute, cached=spec.is_cached(config),
                                         extra={"upstream": {up: keys[up] for up in spec.inputs},
                                                "target_name": target.name})
         except OSError as err:
@@ -149,7 +153,10 @@ class Runner:
 
     def run_stages(self, result: JobResult, tracker, target) -> None:
         """Check what can be checked cheaply, then every stage in order, each keyed by its inputs' keys."""
-        from stages import ORDER  # the runner is the one module of pipeline/ that knows the stages
+        from stages import (  # the runner is the one module of pipeline/ that knows the stages
+            BY_NAME,
+            ORDER,
+        )
 
         # Fail on a bad op name or input spec before any heavy work.
         ops.resolve(self.config["compile"]["torch_executed_ops"])
@@ -160,20 +167,9 @@ class Runner:
             result.metrics.update(self.check_memory(target))
         keys: dict[str, str] = {}
         for spec in ORDER:
-            self.current_stage = spec.name
-            record = self.run_stage(spec, keys, target)
-            keys[spec.name] = record.key
-            result.stages.append(record)
-            result.metrics.update({k: v for k, v in record.metrics.items() if isinstance(v, (int, float))})
-            result.tags.update({k: v for k, v in record.metrics.items() if isinstance(v, str)})
-            result.metrics[f"{spec.name}_seconds"] = record.seconds
-            result.metrics[f"{spec.name}_cache_hit"] = float(record.hit)  # 0 s of a hit is no build time
-            self.console.print(f"[green]done[/] {spec.name:<9} {'cache hit' if record.hit else 'built':<9} "
-                               f"{record.seconds:6.2f}s")
-            run_id = tracker.opened()  # a store that failed to open stops the job here, not at the end
-            if run_id:
-                result.tracking["run_id"] = run_id
-            write_json(self.run_dir / layout.RUN_JSON, result.as_dict())
+            keys[spec.name] = self.record_stage(result, tracker, spec, lambda s=spec: self.run_stage(s, keys, target))
+        if payoff.wanted(self.config):  # int8/fp8: timed against the precision it replaces
+            payoff.run(self, result, tracker, keys, target, BY_NAME)
         self.current_stage = "validation gate"
         result.tags.update(self.trust_tags(result))
 
@@ -188,6 +184,26 @@ class Runner:
         if reply.error is not None:
             reraise(reply, request)
         return reply.metrics
+
+    def record_stage(self, result: JobResult, tracker, spec: StageSpec, run, label: str | None = None) -> str:
+        """Run one stage (`run()` returns its StageRecord), record its metrics and timing; its key."""
+        label = label or spec.name
+        self.current_stage = label
+        record = run()
+        record.name = label
+        result.stages.append(record)
+        if label == spec.name:  # a baseline stage's figures are not the job's
+            result.metrics.update({k: v for k, v in record.metrics.items() if isinstance(v, (int, float))})
+            result.tags.update({k: v for k, v in record.metrics.items() if isinstance(v, str)})
+        result.metrics[f"{label}_seconds"] = record.seconds
+        result.metrics[f"{label}_cache_hit"] = float(record.hit)  # 0 s of a hit is no build time
+        self.console.print(f"[green]done[/] {label:<9} {'cache hit' if record.hit else 'built':<9} "
+                           f"{record.seconds:6.2f}s")
+        run_id = tracker.opened()  # a store that failed to open stops the job here, not at the end
+        if run_id:
+            result.tracking["run_id"] = run_id
+        write_json(self.run_dir / layout.RUN_JSON, result.as_dict())
+        return record.key
 
     def settle_target(self, result: JobResult) -> targets.Target:
         """The job's target, made and configured; what it resolved (device=auto, providers, artifact)

@@ -22,7 +22,7 @@ from rich.markup import escape
 Metrics = dict[str, Any]
 
 # What builds the model and its sample inputs (model.name, model.task and input.name are labels).
-MODEL_KEYS = ("model._target_", "model.kwargs", "model.weights", "model.seed")
+MODEL_KEYS = ("model._target_", "model.kwargs", "model.weights", "model.weights_sha256", "model.seed")
 INPUT_KEYS = ("input.tensors", "input.dims", "input.extra_profiles", "input.seed")
 
 

@@ -248,7 +248,8 @@ def finalize() -> int:
 
 # The best job's figures copied onto the parent run, as best/<metric>.
 BEST_METRICS = ("latency_p50_ms", "latency_p99_ms", "speedup", "throughput_per_s", "rel_l2_err",
-                "cosine_similarity", "top1_agreement")
+                "cosine_similarity", "top1_agreement", "task/top1", "task/top1_drop", "task/cosine_mean",
+                "quantize/speedup_vs_fp32", "quantize/speedup_vs_fp16")
 
 
 def summarise(jobs: list[dict[str, Any]], best: dict[str, Any] | None, sweep_dir: Path) -> dict[str, Any]:

@@ -52,11 +52,11 @@ def run(ctx: StageContext) -> Metrics:
 
 # Of partition only the recipe matters (for the packaged program).
 SPEC = StageSpec(
-    name="build", version=3, run=run, inputs=("export", "lower", "partition", "convert"),
+    name="build", version=4, run=run, inputs=("export", "lower", "partition", "convert"),
     reads=("compile.optimization_level", "compile.workspace_size", "compile.precision"),
     # int8: the calibration data (by content: calibration.digest), the rounds and their gate.
     # int8 and fp8 go through the same rounds, each gated by its own tolerances.
-    reads_when={("compile.precision", p): (*INPUT_KEYS, "model.task", "calibration", "quantize",
-                                           f"validate.tolerances.{p}") for p in QUANTIZED_PRECISIONS},
+    reads_when={("compile.precision", p): (*INPUT_KEYS, "model.task", "calibration", "data", "quantize",
+                                           f"validate.tolerances.{p}", "validate.max_drop") for p in QUANTIZED_PRECISIONS},
     content={"partition": (layout.PARTITION.recipe,)}, asks=BUILDING, writes=FILES,
 )

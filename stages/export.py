@@ -144,7 +144,7 @@ def corner_samples(input_cfg, cast) -> dict[str, shapes.Sample]:
 def _quantize(ctx: StageContext, model, device: str, cast) -> tuple[Any, dict[str, Any]]:
     """The model fake-quantized by the target (Target.quantizes_module), calibrated with the job's batches."""
     cfg, precision = ctx.config, precision_name(ctx.config.compile.precision)
-    loaded, digest = calibration.load_checked(cfg.calibration, cfg.input)
+    loaded, digest = calibration.load_checked(cfg.calibration, cfg.input, cfg.data)
     batches = [b.to(device, cast) for b in loaded]
     exclude = list(cfg.quantize.exclude)
     with ctx.console.status(f"{precision}: calibrating {cfg.model.name} on {len(batches)} batches for "

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pipeline import hybrid, layout, shapes, throughput, timing
+from pipeline import hybrid, layout, shapes, task_metrics, throughput, timing
 from pipeline.dtypes import is_quantized, precisions_of
 from pipeline.errors import ArtifactError
 from pipeline.files import load_json, write_json
@@ -122,6 +122,7 @@ def run(ctx: StageContext) -> Metrics:
     compiled, loading = load_compiled(ctx, device)
     checks = shape_checks(cfg.input, cfg.validate)
     accuracy, per_shape, accuracy_failures = check_accuracy(ctx, reference, compiled, checks, device)
+    task, accuracy_failures = task_metrics.validate(ctx, reference, compiled, device, accuracy_failures)
     failures += accuracy_failures
     before = timing.allocated_mb(device)
     eager = cast_model(reference, precision).to(device)
@@ -137,11 +138,12 @@ def run(ctx: StageContext) -> Metrics:
         "accuracy": accuracy, "shapes": per_shape, "tolerance": dict(cfg.validate.tolerances[precision]),
         "latency": {**latency["opt"], "method": latency_method(device, latency), "threads": threads, "at": latency},
         "engine_load_seconds": loading["seconds"], "gpu_memory_mb": memory,
-        "quantization": quantization_summary(ctx), "throughput": best, "warnings": list(ctx.notes),
+        "quantization": quantization_summary(ctx), "throughput": best, "task": task, "warnings": list(ctx.notes),
     }
     write_json(ctx.out / FILES.report, report)
     metrics = {**report_metrics(accuracy, per_shape, latency, failures), **tags,
-               "engine_load_seconds": loading["seconds"], "latency_threads": float(threads["threads"])}
+               "engine_load_seconds": loading["seconds"], "latency_threads": float(threads["threads"]),
+               **(task_metrics.metrics(task) if task else {})}
     if best and best["chosen"]:
         metrics.update({"throughput.chosen_batch": float(best["chosen_batch"]),
                         "throughput.chosen_per_s": best["chosen"]["throughput_per_s"]})
@@ -231,7 +233,8 @@ def check_accuracy(ctx: StageContext, reference, compiled, checks, device: str):
     with torch.no_grad(), ctx.console.status("checking accuracy against eager PyTorch") as status:
         for i, (name, dims, count) in enumerate(checks):
             status.update(f"checking accuracy against eager PyTorch at {name} ({shapes.label(dims)})")
-            batches = shapes.make(cfg.input, dims, count, seed_offset=1 + 1000 * i)
+            batches = task_metrics.real_batches(cfg, name) or shapes.make(cfg.input, dims, count,
+                                                                          seed_offset=1 + 1000 * i)
             ref = [flat_outputs(b(reference)) for b in batches]
             got = [flat_outputs(b.to(device, cast)(compiled)) for b in batches]
             acc = compare(ref, got, classifier)
@@ -375,6 +378,6 @@ def shape_checks(input_cfg, vcfg) -> list[tuple[str, dict[str, int], int]]:
 # Measurements are of this moment on this machine: reused only with validate.cache=true.
 SPEC = StageSpec(
     name="validate", version=5, run=run, inputs=("export", "lower", "partition", "build"),
-    reads=(*MODEL_KEYS, "model.task", *INPUT_KEYS, "compile.precision", "validate"),
+    reads=(*MODEL_KEYS, "model.task", *INPUT_KEYS, "compile.precision", "validate", "data"),
     labels=("model.name",), asks=RUNNING, writes=FILES, cacheable="validate.cache",
 )

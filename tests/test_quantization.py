@@ -112,6 +112,10 @@ def test_accuracy_loop_keeps_the_outlier_layer_in_fp32(tmp_path, route):
     assert job.result.tags["precision.achieved"] == "fp32+int8"
     run = next(r for r in mlflow_runs(mlflow_client(tmp_path / "loop")) if r.info.status == "FINISHED")
     assert run.data.tags["quantize.kept_fp32"] == layer
+    # Named as the user wrote it: the nn.Module path next to the engine's layer name.
+    assert report["kept_fp32_modules"] == {layer: "conv2"} and run.data.tags["quantize.kept_fp32_modules"] == "conv2"
+    shown = layer if layer.endswith("/conv2") else f"{layer} (conv2)"  # PT2E's layer names are module paths
+    assert f"int8: keeping {shown} in fp32" in job.log
     validated = job.json("validate/report.json")
     assert validated["passed"] and validated["quantization"]["kept_fp32"] == [layer]
 

@@ -48,10 +48,11 @@ class Evaluation:
     """The fp32 program's outputs on a few batches, and the check of each round's engines against them."""
 
     def __init__(self, gm, batches, tolerance: dict[str, Any], classifier: bool, latency_iterations: int,
-                 batch_size: int):
+                 batch_size: int, task=None):
         import torch
 
-        self.gm, self.batches, self.tolerance, self.classifier = gm, batches, tolerance, classifier
+        # task: a pipeline.task_metrics.RoundGate; with labels the task's drop gates, not the tolerances.
+        self.gm, self.batches, self.tolerance, self.classifier, self.task = gm, batches, tolerance, classifier, task
         self.latency_iterations, self.batch_size = latency_iterations, batch_size
         with torch.no_grad():
             self.reference = [flat_outputs(b(gm)) for b in batches]
@@ -69,6 +70,9 @@ class Evaluation:
             got = [flat_outputs(b(self.gm)) for b in self.batches]
         acc = compare(self.reference, got, self.classifier)
         found = failures(acc, self.tolerance)
+        if self.task is not None:
+            task, found = self.task.check(self.reference, got)
+            acc.update(task)
         record: dict[str, Any] = {**acc, "passed": not found, "failures": found}
         if self.latency_iterations:
             record["latency_p50_ms"] = self._latency()

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from pipeline import calibration, layout, programs, segments, shapes
+from pipeline import calibration, layer_paths, layout, programs, segments, shapes, task_metrics
 from pipeline.dtypes import choice_name, precision_name
 from pipeline.errors import ConfigError
 from pipeline.files import load_json, write_json
@@ -31,7 +31,7 @@ def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any
     """(engines.json entries, metrics) of the int8 (or fp8) build, after the accuracy-aware rounds."""
     cfg, target, q = ctx.config, ctx.target, ctx.config.quantize
     precision = precision_name(cfg.compile.precision)
-    batches, digest = calibration.load_checked(cfg.calibration, cfg.input)
+    batches, digest = calibration.load_checked(cfg.calibration, cfg.input, cfg.data)
     batches = [b.to(target.trace_device()) for b in batches]  # where the lowered program lives (a GPU's)
     recipe = load_json(ctx.inputs["partition"] / layout.PARTITION.recipe, "partition recipe")
     gm = segments.fuse(target.graph_module(programs.load(ctx.inputs["lower"])), recipe)
@@ -46,9 +46,11 @@ def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any
     if target.can_execute() is None:
         tolerance = dict(cfg.validate.tolerances[precision])
         evaluation = Evaluation(gm, batches[: int(q.eval_samples)], tolerance, cfg.model.task == "classification",
-                                int(q.latency_iterations), shapes.batch_size(cfg.input, batches[0].dims))
+                                int(q.latency_iterations), shapes.batch_size(cfg.input, batches[0].dims),
+                                task_metrics.round_gate(cfg, int(q.eval_samples)))
     excluded, rounds = list(q.exclude), []
     check_excluded(target, converted, ctx.inputs["convert"], excluded)
+    paths = layer_paths.of_segments(converted, ctx.inputs["convert"])  # names users wrote
     with tempfile.TemporaryDirectory(prefix="quantize-") as scratch:
         def build(number: int, kept: list[str]) -> list[dict[str, Any]]:
             with ctx.console.status(f"{precision} round {number}: quantizing and building with {target.name}"):
@@ -65,23 +67,26 @@ def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any
             ctx.console.print(_describe(record, precision), markup=False, highlight=False)
             if evaluation is None or record["passed"] or number == int(q.max_rounds):
                 break
-            worst = _worst_layers(engines, inputs, excluded, int(q.layers_per_round), ctx, Path(scratch))
+            worst = _worst_layers(engines, inputs, excluded, int(q.layers_per_round), ctx, Path(scratch), paths)
             if not worst:
                 break
             excluded += worst
-        best = max(rounds, key=lambda r: (bool(r.get("passed")), r.get("cosine_similarity", 0.0)))
+        best = max(rounds, key=lambda r: (bool(r.get("passed")), -(task_metrics.round_drop(r) or 0.0),
+                                          r.get("cosine_similarity", 0.0)))
         if best is not rounds[-1]:  # no round passed and the last bought nothing: keep the best one's layers
             excluded = list(best["kept_fp32"])
             ctx.console.print(f"{precision}: no round passed; keeping round {best['round']}, the most accurate",
                               markup=False, highlight=False)
             engines = build(best["round"], excluded)
     engines = [strip(e) for e in engines]
+    modules = {layer: layer_paths.module_of(layer, paths) for layer in excluded}
     report = {"calibration": OmegaConf.to_container(cal, resolve=True), "rounds": rounds, "kept_fp32": excluded,
-              "chosen_round": best["round"], "passed": best.get("passed"),
+              "kept_fp32_modules": modules, "chosen_round": best["round"], "passed": best.get("passed"),
               "gate": dict(cfg.validate.tolerances[precision]) if evaluation else None}
     write_json(ctx.out / REPORT, report)
     # A text metric becomes an MLflow tag: the params are logged before the digest is known.
-    return engines, {**_metrics(rounds, best, excluded, precision), "calibration.sha256": digest}
+    return engines, {**_metrics(rounds, best, excluded, precision), "calibration.sha256": digest,
+                     "quantize.kept_fp32_modules": ",".join(m or "?" for m in modules.values()) or "none"}
 
 
 def check_excluded(target, converted: list[dict[str, Any]], convert_dir: Path, excluded: list[str]) -> None:
@@ -121,7 +126,8 @@ def fractions(engines: list[dict[str, Any]], precision: str) -> dict[str, Any]:
             f"{precision}_mac_fraction": sum(s.get(f"{precision}_macs", 0) for s in stats) / macs if macs else 0.0}
 
 
-def _worst_layers(engines, inputs, excluded: list[str], count: int, ctx, scratch: Path) -> list[str]:
+def _worst_layers(engines, inputs, excluded: list[str], count: int, ctx, scratch: Path,
+                  paths: dict[str, str]) -> list[str]:
     """The `count` layers whose int8 versions add the most noise, over every segment, as segment/layer."""
     from pipeline.quantize import sensitivity
 
@@ -138,7 +144,8 @@ def _worst_layers(engines, inputs, excluded: list[str], count: int, ctx, scratch
     found.sort(key=lambda item: item[1])
     worst = [item for item in found if item[0] not in excluded and item[1] < sensitivity.EXACT_DB][:count]
     for layer, db in worst:
-        ctx.console.print(f"int8: keeping {layer} in fp32 (it adds noise at SQNR {db:.1f} dB)",
+        ctx.console.print(f"int8: keeping {layer_paths.named(layer, paths)} in fp32 (it adds noise at "
+                          f"SQNR {db:.1f} dB)",
                           markup=False, highlight=False)
     return [layer for layer, _ in worst]
 
@@ -169,6 +176,8 @@ def _describe(record: dict[str, Any], precision: str) -> str:
     if "cosine_similarity" in record:
         text += (f", cosine {record['cosine_similarity']:.5f}, rel L2 {record['rel_l2_err']:.3g}"
                  + (f", top-1 {record['top1_agreement']:.2f}" if "top1_agreement" in record else "")
+                 + (f", task drop {task_metrics.round_drop(record):.2f} points"
+                    if task_metrics.round_drop(record) is not None else "")
                  + (f", p50 {record['latency_p50_ms']:.2f} ms" if "latency_p50_ms" in record else "")
                  + (" (passes)" if record["passed"] else " (fails: " + "; ".join(record["failures"]) + ")"))
     return text
@@ -181,7 +190,8 @@ def _metrics(rounds: list[dict[str, Any]], last: dict[str, Any], excluded: list[
                                "quantize_rounds": float(len(rounds) - 1), "quantize_layers_fp32": float(len(excluded)),
                                "quantize.kept_fp32": ",".join(excluded) or "none"}
     for record in rounds:
-        for key in ("cosine_similarity", "rel_l2_err", "top1_agreement", "latency_p50_ms", fractions[1]):
+        for key in ("cosine_similarity", "rel_l2_err", "top1_agreement", "latency_p50_ms", fractions[1],
+                    "task/top1_drop", "task/cosine_mean", "task/cosine_mean_drop"):
             if key in record:
                 metrics[f"quantize/round{record['round']}_{key}"] = record[key]
     return metrics

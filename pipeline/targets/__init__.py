@@ -200,7 +200,7 @@ class Target:
 
         if aspect == PLACING and self.quantizes_module and \
                 precision_name(config["compile"]["precision"]) in self.quantizes_module:
-            return ("calibration", "quantize.exclude")
+            return ("calibration", "data", "quantize.exclude")
         return ()
 
     def libraries_for(self, aspect: str) -> tuple[str, ...]:

@@ -18,7 +18,8 @@ from pipeline import layout
 
 # Small files every run carries (JSON reports and manifests, configs, the log).
 ALWAYS = ("*/manifest.json", "partition/*.json", "validate/report.json", "validate/*.png", "lower/ops.json", "export/model.json",
-          "convert/segments.json", "build/*.json", layout.RUN_CONFIG, layout.RUN_JSON, layout.CONSOLE_LOG)
+          "convert/segments.json", "build/*.json", "payoff/report.json",
+          layout.RUN_CONFIG, layout.RUN_JSON, layout.CONSOLE_LOG)
 # Stages whose files pipeline.load needs, stored once per stage key.
 STORED = ("export", "lower", "build")
 
