@@ -14,7 +14,6 @@ imported only to plot, and mlflow only by pipeline.tracking: the table stays qui
 from __future__ import annotations
 
 import csv
-import functools
 import os
 import re
 import sys
@@ -127,6 +126,7 @@ def notes(jobs: list[Job]) -> list[str]:
 
 # Columns left out of terminal tables narrower than WIDE (comparison.md and .csv keep them all).
 SECONDARY = ("accel ops", "engines", "build s", "p99 ms", "top-1")
+TASK_COLUMNS = ("task top-1", "drop")  # shown in terminal tables where some job measured a task metric
 WIDE = 160
 
 
@@ -136,8 +136,9 @@ def table(jobs: list[Job], title: str, width: int | None = None) -> Table:
     In a narrow terminal (or 120 columns when piped) the secondary columns are left out, so
     the overrides and errors keep room to read instead of wrapping a few letters a line.
     """
-    columns = [c for c in COLUMNS if width is None or width >= WIDE or c not in SECONDARY]
-    hidden = [c for c in COLUMNS if c not in columns]
+    shown = [c for c in COLUMNS if c not in TASK_COLUMNS or any(metric_value(j, METRIC_COLUMNS[c][0]) is not None for j in jobs)]
+    columns = [c for c in shown if width is None or width >= WIDE or c not in SECONDARY]
+    hidden = [c for c in shown if c not in columns]
     caption = "\n".join(notes(jobs))
     if hidden:
         caption += (f"\nhidden: {', '.join(hidden)} (terminal of {width} columns; COLUMNS={WIDE} or "
@@ -269,8 +270,7 @@ def plot_pareto(jobs: list[Job], path: Path, title: str = "latency against accur
     plt = _pyplot()
     names = dict(zip(map(id, jobs), labels(jobs), strict=True))
     axis = accuracy_axis(jobs)
-    point = functools.partial(measured_point, axis=axis)
-    measured = [j for j in jobs if point(j)]
+    measured = [j for j in jobs if measured_point(j, axis)]
     failed = sum(j.get("status") != "FINISHED" for j in jobs)
     unmeasured = len(jobs) - len(measured) - failed
     fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -278,31 +278,31 @@ def plot_pareto(jobs: list[Job], path: Path, title: str = "latency against accur
     targets = sorted({j.get("target") or "?" for j in engines})
     colours = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(targets)}
     for target in targets:
-        xs, ys = zip(*(point(j) for j in engines if (j.get("target") or "?") == target), strict=True)
+        xs, ys = zip(*(measured_point(j, axis) for j in engines if (j.get("target") or "?") == target), strict=True)
         ax.scatter(xs, ys, color=colours[target], label=target, zorder=3)
-    references = [point(j) for j in measured if is_reference(j)]
+    references = [measured_point(j, axis) for j in measured if is_reference(j)]
     if references:
         xs, ys = zip(*references, strict=True)
         ax.scatter(xs, ys, color="grey", marker="x", label="reference (no engine: eager PyTorch)", zorder=3)
     best, _ = winner(jobs)
-    if best is not None and point(best):
-        ax.scatter(*point(best), s=420, marker="*", color="gold", edgecolors="black",
+    if best is not None and measured_point(best, axis):
+        ax.scatter(*measured_point(best, axis), s=420, marker="*", color="gold", edgecolors="black",
                    label=f"best: job {names[id(best)]}", zorder=5)
     # Labels of nearby points take turns around them instead of printing over each other.
     offsets = ((5, 4), (5, -11), (-14, 4), (-14, -11))
-    for i, j in enumerate(sorted(measured, key=point)):
-        ax.annotate(names[id(j)], point(j), textcoords="offset points", xytext=offsets[i % len(offsets)], fontsize=8)
+    for i, j in enumerate(sorted(measured, key=lambda j: measured_point(j, axis))):
+        ax.annotate(names[id(j)], measured_point(j, axis), textcoords="offset points", xytext=offsets[i % len(offsets)], fontsize=8)
     front = pareto_front(jobs)
     if front:
-        xs, ys = zip(*map(point, front), strict=True)
+        xs, ys = zip(*(measured_point(j, axis) for j in front), strict=True)
         ax.step(xs, ys, where="post", color="grey", linestyle="--", zorder=2)
         ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="black", label="Pareto front", zorder=4)
-    positive = [point(j)[1] for j in measured if point(j)[1] > 0]
+    positive = [measured_point(j, axis)[1] for j in measured if measured_point(j, axis)[1] > 0]
     if len(positive) >= 2 and max(positive) >= 100 * min(positive):
         # Exact results (eager: error 0) have no place on a log axis; symlog keeps them at 0.
         exact = len(positive) < len(measured)
         ax.set_yscale("symlog" if exact else "log", **({"linthresh": min(positive)} if exact else {}))
-    latencies = [point(j)[0] for j in measured]
+    latencies = [measured_point(j, axis)[0] for j in measured]
     if latencies and min(latencies) > 0 and max(latencies) >= 10 * min(latencies):
         _log_axis(ax.xaxis, ax.set_xscale)  # CPU and GPU engines, or batch 1 and 32, on one readable axis
     if measured:
