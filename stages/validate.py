@@ -377,7 +377,7 @@ def shape_checks(input_cfg, vcfg) -> list[tuple[str, dict[str, int], int]]:
 
 # Measurements are of this moment on this machine: reused only with validate.cache=true.
 SPEC = StageSpec(
-    name="validate", version=5, run=run, inputs=("export", "lower", "partition", "build"),
+    name="validate", version=6, run=run, inputs=("export", "lower", "partition", "build"),
     reads=(*MODEL_KEYS, "model.task", *INPUT_KEYS, "compile.precision", "validate", "data"),
     labels=("model.name",), asks=RUNNING, writes=FILES, cacheable="validate.cache",
 )
