@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import shapes
-from pipeline.dtypes import choice_name, is_quantized, precision_name, torch_dtype
+from pipeline.dtypes import choice_name, is_quantized, torch_dtype
 from pipeline.errors import ArtifactError, ConfigError
 
 SUFFIXES = (".npy", ".pt")
@@ -30,25 +30,14 @@ LOWEST = {"calibration.num_samples": 1, "quantize.max_rounds": 0, "quantize.laye
 
 
 def check(config: dict[str, Any]) -> None:
-    """compile.precision=int8/fp8: the target can quantize and the data fits; records its digest in the config."""
+    """compile.precision=int8/fp8: the loop settings and the data fit; records its digest in the config.
+
+    Whether the target can quantize is the target's to say (pipeline.checks.check_quantization, first).
+    """
     if not is_quantized(config["compile"]["precision"]):
         return
     from omegaconf import OmegaConf
 
-    from pipeline.quantize import int8_refusal, quantizer_of
-
-    name, precision = config["target"]["name"], precision_name(config["compile"]["precision"])
-    reason = quantizer_of(name, precision)[1]
-    if reason:
-        able = ("target=onnxruntime (or tensorrt, torch_tensorrt on a GPU, or inductor on the CPU)"
-                if precision == "int8" else "target=tensorrt (or torch_tensorrt, or inductor on a GPU of compute "
-                "capability 8.9+)")
-        raise ConfigError(f"target {name} cannot build compile.precision={precision}: {reason}.",
-                          f"use {able}, or compile.precision=fp32.")
-    refused = int8_refusal(name, config, precision)
-    if refused:
-        raise ConfigError(f"target {name} cannot build compile.precision={precision} here: {refused[0]}.",
-                          f"{refused[1]}, or compile.precision=fp32.")
     for key, low in LOWEST.items():
         group, field = key.split(".")
         value = config[group][field]

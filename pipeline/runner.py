@@ -195,8 +195,8 @@ class Runner:
 
         pipeline.load rebuilds engines from config.yaml's target, so it must name the device used.
         """
-        check_settings(self.config)  # ranges and paths: before the target, before any stage
-        target = targets.make(self.target_name, self.config["target"])
+        target = targets.make(self.target_name, self.config["target"])  # device resolved once, here
+        check_settings(self.config, target)  # ranges, paths, what its quantizer serves: before any stage
         target.configure(OmegaConf.create(self.config["compile"]))
         choices = target.settle(self.config["input"])
         for key, value in choices.items():

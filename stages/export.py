@@ -163,7 +163,7 @@ def run(ctx: StageContext) -> Metrics:
     model = cast_model(model, precision).to(device)
     cast = caster(precision)
     quantized, context = None, contextlib.nullcontext()
-    if precision_name(precision) in ctx.target.quantizes_module:  # e.g. Torch-TensorRT's modelopt route
+    if ctx.target.quantization_route(precision_name(precision)) == "module":  # e.g. Torch-TensorRT's modelopt
         model, quantized = _quantize(ctx, model, device, cast)
         context = ctx.target.export_context()
     examples = corner_samples(cfg.input, cast)

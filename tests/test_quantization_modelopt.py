@@ -71,10 +71,11 @@ def test_settings_the_module_route_cannot_serve_are_refused(tmp_path, change, wo
 
     config = OmegaConf.to_container(compose(tmp_path, "target=torch_tensorrt", "compile.precision=int8", change),
                                     resolve=True)
-    why, fix = TorchTensorRTTarget.int8_refusal(config)
+    why, fix = TorchTensorRTTarget(config["target"]).quantizer_refusal(config, "int8")
     assert words in why and fix
     ok = OmegaConf.to_container(compose(tmp_path, "target=torch_tensorrt", "compile.precision=int8"), resolve=True)
-    assert TorchTensorRTTarget.int8_refusal(ok) is None and TorchTensorRTTarget.fp8_refusal(ok) is None
+    target = TorchTensorRTTarget(ok["target"])
+    assert target.quantizer_refusal(ok, "int8") is None and target.quantizer_refusal(ok, "fp8") is None
 
 
 def test_releases_before_strongly_typed_networks_enable_the_quantized_kernels(tmp_path):
@@ -101,8 +102,12 @@ def test_tensorrt_quantizer_choice_follows_what_modelopt_serves(tmp_path):
         return OmegaConf.to_container(compose(tmp_path, "target=tensorrt", "compile.precision=int8", *extra),
                                       resolve=True)
 
-    assert TensorRTTarget.int8_refusal(config("calibration.method=percentile")) is None  # auto: ORT's route
-    refused = TensorRTTarget.int8_refusal(config("target.quantizer=modelopt", "calibration.method=percentile"))
+    def refusal(*extra):
+        job = config(*extra)
+        return TensorRTTarget(job["target"]).quantizer_refusal(job, "int8")
+
+    assert refusal("calibration.method=percentile") is None  # auto: ORT's route
+    refused = refusal("target.quantizer=modelopt", "calibration.method=percentile")
     onnx_route = tensorrt_qdq.modelopt_available()
     expected = "modelopt calibrates with minmax or entropy" if onnx_route else "target.quantizer=modelopt but"
     assert refused and expected in refused[0] and "target.quantizer" in refused[1]

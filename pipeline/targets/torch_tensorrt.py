@@ -23,6 +23,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from pipeline import symbolic
@@ -199,12 +200,6 @@ def _caches(target_cfg: dict[str, Any], rtx: bool) -> dict[str, Any]:
     return out
 
 
-def _modelopt_refusal(config: dict[str, Any], precision: str) -> tuple[str, str] | None:
-    from pipeline.quantize import torch_modelopt
-
-    return torch_modelopt.refusal(config, precision)
-
-
 class TorchTensorRTTarget(Target):
     name = "torch_tensorrt"
     Settings = Settings
@@ -219,13 +214,16 @@ class TorchTensorRTTarget(Target):
     # compile.precision=int8/fp8: Torch-TensorRT's documented route, modelopt's PTQ on the module
     # before export (pipeline.quantize.torch_modelopt); its quantize ops become Q/DQ layers.
     quantizes_module = ("int8", "fp8")
-    quantizer = ("nvidia-modelopt's mtq.quantize (INT8_DEFAULT_CFG, max calibration) on the module before export; "
-                 "Torch-TensorRT builds its quantize ops as explicit INT8")
-    fp8_quantizer = ("nvidia-modelopt's mtq.quantize (FP8_DEFAULT_CFG) on the module before export; "
-                     "Torch-TensorRT builds its quantize ops as FP8 (E4M3)")
+    quantizers = MappingProxyType({
+        "int8": "nvidia-modelopt's mtq.quantize (INT8_DEFAULT_CFG, max calibration) on the module before export; "
+                "Torch-TensorRT builds its quantize ops as explicit INT8",
+        "fp8": "nvidia-modelopt's mtq.quantize (FP8_DEFAULT_CFG) on the module before export; "
+               "Torch-TensorRT builds its quantize ops as FP8 (E4M3)"})
 
-    int8_refusal = classmethod(lambda cls, config: _modelopt_refusal(config, "int8"))
-    fp8_refusal = classmethod(lambda cls, config: _modelopt_refusal(config, "fp8"))
+    def quantizer_refusal(self, config: dict[str, Any], precision: str) -> tuple[str, str] | None:
+        from pipeline.quantize import torch_modelopt
+
+        return torch_modelopt.refusal(config, precision)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

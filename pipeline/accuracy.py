@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.models import flat_outputs
-
 GATES = (("max_abs_err", "max_abs_err", "<="), ("rel_l2_err", "rel_l2_err", "<="),
          ("cosine_similarity", "min_cosine_similarity", ">="), ("top1_agreement", "min_top1_agreement", ">="))
 
@@ -42,49 +40,3 @@ def failures(acc: dict[str, float], tolerance: dict[str, Any]) -> list[str]:
         if not (acc[metric] <= limit if op == "<=" else acc[metric] >= limit):
             found.append(f"{metric}={acc[metric]:.3g} (must be {op} {limit:g})")
     return found
-
-
-class Evaluation:
-    """The fp32 program's outputs on a few batches, and the check of each round's engines against them."""
-
-    def __init__(self, gm, batches, tolerance: dict[str, Any], classifier: bool, latency_iterations: int,
-                 batch_size: int):
-        import torch
-
-        self.gm, self.batches, self.tolerance, self.classifier = gm, batches, tolerance, classifier
-        self.latency_iterations, self.batch_size = latency_iterations, batch_size
-        with torch.no_grad():
-            self.reference = [flat_outputs(b(gm)) for b in batches]
-
-    def check(self, target, engines: list[dict[str, Any]], build_dir) -> dict[str, Any]:
-        """Swap the segments for this round's engines, then accuracy (and latency) of the program."""
-        import torch
-
-        from pipeline.hybrid import EngineModule
-
-        options = {**target.runtime_options(self.gm), "trusted": True}
-        for entry in engines:
-            setattr(self.gm, entry["name"], EngineModule(target.load_engine(entry, build_dir, options)))
-        with torch.no_grad():
-            got = [flat_outputs(b(self.gm)) for b in self.batches]
-        acc = compare(self.reference, got, self.classifier)
-        found = failures(acc, self.tolerance)
-        record: dict[str, Any] = {**acc, "passed": not found, "failures": found}
-        if self.latency_iterations:
-            record["latency_p50_ms"] = self._latency()
-        return record
-
-    def _latency(self) -> float:
-        import torch
-
-        from pipeline.timing import measure
-
-        sample = self.batches[0]
-
-        def call():
-            with torch.no_grad():
-                sample(self.gm)
-
-        stats = measure({"int8": call}, warmup=min(3, self.latency_iterations), iterations=self.latency_iterations,
-                        rounds=1, min_seconds=0.0, batch_size=self.batch_size, cuda=False)
-        return stats["int8"].p50_ms

@@ -1,4 +1,5 @@
-"""The int8 (and fp8) build: calibrate every segment with its real inputs, then rounds that buy accuracy back.
+"""The int8 (and fp8) build (stages/build.py): calibrate every segment with its real inputs, then rounds
+that buy accuracy back. Orchestration beside the build stage; the tools it drives are pipeline.quantize.
 
 Round 0 quantizes every layer the target can. Where the engines can run here, the
 program (engines plus the PyTorch segments between them) is checked against the fp32
@@ -18,11 +19,12 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pipeline import calibration, layout, programs, segments, shapes
+from pipeline.accuracy import compare, failures
 from pipeline.dtypes import choice_name, precision_name
 from pipeline.errors import ConfigError
 from pipeline.files import load_json, write_json
+from pipeline.models import flat_outputs
 from pipeline.quantize import QuantizeRequest, strip
-from pipeline.quantize.accuracy import Evaluation
 
 REPORT = "quantization.json"
 
@@ -89,10 +91,11 @@ def check_excluded(target, converted: list[dict[str, Any]], convert_dir: Path, e
 
     A misspelt name would otherwise quantize the layer it meant to keep, silently.
     """
-    names_of = getattr(target, "layer_names", None)
-    if not excluded or names_of is None:
+    if not excluded:
         return
-    found = {seg["name"]: names_of(seg, convert_dir) for seg in converted}
+    found = {seg["name"]: target.layer_names(seg, convert_dir) for seg in converted}
+    if any(names is None for names in found.values()):  # the target cannot tell: its tool checks
+        return
     unknown = [e for e in excluded
                if ("/" in e and e.split("/", 1)[1] not in found.get(e.split("/", 1)[0], (set(), []))[0])
                or ("/" not in e and not any(e in names for names, _ in found.values()))]
@@ -185,3 +188,49 @@ def _metrics(rounds: list[dict[str, Any]], last: dict[str, Any], excluded: list[
             if key in record:
                 metrics[f"quantize/round{record['round']}_{key}"] = record[key]
     return metrics
+
+
+class Evaluation:
+    """The fp32 program's outputs on a few batches, and the check of each round's engines against them."""
+
+    def __init__(self, gm, batches, tolerance: dict[str, Any], classifier: bool, latency_iterations: int,
+                 batch_size: int):
+        import torch
+
+        self.gm, self.batches, self.tolerance, self.classifier = gm, batches, tolerance, classifier
+        self.latency_iterations, self.batch_size = latency_iterations, batch_size
+        with torch.no_grad():
+            self.reference = [flat_outputs(b(gm)) for b in batches]
+
+    def check(self, target, engines: list[dict[str, Any]], build_dir) -> dict[str, Any]:
+        """Swap the segments for this round's engines, then accuracy (and latency) of the program."""
+        import torch
+
+        from pipeline.hybrid import EngineModule
+
+        options = {**target.runtime_options(self.gm), "trusted": True}
+        for entry in engines:
+            setattr(self.gm, entry["name"], EngineModule(target.load_engine(entry, build_dir, options)))
+        with torch.no_grad():
+            got = [flat_outputs(b(self.gm)) for b in self.batches]
+        acc = compare(self.reference, got, self.classifier)
+        found = failures(acc, self.tolerance)
+        record: dict[str, Any] = {**acc, "passed": not found, "failures": found}
+        if self.latency_iterations:
+            record["latency_p50_ms"] = self._latency()
+        return record
+
+    def _latency(self) -> float:
+        import torch
+
+        from pipeline.timing import measure
+
+        sample = self.batches[0]
+
+        def call():
+            with torch.no_grad():
+                sample(self.gm)
+
+        stats = measure({"int8": call}, warmup=min(3, self.latency_iterations), iterations=self.latency_iterations,
+                        rounds=1, min_seconds=0.0, batch_size=self.batch_size, cuda=False)
+        return stats["int8"].p50_ms
