@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pipeline import calibration, layout, programs, segments, shapes
-from pipeline.accuracy import compare, failures
+from pipeline.accuracy import compare, failures, figures
 from pipeline.dtypes import choice_name, precision_name
 from pipeline.errors import ConfigError
 from pipeline.files import load_json, write_json
@@ -215,7 +215,7 @@ class Evaluation:
             got = [flat_outputs(b(self.gm)) for b in self.batches]
         acc = compare(self.reference, got, self.classifier)
         found = failures(acc, self.tolerance)
-        record: dict[str, Any] = {**acc, "passed": not found, "failures": found}
+        record: dict[str, Any] = {**figures(acc), "passed": not found, "failures": found}
         if self.latency_iterations:
             record["latency_p50_ms"] = self._latency()
         return record
