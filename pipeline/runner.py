@@ -84,8 +84,9 @@ class Runner:
 
     def run_stage(self, spec: StageSpec, keys: dict[str, str], target) -> StageRecord:
         """One stage through the cache: linked if an entry exists, else run by the worker and published."""
-        material = self.cache.material(spec, self.config, target, self.run_dir, keys)
-        visible = select(self.config, spec.reads_for(self.config, target) + spec.labels)
+        reads = spec.reads_for(self.config, target)  # once: it keys the stage and is all the stage sees
+        material = self.cache.material(spec, self.config, target, self.run_dir, keys, reads)
+        visible = select(self.config, reads + spec.labels)
 
         def execute(staging: Path):
             request = Request(stage=spec.name, config=visible, target=target.name, settings=target.settings,
@@ -197,7 +198,7 @@ class Runner:
         """
         target = targets.make(self.target_name, self.config["target"])  # device resolved once, here
         check_settings(self.config, target)  # ranges, paths, what its quantizer serves: before any stage
-        target.configure(OmegaConf.create(self.config["compile"]))
+        target.configure(self.config["compile"])  # the plain resolved dict: no DictConfig round trip
         choices = target.settle(self.config["input"])
         for key, value in choices.items():
             if not key.endswith(".reason"):

@@ -161,8 +161,9 @@ class Target:
             return {"device": name}
         return None
 
-    def configure(self, compile_cfg) -> None:
-        """Check and translate this job's compile settings before any stage runs (errors here are the user's)."""
+    def configure(self, compile_cfg: dict[str, Any]) -> None:
+        """Check and translate this job's compile settings (the resolved `compile` section, plain values)
+        before any stage runs (errors here are the user's)."""
 
     def settle(self, input_cfg) -> dict[str, str]:
         """Choices that follow the job's input (static or dynamic shapes), made in self.settings.

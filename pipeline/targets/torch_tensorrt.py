@@ -46,6 +46,10 @@ BUILDER_ONLY = ("optimization_level", "workspace_size", "immutable_weights", "ha
                 "version_compatible", "pass_through_build_failures", "timing_cache_path", "cache_built_engines",
                 "reuse_cached_engines", "engine_cache_dir", "engine_cache_size")
 
+# Settings only its partitioner reads (our names and Torch-TensorRT's): out of the convert and build
+# keys, so a min_block_size sweep whose splits are equal shares convert (the engines) and build.
+PARTITION_ONLY = ("min_block_size", "torch_executed_ops", "require_full_compilation", "use_fast_partitioner")
+
 
 @dataclass
 class Settings(TargetSettings):
@@ -255,16 +259,13 @@ class TorchTensorRTTarget(Target):
     def device(self) -> str:
         return "cuda"
 
-    def configure(self, compile_cfg, release: tuple[tuple[int, int], bool] | None = None) -> None:
+    def configure(self, compile_cfg: dict[str, Any], release: tuple[tuple[int, int], bool] | None = None) -> None:
         """Translate for the installed release, or for `release` ((major, minor), is RTX) where none is."""
-        from omegaconf import OmegaConf
-
         minor, rtx = release or installed_version()[1:]
-        plain = OmegaConf.to_container(compile_cfg, resolve=True) if OmegaConf.is_config(compile_cfg) else dict(compile_cfg)
-        self.values = translate(plain, self.settings, minor, rtx)
+        self.values = translate(compile_cfg, self.settings, minor, rtx)
         self.settings = {**self.settings, "translated": self.values}
-        precision = precision_name(plain["precision"])
-        self.module_precision = precision if precision in self.quantizes_module else None
+        precision = compile_cfg["precision"]
+        self.module_precision = precision if self.quantization_route(precision) == "module" else None
 
     def libraries_for(self, aspect: str) -> tuple[str, ...]:
         """modelopt quantizes the module in export (int8/fp8 jobs) and registers the op its converter reads."""
@@ -281,6 +282,13 @@ class TorchTensorRTTarget(Target):
         from pipeline.quantize import torch_modelopt
 
         return torch_modelopt.export_context()
+
+    def build_settings(self) -> dict[str, Any]:
+        """Every setting that changes an engine; not the partitioner's (the recipe keys convert and build)."""
+        settings = {k: v for k, v in super().build_settings().items() if k not in PARTITION_ONLY}
+        if "translated" in settings:
+            settings["translated"] = {k: v for k, v in self.values.items() if k not in PARTITION_ONLY}
+        return settings
 
     def partitioner_settings(self) -> dict[str, Any]:
         """Its partitioner and the converters' capability validators read CompilationSettings."""
@@ -358,7 +366,7 @@ class TorchTensorRTTarget(Target):
         for key in ("engine", "shapes"):
             link_or_copy(convert_dir / segment[key], out / segment[key])
         description = out / f"{segment['name']}.engine.json"
-        write_json(description, {"library": "torch_tensorrt", "settings": self.values,
+        write_json(description, {"library": "torch_tensorrt", "settings": self.build_settings().get("translated"),
                                  "input_names": segment["input_names"], "output_names": segment["output_names"],
                                  "inputs": segment["inputs"], "outputs": segment["outputs"]})
         # Strongly typed: the engine computes in the dtypes its bindings carry, and in int8/fp8
