@@ -81,6 +81,7 @@ class Runner:
         self.config: dict[str, Any] = container
         self.target_name = name
         self.cache = StageCache(Path(container["paths"]["cache"]).resolve())
+        self.resolved: dict[str, Any] = {}
 
     def run_stage(self, spec: StageSpec, keys: dict[str, str], target) -> StageRecord:
         """One stage through the cache: linked if an entry exists, else run by the worker and published."""
@@ -91,7 +92,7 @@ class Runner:
         def execute(staging: Path):
             request = Request(stage=spec.name, config=visible, target=target.name, settings=target.settings,
                               inputs={up: str((self.run_dir / up).resolve()) for up in spec.inputs},
-                              out=str(staging.resolve()), job_pid=os.getpid())
+                              out=str(staging.resolve()), job_pid=os.getpid(), resolved=self.resolved)
             with self.console.status(f"{spec.name}: running in the stage worker"):
                 reply = self.worker.run(request)
             if reply.text.strip():
@@ -205,9 +206,19 @@ class Runner:
                 self.console.print(f"[bold]{escape(key)}[/]: {escape(value)} ({escape(choices.get(key + '.reason', ''))})")
         result.tags.update(choices)
         self.config["target"].update({k: v for k, v in target.settings.items() if k in self.config["target"]})
+        self.resolved = self.resolve(target)
         result.tags.update(env.device_tags(target.device()))
         self.console.print(f"[bold]device[/]: {escape(result.tags['device'])} ({escape(result.tags['device.name'])})")
         return target
+
+    def resolve(self, target: targets.Target) -> dict[str, Any]:
+        """What this job resolved once, for every stage (Request.resolved) and config.yaml's `resolved`."""
+        precision, calibration = self.config["compile"]["precision"], self.config["calibration"]
+        route = target.quantization_route(precision)
+        return {"target": target.name, "device": target.device(), "trace_device": target.trace_device(),
+                "precision": precision, "quantization": route,
+                "quantize_mode": self.config["quantize"]["mode"] if route else None,
+                "calibration_digest": calibration.get("digest") if route else None}
 
     def trust_tags(self, result: JobResult) -> dict[str, str]:
         """What a reader needs before believing a number: engine identity, latency spread, warnings."""
@@ -292,6 +303,7 @@ class Runner:
 
     def write_run_files(self, result: JobResult) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(self.config), self.run_dir / layout.RUN_CONFIG)
+        resolved = {"resolved": self.resolved} if self.resolved else {}  # what the job decided, for readers
+        OmegaConf.save(OmegaConf.create({**self.config, **resolved}), self.run_dir / layout.RUN_CONFIG)
         write_json(self.run_dir / layout.RUN_JSON, result.as_dict())
         (self.run_dir / layout.CONSOLE_LOG).write_text(self.console.export_text(clear=False))

@@ -19,7 +19,7 @@ def run(ctx: StageContext) -> Metrics:
     converted = load_json(ctx.inputs["convert"] / layout.CONVERT.segments, "converted segments")
     engines, quantized = [], {}
     precision = precision_name(ctx.config.compile.precision)
-    route = ctx.target.quantization_route(precision)
+    route = ctx.quantization
     if route == "segments":  # calibrated here, with the accuracy rounds
         from pipeline.quantized_build import build_int8
 

@@ -163,7 +163,7 @@ def run(ctx: StageContext) -> Metrics:
     model = cast_model(model, precision).to(device)
     cast = caster(precision)
     quantized, context = None, contextlib.nullcontext()
-    if ctx.target.quantization_route(precision_name(precision)) == "module":  # e.g. Torch-TensorRT's modelopt
+    if ctx.quantization == "module":  # e.g. Torch-TensorRT's modelopt route
         model, quantized = _quantize(ctx, model, device, cast)
         context = ctx.target.export_context()
     examples = corner_samples(cfg.input, cast)
