@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import shapes
-from pipeline.dtypes import choice_name, is_quantized, torch_dtype
+from pipeline.dtypes import is_quantized, torch_dtype
 from pipeline.errors import ArtifactError, ConfigError
 
 SUFFIXES = (".npy", ".pt")
@@ -53,7 +53,7 @@ def check(config: dict[str, Any]) -> None:
 def load(cal, input_cfg) -> list[shapes.Sample]:
     """The first calibration.num_samples batches of the configured source, each checked against the spec."""
     count = int(cal.num_samples)
-    source = choice_name(cal.source)
+    source = cal.source
     if source == "random":
         return _random(input_cfg, count, int(cal.seed))
     if source == "folder":

@@ -20,7 +20,6 @@ from omegaconf import OmegaConf
 
 from pipeline import calibration, layout, programs, segments, shapes
 from pipeline.accuracy import compare, failures, figures
-from pipeline.dtypes import choice_name, precision_name
 from pipeline.errors import ConfigError
 from pipeline.files import load_json, write_json
 from pipeline.models import flat_outputs
@@ -32,17 +31,17 @@ REPORT = "quantization.json"
 def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(engines.json entries, metrics) of the int8 (or fp8) build, after the accuracy-aware rounds."""
     cfg, target, q = ctx.config, ctx.target, ctx.config.quantize
-    precision = precision_name(cfg.compile.precision)
+    precision = cfg.compile.precision
     batches, digest = calibration.load_checked(cfg.calibration, cfg.input)
     batches = [b.to(target.trace_device()) for b in batches]  # where the lowered program lives (a GPU's)
     recipe = load_json(ctx.inputs["partition"] / layout.PARTITION.recipe, "partition recipe")
     gm = segments.fuse(target.graph_module(programs.load(ctx.inputs["lower"])), recipe)
     inputs = calibration.segment_inputs(gm, batches)
     cal = cfg.calibration
-    dynamic = choice_name(q.mode) == "dynamic"  # ranges at run time: the batches only check
-    ctx.console.print(f"calibration: {choice_name(cal.source)}, {len(batches)} batches, "
+    dynamic = q.mode == "dynamic"  # ranges at run time: the batches only check
+    ctx.console.print(f"calibration: {cal.source}, {len(batches)} batches, "
                       + ("quantize.mode=dynamic (activation scales per batch at run time; the batches check "
-                         "accuracy)" if dynamic else f"method {choice_name(cal.method)}")
+                         "accuracy)" if dynamic else f"method {cal.method}")
                       + f", per_channel={cal.per_channel}, sha256 {digest[:12]}", markup=False, highlight=False)
     evaluation = None
     if target.can_execute() is None:
@@ -110,9 +109,9 @@ def _request(name: str, inputs: dict[str, list[tuple]], cfg, excluded: list[str]
     """The segment's request: layers excluded by bare name (every segment) or as segment/layer."""
     mine = [e.split("/", 1)[1] if "/" in e else e for e in excluded if "/" not in e or e.startswith(f"{name}/")]
     cal = cfg.calibration
-    return QuantizeRequest(inputs=inputs.get(name, []), method=choice_name(cal.method),
+    return QuantizeRequest(inputs=inputs.get(name, []), method=cal.method,
                            per_channel=bool(cal.per_channel), exclude=mine, op_types=list(cfg.quantize.op_types),
-                           mode=choice_name(cfg.quantize.mode), workdir=Path(scratch))
+                           mode=cfg.quantize.mode, workdir=Path(scratch))
 
 
 def fractions(engines: list[dict[str, Any]], precision: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ assembled hybrid module to save, so a run's build folder is what users deploy.
 from __future__ import annotations
 
 from pipeline import hybrid, layout, shapes
-from pipeline.dtypes import QUANTIZED_PRECISIONS, precision_name
+from pipeline.dtypes import QUANTIZED_PRECISIONS
 from pipeline.files import load_json, write_json
 from pipeline.stage import INPUT_KEYS, Metrics, StageContext, StageSpec
 from pipeline.targets import BUILDING
@@ -18,7 +18,7 @@ FILES = layout.BUILD
 def run(ctx: StageContext) -> Metrics:
     converted = load_json(ctx.inputs["convert"] / layout.CONVERT.segments, "converted segments")
     engines, quantized = [], {}
-    precision = precision_name(ctx.config.compile.precision)
+    precision = ctx.config.compile.precision
     route = ctx.quantization
     if route == "segments":  # calibrated here, with the accuracy rounds
         from pipeline.quantized_build import build_int8

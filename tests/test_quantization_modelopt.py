@@ -29,7 +29,8 @@ def configured(cfg, precision: str):
     from pipeline.targets.torch_tensorrt import TorchTensorRTTarget
 
     target = TorchTensorRTTarget(OmegaConf.to_container(cfg.target))
-    target.configure({**OmegaConf.to_container(cfg.compile), "precision": precision}, release=((2, 14), False))
+    target.configure({**OmegaConf.to_container(cfg.compile, enum_to_str=True), "precision": precision},
+                     release=((2, 14), False))
     return target
 
 
@@ -70,10 +71,11 @@ def test_settings_the_module_route_cannot_serve_are_refused(tmp_path, change, wo
     from pipeline.targets.torch_tensorrt import TorchTensorRTTarget
 
     config = OmegaConf.to_container(compose(tmp_path, "target=torch_tensorrt", "compile.precision=int8", change),
-                                    resolve=True)
+                                    resolve=True, enum_to_str=True)
     why, fix = TorchTensorRTTarget(config["target"]).quantizer_refusal(config, "int8")
     assert words in why and fix
-    ok = OmegaConf.to_container(compose(tmp_path, "target=torch_tensorrt", "compile.precision=int8"), resolve=True)
+    ok = OmegaConf.to_container(compose(tmp_path, "target=torch_tensorrt", "compile.precision=int8"), resolve=True,
+                                enum_to_str=True)
     target = TorchTensorRTTarget(ok["target"])
     assert target.quantizer_refusal(ok, "int8") is None and target.quantizer_refusal(ok, "fp8") is None
 
@@ -84,7 +86,7 @@ def test_releases_before_strongly_typed_networks_enable_the_quantized_kernels(tm
 
     cfg = compose(tmp_path, "target=torch_tensorrt")
     for precision, dtype in (("int8", "int8"), ("fp8", "float8_e4m3fn")):
-        compile_cfg = {**OmegaConf.to_container(cfg.compile), "precision": precision}
+        compile_cfg = {**OmegaConf.to_container(cfg.compile, enum_to_str=True), "precision": precision}
         out = translate(compile_cfg, OmegaConf.to_container(cfg.target), (2, 12))
         assert out["enabled_precisions"] == sorted({"float32", dtype})
         assert "enabled_precisions" not in translate(compile_cfg, OmegaConf.to_container(cfg.target), (2, 14))
@@ -100,7 +102,7 @@ def test_tensorrt_quantizer_choice_follows_what_modelopt_serves(tmp_path):
 
     def config(*extra):
         return OmegaConf.to_container(compose(tmp_path, "target=tensorrt", "compile.precision=int8", *extra),
-                                      resolve=True)
+                                      resolve=True, enum_to_str=True)
 
     def refusal(*extra):
         job = config(*extra)

@@ -207,9 +207,8 @@ class Target:
         Export (PLACING) reads the calibration data and the layers kept in fp32 where this
         target quantizes the module, so they key it; for other targets they key build only.
         """
-        from pipeline.dtypes import precision_name
 
-        if aspect == PLACING and self.quantization_route(precision_name(config["compile"]["precision"])) == "module":
+        if aspect == PLACING and self.quantization_route(config["compile"]["precision"]) == "module":
             return ("calibration", "quantize.exclude")
         return ()
 

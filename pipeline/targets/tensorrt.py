@@ -30,7 +30,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from pipeline.dtypes import choice_name, precision_name, tensorrt_name
+from pipeline.dtypes import tensorrt_name
 from pipeline.errors import ArtifactError, CompileError, ConfigError, TargetUnavailable
 from pipeline.files import write_json
 from pipeline.quantize import tensorrt_qdq
@@ -167,7 +167,7 @@ class TensorRTTarget(OnnxTarget):
             return (f"FP8 needs compute capability 8.9 or newer, and target.compute_capabilities has "
                     f"{', '.join(old)}", "set target.compute_capabilities to 8.9 and/or 12.0 (or leave it empty: "
                     f"fp8 then builds for {', '.join(FP8_CAPABILITIES)})")
-        method = choice_name(config["calibration"]["method"])
+        method = config["calibration"]["method"]
         if method != "minmax":
             return (f"calibration.method={method} is an int8 histogram recipe; FP8 scales come from each "
                     "tensor's range (modelopt: max; onnxruntime: its distribution)", "set calibration.method=minmax")
@@ -272,7 +272,7 @@ class TensorRTTarget(OnnxTarget):
         mark = len(log.messages)
         builder = trt.Builder(log)
         parsed, parse_dir, quantized = segment, convert_dir, {}
-        precision = precision_name(compile_cfg.precision)
+        precision = compile_cfg.precision
         capabilities = self._capabilities(precision)
         if segment.get("quantize"):  # compile.precision=int8/fp8: a QDQ graph, built strongly typed
             from pipeline.quantize import int8_facts

@@ -27,7 +27,7 @@ from types import MappingProxyType
 from typing import Any
 
 from pipeline import symbolic
-from pipeline.dtypes import ENGINE_DTYPES, PRECISION_DTYPES, compute_dtype, precision_name
+from pipeline.dtypes import ENGINE_DTYPES, PRECISION_DTYPES, compute_dtype
 from pipeline.errors import ArtifactError, ConfigError, first_line
 from pipeline.files import link_or_copy, write_json
 from pipeline.targets import PLACING, Target, TargetSettings
@@ -115,7 +115,7 @@ def translate(compile_cfg: dict[str, Any], target_cfg: dict[str, Any], version: 
     if version < OLDEST:
         raise ConfigError(f"{label} is older than this pipeline supports ({OLDEST[0]}.{OLDEST[1]}).",
                           f"upgrade: {INSTALL}.")
-    precision = precision_name(compile_cfg["precision"])
+    precision = compile_cfg["precision"]
     return {**_common(compile_cfg, target_cfg),
             **_typing(target_cfg, precision, version, label),
             **_autocast(target_cfg, precision),
@@ -355,7 +355,7 @@ class TorchTensorRTTarget(Target):
 
     def _quantized(self, module, compile_cfg) -> dict[str, Any]:
         """The shares of the segment's compute that read modelopt's quantize ops (int8/fp8 jobs)."""
-        precision = precision_name(compile_cfg.precision)
+        precision = compile_cfg.precision
         if precision not in self.quantizes_module:
             return {}
         from pipeline.quantize import torch_modelopt
