@@ -356,7 +356,7 @@ class TorchTensorRTTarget(Target):
     def _quantized(self, module, compile_cfg) -> dict[str, Any]:
         """The shares of the segment's compute that read modelopt's quantize ops (int8/fp8 jobs)."""
         precision = compile_cfg.precision
-        if precision not in self.quantizes_module:
+        if self.quantization_route(precision) != "module":
             return {}
         from pipeline.quantize import torch_modelopt
 
