@@ -54,7 +54,7 @@ def refusal(config: dict[str, Any], settings: dict[str, Any]) -> tuple[str, str]
         return ("its int8 route builds an AOTInductor package, not target.artifact=compile_cache",
                 "set target.artifact=aoti (or auto)")
     cal, quantize = config["calibration"], config["quantize"]
-    mode = getattr(quantize["mode"], "value", quantize["mode"])
+    mode = quantize["mode"]
     if mode != "static":
         return (f"its CPU int8 route (PT2E) calibrates static activation ranges, not quantize.mode={mode} "
                 "(torchao's CUDA route's)", "set quantize.mode=static, or target.device=cuda on a GPU")

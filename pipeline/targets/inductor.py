@@ -226,10 +226,9 @@ class InductorTarget(Target):
     def build_torchao(self, segment: dict[str, Any], convert_dir: Path, out: Path, compile_cfg) -> dict[str, Any]:
         """torchao's quantized linears compiled into a compile_cache; the precision read off the generated code."""
         from pipeline import programs
-        from pipeline.dtypes import precision_name
         from pipeline.targets import inductor_runtime
 
-        spec = torchao_gpu.spec_of(segment["quantize"], precision_name(compile_cfg.precision))
+        spec = torchao_gpu.spec_of(segment["quantize"], compile_cfg.precision)
         built = inductor_runtime.build_compile_cache(segment, convert_dir, out, self.settings, quantized=spec)
         program = programs.load_program(convert_dir / segment["program"]).graph_module
         return {**built, **torchao_gpu.facts(program, spec, built.pop("generated_code"))}
