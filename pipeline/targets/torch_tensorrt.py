@@ -46,8 +46,7 @@ BUILDER_ONLY = ("optimization_level", "workspace_size", "immutable_weights", "ha
                 "version_compatible", "pass_through_build_failures", "timing_cache_path", "cache_built_engines",
                 "reuse_cached_engines", "engine_cache_dir", "engine_cache_size")
 
-# Settings only its partitioner reads (our names and Torch-TensorRT's): out of the convert and build
-# keys, so a min_block_size sweep whose splits are equal shares convert (the engines) and build.
+# Settings only its partitioner reads: out of the convert and build keys (equal splits share engines).
 PARTITION_ONLY = ("min_block_size", "torch_executed_ops", "require_full_compilation", "use_fast_partitioner")
 
 
@@ -101,7 +100,6 @@ def installed_version() -> tuple[str, tuple[int, int], bool] | None:
             continue
         return version, parse_version(version), rtx
     return None
-
 
 
 def translate(compile_cfg: dict[str, Any], target_cfg: dict[str, Any], version: tuple[int, int],
