@@ -100,7 +100,6 @@ class Target:
     # Modules the stage worker's server imports once for all the jobs of a sweep: work of seconds
     # that each job's worker would otherwise redo (torch.onnx's op registry for partition).
     sweep_preload: tuple[str, ...] = ()
-    # --- quantization (compile.precision=int8/fp8), declared here and read only through these ---
     # compile.precision -> how this target quantizes to it (a line naming the tool); a precision
     # missing here is refused before any stage (pipeline.checks.check_quantization).
     quantizers: Mapping[str, str] = MappingProxyType({})
