@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import shapes
-from pipeline.dtypes import choice_name
+from pipeline.batches import call_factory, to_sample
 from pipeline.errors import ConfigError, first_line
 
 Batch = tuple[shapes.Sample, Any]  # (inputs, labels [batch] or None)
@@ -38,7 +38,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def present(data_cfg) -> bool:
-    return data_cfg is not None and choice_name(data_cfg.source) != "none"
+    return data_cfg is not None and data_cfg.source != "none"
 
 
 def split(data_cfg, input_cfg, which: str) -> list[Batch]:
@@ -51,22 +51,20 @@ def split(data_cfg, input_cfg, which: str) -> list[Batch]:
     if which == "validation" and data_cfg.validation_items is not None:
         chosen = chosen[: int(data_cfg.validation_items)]
     picked = [items[i] for i in chosen]
-    batches = picked if choice_name(data_cfg.source) == "factory" else _stack(picked, input_cfg)
+    batches = picked if data_cfg.source == "factory" else _stack(picked, input_cfg)
     if not batches:
         raise ConfigError(f"data {data_cfg.name}: its {which} split is empty ({len(items)} item(s), "
                           f"calibration_items={cut}).",
                           "give more data, or move data.calibration_items so both splits hold a batch.")
     source = f"data {data_cfg.name} ({which} split)"
-    return [(_to_sample(x, input_cfg, f"{source}, batch {i}"), y) for i, (x, y) in enumerate(batches)]
+    return [(to_sample(x, input_cfg, f"{source}, batch {i}"), y) for i, (x, y) in enumerate(batches)]
 
 
 def digest(data_cfg, input_cfg) -> str:
     """sha256 of both splits (inputs and labels), in order: the data's identity, not its path."""
-    from pipeline import calibration
-
     batches = split(data_cfg, input_cfg, "calibration") + split(data_cfg, input_cfg, "validation")
     label_batches = [shapes.Sample((y,), {}, {}) for _, y in batches if y is not None]
-    return calibration.digest([s for s, _ in batches] + label_batches)
+    return shapes.digest([s for s, _ in batches] + label_batches)
 
 
 def check(config: dict[str, Any]) -> None:
@@ -89,7 +87,7 @@ def _node(data):
 
 
 def _items(data_cfg, input_cfg) -> list[tuple[Any, Any]]:
-    source = choice_name(data_cfg.source)
+    source = data_cfg.source
     if source == "images":
         return _images(data_cfg, input_cfg)
     if source == "tensors":
@@ -114,7 +112,7 @@ def _path(data_cfg, key: str, kind: str) -> Path:
     value = data_cfg[key]
     fix = f"point data.{key} at {kind}."
     if not value:
-        raise ConfigError(f"data.source={choice_name(data_cfg.source)} but data.{key} is not set.", fix)
+        raise ConfigError(f"data.source={data_cfg.source} but data.{key} is not set.", fix)
     path = Path(value).expanduser()
     if not path.exists():
         raise ConfigError(f"data.{key}={value} does not exist.", fix)
@@ -200,8 +198,6 @@ def _transform(data_cfg, input_cfg):
 
 def _factory(data_cfg, input_cfg) -> list[tuple[Any, Any]]:
     """A user's callable's batches, each split into (inputs, label or None)."""
-    from pipeline.calibration import call_factory
-
     fix = ("give data._target_ an importable callable returning an iterable of batches, each (inputs, label) "
            "or inputs (calling it in Python shows the traceback).")
     items = call_factory("data", data_cfg._target_, dict(data_cfg.kwargs or {}), None, fix)
@@ -215,12 +211,6 @@ def _factory(data_cfg, input_cfg) -> list[tuple[Any, Any]]:
         else:
             out.append((item, None))
     return out
-
-
-def _to_sample(inputs, input_cfg, where: str) -> shapes.Sample:
-    from pipeline import calibration
-
-    return calibration.to_sample(inputs, input_cfg, where)
 
 
 def labels_tensor(labels):

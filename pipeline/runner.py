@@ -81,6 +81,7 @@ class Runner:
         self.config: dict[str, Any] = container
         self.target_name = name
         self.cache = StageCache(Path(container["paths"]["cache"]).resolve())
+        self.resolved: dict[str, Any] = {}
 
     def run_stage(self, spec: StageSpec, keys: dict[str, str], target, config: dict[str, Any] | None = None,
                   run_dir: Path | None = None) -> StageRecord:
@@ -88,13 +89,14 @@ class Runner:
 
         `config` and `run_dir` differ from the job's for the baseline chain of an int8 job (pipeline.payoff)."""
         config, run_dir = config or self.config, run_dir or self.run_dir
-        material = self.cache.material(spec, config, target, run_dir, keys)
-        visible = select(config, spec.reads_for(config, target) + spec.labels)
+        reads = spec.reads_for(config, target)  # once: it keys the stage and is all the stage sees
+        material = self.cache.material(spec, config, target, run_dir, keys, reads)
+        visible = select(config, reads + spec.labels)
 
         def execute(staging: Path):
             request = Request(stage=spec.name, config=visible, target=target.name, settings=target.settings,
                               inputs={up: str((run_dir / up).resolve()) for up in spec.inputs},
-                              out=str(staging.resolve()), job_pid=os.getpid())
+                              out=str(staging.resolve()), job_pid=os.getpid(), resolved=self.resolved)
             with self.console.status(f"{spec.name}: running in the stage worker"):
                 reply = self.worker.run(request)
             if reply.text.strip():
@@ -211,18 +213,28 @@ class Runner:
 
         pipeline.load rebuilds engines from config.yaml's target, so it must name the device used.
         """
-        check_settings(self.config)  # ranges and paths: before the target, before any stage
-        target = targets.make(self.target_name, self.config["target"])
-        target.configure(OmegaConf.create(self.config["compile"]))
+        target = targets.make(self.target_name, self.config["target"])  # device resolved once, here
+        check_settings(self.config, target)  # ranges, paths, what its quantizer serves: before any stage
+        target.configure(self.config["compile"])  # the plain resolved dict: no DictConfig round trip
         choices = target.settle(self.config["input"])
         for key, value in choices.items():
             if not key.endswith(".reason"):
                 self.console.print(f"[bold]{escape(key)}[/]: {escape(value)} ({escape(choices.get(key + '.reason', ''))})")
         result.tags.update(choices)
         self.config["target"].update({k: v for k, v in target.settings.items() if k in self.config["target"]})
+        self.resolved = self.resolve(target)
         result.tags.update(env.device_tags(target.device()))
         self.console.print(f"[bold]device[/]: {escape(result.tags['device'])} ({escape(result.tags['device.name'])})")
         return target
+
+    def resolve(self, target: targets.Target) -> dict[str, Any]:
+        """What this job resolved once, for every stage (Request.resolved) and config.yaml's `resolved`."""
+        precision, calibration = self.config["compile"]["precision"], self.config["calibration"]
+        route = target.quantization_route(precision)
+        return {"target": target.name, "device": target.device(), "trace_device": target.trace_device(),
+                "precision": precision, "quantization": route,
+                "quantize_mode": self.config["quantize"]["mode"] if route else None,
+                "calibration_digest": calibration.get("digest") if route else None}
 
     def trust_tags(self, result: JobResult) -> dict[str, str]:
         """What a reader needs before believing a number: engine identity, latency spread, warnings."""
@@ -307,6 +319,7 @@ class Runner:
 
     def write_run_files(self, result: JobResult) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(self.config), self.run_dir / layout.RUN_CONFIG)
+        resolved = {"resolved": self.resolved} if self.resolved else {}  # what the job decided, for readers
+        OmegaConf.save(OmegaConf.create({**self.config, **resolved}), self.run_dir / layout.RUN_CONFIG)
         write_json(self.run_dir / layout.RUN_JSON, result.as_dict())
         (self.run_dir / layout.CONSOLE_LOG).write_text(self.console.export_text(clear=False))

@@ -6,7 +6,7 @@ of the engine's output against eager's (min and mean: eager's own is 1, so the d
 is 100 x (1 - cosine)); any function named by `data.metric` (dotted path) is called with
 (outputs, labels) and returns {name: value}, higher being better. The first figure is the
 primary one: `validate.max_drop` gates its drop, the comparison tables and the Pareto plot
-put it on the accuracy axis, and the int8 rounds (pipeline.quantize.accuracy) gate on it
+put it on the accuracy axis, and the int8 rounds (pipeline.quantized_build) gate on it
 when the calibration split has labels.
 """
 
@@ -163,7 +163,7 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
 
 class RoundGate:
     """The int8/fp8 rounds' gate on the task: the drop of each round's program against the fp32
-    program on the data's calibration batches, within validate.max_drop (pipeline.quantize.accuracy)."""
+    program on the data's calibration batches, within validate.max_drop (pipeline.quantized_build)."""
 
     def __init__(self, labels, metric: str, classifier: bool, max_drop: float):
         self.labels, self.metric, self.classifier, self.max_drop = labels, metric, classifier, max_drop
@@ -184,9 +184,8 @@ def round_gate(cfg, count: int) -> RoundGate | None:
     import torch
 
     from pipeline import calibration, data
-    from pipeline.dtypes import choice_name
 
-    if (choice_name(cfg.calibration.source) != "data" or cfg.validate.max_drop is None
+    if (cfg.calibration.source != "data" or cfg.validate.max_drop is None
             or not data.present(cfg.data)):
         return None
     batches = calibration.data_batches(cfg.data, cfg.input, int(cfg.calibration.num_samples))[:count]

@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,8 @@ class Request:
     inputs: dict[str, str]
     out: str
     job_pid: int
+    # What the runner resolved once for the job (Runner.resolve): device, quantization route, ...
+    resolved: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -110,7 +112,7 @@ def run_request(request: Request) -> Reply:
             return Reply(metrics=memory.check(request.config, target.device()), notes=[])
         ctx = StageContext(config=OmegaConf.create(request.config, flags={"readonly": True}), target=target,
                            inputs={k: Path(v) for k, v in request.inputs.items()}, out=Path(request.out),
-                           console=console)
+                           console=console, resolved=request.resolved)
         peaks.reset()
         with logs.collapse_repeats():
             metrics = stages.BY_NAME[request.stage].run(ctx)

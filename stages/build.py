@@ -7,7 +7,7 @@ assembled hybrid module to save, so a run's build folder is what users deploy.
 from __future__ import annotations
 
 from pipeline import hybrid, layout, shapes
-from pipeline.dtypes import QUANTIZED_PRECISIONS, is_quantized, precision_name
+from pipeline.dtypes import QUANTIZED_PRECISIONS
 from pipeline.files import load_json, write_json
 from pipeline.stage import INPUT_KEYS, Metrics, StageContext, StageSpec
 from pipeline.targets import BUILDING
@@ -18,16 +18,17 @@ FILES = layout.BUILD
 def run(ctx: StageContext) -> Metrics:
     converted = load_json(ctx.inputs["convert"] / layout.CONVERT.segments, "converted segments")
     engines, quantized = [], {}
-    precision = precision_name(ctx.config.compile.precision)
-    if is_quantized(precision) and precision not in ctx.target.quantizes_module:  # calibrated, with rounds
-        from pipeline.quantize.loop import build_int8
+    precision = ctx.config.compile.precision
+    route = ctx.quantization
+    if route == "segments":  # calibrated here, with the accuracy rounds
+        from pipeline.quantized_build import build_int8
 
         engines, quantized = build_int8(ctx, converted["segments"])
     for segment in converted["segments"] if not quantized else []:
         with ctx.console.status(f"building {segment['name']} with {ctx.target.name}"):
             engines.append(ctx.target.build(segment, ctx.inputs["convert"], ctx.out, ctx.config.compile))
-    if precision in ctx.target.quantizes_module:  # quantized in export: its quantize ops are the engines'
-        from pipeline.quantize.loop import fractions
+    if route == "module":  # quantized in export: its quantize ops are the engines'
+        from pipeline.quantized_build import fractions
 
         quantized = fractions(engines, precision)
         if int(ctx.config.quantize.max_rounds):

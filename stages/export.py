@@ -15,7 +15,7 @@ import contextlib
 from typing import Any
 
 from pipeline import calibration, layout, programs, shapes
-from pipeline.dtypes import name_of, precision_name, torch_dtype
+from pipeline.dtypes import name_of, torch_dtype
 from pipeline.errors import ConfigError, first_line
 from pipeline.files import write_json
 from pipeline.models import build_model, cast_model, caster, flat_outputs, weights_digest
@@ -143,7 +143,7 @@ def corner_samples(input_cfg, cast) -> dict[str, shapes.Sample]:
 
 def _quantize(ctx: StageContext, model, device: str, cast) -> tuple[Any, dict[str, Any]]:
     """The model fake-quantized by the target (Target.quantizes_module), calibrated with the job's batches."""
-    cfg, precision = ctx.config, precision_name(ctx.config.compile.precision)
+    cfg, precision = ctx.config, ctx.config.compile.precision
     loaded, digest = calibration.load_checked(cfg.calibration, cfg.input, cfg.data)
     batches = [b.to(device, cast) for b in loaded]
     exclude = list(cfg.quantize.exclude)
@@ -163,7 +163,7 @@ def run(ctx: StageContext) -> Metrics:
     model = cast_model(model, precision).to(device)
     cast = caster(precision)
     quantized, context = None, contextlib.nullcontext()
-    if precision_name(precision) in ctx.target.quantizes_module:  # e.g. Torch-TensorRT's modelopt route
+    if ctx.quantization == "module":  # e.g. Torch-TensorRT's modelopt route
         model, quantized = _quantize(ctx, model, device, cast)
         context = ctx.target.export_context()
     examples = corner_samples(cfg.input, cast)

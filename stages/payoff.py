@@ -12,7 +12,6 @@ that is not faster is a warning in the summary and MLflow (`quantize/pays`=0); w
 from __future__ import annotations
 
 from pipeline import hybrid, shapes, timing
-from pipeline.dtypes import precision_name
 from pipeline.errors import CompileError
 from pipeline.files import write_json
 from pipeline.models import caster
@@ -32,7 +31,7 @@ def verdict(speedup: float, required: bool) -> str:
 
 def run(ctx: StageContext) -> Metrics:
     cfg, vcfg = ctx.config, ctx.config.validate
-    precision, device = precision_name(cfg.compile.precision), ctx.target.device()
+    precision, device = cfg.compile.precision, ctx.target.device()
     base = baseline_precision(device)
     if ctx.target.can_execute():
         write_json(ctx.out / REPORT, {"measured": False, "reason": ctx.target.can_execute()})

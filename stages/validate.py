@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from pipeline import hybrid, layout, shapes, task_metrics, throughput, timing
+from pipeline.accuracy import compare, figures
+from pipeline.accuracy import failures as failures_of
 from pipeline.dtypes import is_quantized, precisions_of
 from pipeline.errors import ArtifactError
 from pipeline.files import load_json, write_json
@@ -32,44 +34,6 @@ FILES = layout.VALIDATE
 # On a GPU each timing round lasts at least this long (and warm-up too: clocks ramp up under
 # load): a sub-millisecond call's round of 200 calls is 0.1 s, which one hiccup can move.
 GPU_ROUND_SECONDS = 0.5
-
-
-def compare(ref: list[list[torch.Tensor]], got: list[list[torch.Tensor]], classifier: bool) -> dict[str, Any]:
-    """Max abs error, relative L2 error, cosine similarity over all samples; top-1 for logits.
-
-    Two all-zero outputs are equal, so their cosine is 1 by definition (torch, dividing by a
-    clamped norm, would say 0 and fail a model whose output is constant, e.g. a zero head).
-    """
-    r = torch.cat([t.detach().double().flatten() for sample in ref for t in sample])
-    g = torch.cat([t.detach().double().cpu().flatten() for sample in got for t in sample])
-    diff = g - r
-    both_zero = not bool(r.any()) and not bool(g.any())
-    metrics: dict[str, Any] = {
-        "max_abs_err": float(diff.abs().max()),
-        "rel_l2_err": float(diff.norm() / r.norm().clamp_min(1e-30)),
-        "cosine_similarity": 1.0 if both_zero else float(torch.nn.functional.cosine_similarity(g, r, dim=0)),
-        "finite": bool(torch.isfinite(g).all()),
-    }
-    if classifier and all(s[0].dim() == 2 for s in ref):
-        agree = [(a[0].argmax(-1) == b[0].float().cpu().argmax(-1)).float() for a, b in zip(ref, got, strict=False)]
-        metrics["top1_agreement"] = float(torch.cat(agree).mean())
-    return metrics
-
-
-def gate(acc: dict[str, Any], tol: dict[str, Any]) -> list[str]:
-    failures = []
-    if not acc["finite"]:
-        failures.append("the compiled output has NaN or Inf values")
-    checks = [("max_abs_err", "max_abs_err", "<="), ("rel_l2_err", "rel_l2_err", "<="),
-              ("cosine_similarity", "min_cosine_similarity", ">="), ("top1_agreement", "min_top1_agreement", ">=")]
-    for metric, key, op in checks:
-        limit = tol.get(key)
-        if limit is None or metric not in acc:
-            continue
-        ok = acc[metric] <= limit if op == "<=" else acc[metric] >= limit
-        if not ok:
-            failures.append(f"{metric}={acc[metric]:.3g} (must be {op} {limit:g})")
-    return failures
 
 
 def achieved_precision(engines: dict[str, Any], wanted: str) -> tuple[str | None, list[str]]:
@@ -238,25 +202,18 @@ def check_accuracy(ctx: StageContext, reference, compiled, checks, device: str):
             ref = [flat_outputs(b(reference)) for b in batches]
             got = [flat_outputs(b.to(device, cast)(compiled)) for b in batches]
             acc = compare(ref, got, classifier)
-            shape_failures = gate(acc, tolerance)
+            shape_failures = failures_of(acc, tolerance)
             failures += [f"at {name} ({shapes.label(dims)}): {f}" if len(checks) > 1 else f for f in shape_failures]
             per_shape.append({"name": name, "dims": dims, "samples": count, "accuracy": acc,
                               "passed": not shape_failures})
             ref_all += ref
             got_all += got
-    if is_constant(ref_all):
+    overall = compare(ref_all, got_all, classifier)  # over every shape: the worst case counts
+    if overall["constant"]:
         ctx.warn(f"model {cfg.model.name}'s output is constant over every sample checked (the same value "
                  "whatever the input), so agreement with eager says little about the engines; check its "
                  "weights (model.weights) or its head")
-    return compare(ref_all, got_all, classifier), per_shape, failures  # over every shape: the worst case counts
-
-
-def is_constant(outputs: list[list[torch.Tensor]]) -> bool:
-    """Each output holds one value over every sample (all zero, e.g.): agreement then proves little."""
-    count = min((len(sample) for sample in outputs), default=0)
-    columns = [torch.cat([sample[i].detach().cpu().flatten() for sample in outputs]) for i in range(count)]
-    columns = [c for c in columns if c.numel()]
-    return sum(c.numel() for c in columns) > 1 and all(bool((c == c[0]).all()) for c in columns)
+    return overall, per_shape, failures
 
 
 def time_latency(ctx: StageContext, eager, compiled, checks, device: str) -> dict[str, Any]:
@@ -337,12 +294,12 @@ def graph_or_warn(ctx: StageContext, fn):
 def report_metrics(accuracy: dict[str, Any], per_shape: list, latency: dict[str, Any], failures: list) -> Metrics:
     """The figures logged as metrics: accuracy (per shape too), latency of both, speedup."""
     c, e = latency["opt"]["compiled"], latency["opt"]["eager"]
-    metrics = {k: v for k, v in accuracy.items() if k != "finite"}
+    metrics = figures(accuracy)
     # Tiny errors read as 0.00 on MLflow's chart axes; their log10 charts readably.
     metrics["rel_l2_err_log10"] = math.log10(max(accuracy["rel_l2_err"], 1e-30))
     if len(per_shape) > 1:  # each figure named by the shape it belongs to
         for entry in per_shape:
-            metrics.update({f"{k}.{entry['name']}": v for k, v in entry["accuracy"].items() if k != "finite"})
+            metrics.update({f"{k}.{entry['name']}": v for k, v in figures(entry["accuracy"]).items()})
     metrics.update({
         "validated": 1.0,
         "accuracy_passed": float(not failures),

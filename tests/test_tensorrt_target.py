@@ -40,10 +40,11 @@ class Segment(torch.nn.Module):
 
 
 def compile_cfg(**changes):
+    """The compile section as stages see it: the runner's resolved values (enum names as strings)."""
     cfg = OmegaConf.structured(CompileConfig)
     for key, value in changes.items():
         cfg[key] = value
-    return cfg
+    return OmegaConf.create(OmegaConf.to_container(cfg, enum_to_str=True))
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from pipeline.errors import ArtifactError, CompileError, ConfigError, first_line
@@ -109,21 +110,29 @@ class InductorTarget(Target):
     engines_are_code = True
     # compile.precision=int8: the CPU's PT2E route (pipeline.quantize.pt2e) or, on CUDA, torchao's
     # linears (pipeline.quantize.torchao_gpu), which also serve fp8 on compute capability 8.9+.
-    quantizer = f"{QUANTIZER}; on CUDA, {torchao_gpu.INT8_QUANTIZER}"
+    quantizers = MappingProxyType({"int8": f"{QUANTIZER}; on CUDA, {torchao_gpu.INT8_QUANTIZER}",
+                                   "fp8": torchao_gpu.QUANTIZER})
     dynamic_quantizer = torchao_gpu.INT8_QUANTIZER
     weight_only_quantizer = torchao_gpu.WEIGHT_ONLY_QUANTIZER
-    fp8_quantizer = torchao_gpu.QUANTIZER
 
-    @classmethod
-    def int8_refusal(cls, config: dict[str, Any]) -> tuple[str, str] | None:
+    def quantizer_refusal(self, config: dict[str, Any], precision: str) -> tuple[str, str] | None:
+        """PT2E's needs (int8 on the CPU) or torchao's (CUDA), asked with the resolved device and artifact."""
         from pipeline.quantize import pt2e
 
-        device = _device(config)
-        return pt2e.refusal(config) if device == "cpu" else _torchao_refusal(config, "int8", device)
+        if self.settings["device"] == "cpu" and precision == "int8":
+            return pt2e.refusal(config, self.settings)
+        return self._torchao_refusal(config, precision)
 
-    @classmethod
-    def fp8_refusal(cls, config: dict[str, Any]) -> tuple[str, str] | None:
-        return _torchao_refusal(config, "fp8", _device(config))
+    def _torchao_refusal(self, config: dict[str, Any], precision: str) -> tuple[str, str] | None:
+        """torchao's CUDA route: its config for the mode, torchao, a GPU new enough, a compile_cache."""
+        device = self.settings["device"]
+        refused = torchao_gpu.refusal(precision, config["quantize"]["mode"], device)
+        if refused or device == "cpu":
+            return refused
+        if self.settings["artifact"] != "compile_cache":
+            return (f"its CUDA {precision} route builds a compile_cache, not target.artifact={self.settings['artifact']}",
+                    "set target.artifact=compile_cache (or auto)")
+        return None
 
     def __init__(self, settings: dict[str, Any]):
         super().__init__(settings)
@@ -217,10 +226,9 @@ class InductorTarget(Target):
     def build_torchao(self, segment: dict[str, Any], convert_dir: Path, out: Path, compile_cfg) -> dict[str, Any]:
         """torchao's quantized linears compiled into a compile_cache; the precision read off the generated code."""
         from pipeline import programs
-        from pipeline.dtypes import precision_name
         from pipeline.targets import inductor_runtime
 
-        spec = torchao_gpu.spec_of(segment["quantize"], precision_name(compile_cfg.precision))
+        spec = torchao_gpu.spec_of(segment["quantize"], compile_cfg.precision)
         built = inductor_runtime.build_compile_cache(segment, convert_dir, out, self.settings, quantized=spec)
         program = programs.load_program(convert_dir / segment["program"]).graph_module
         return {**built, **torchao_gpu.facts(program, spec, built.pop("generated_code"))}
@@ -259,26 +267,6 @@ class InductorTarget(Target):
             return inductor_runtime.load_compile_cache(segment, build_dir, {**self.settings,
                                                                             "device": segment["device"]})
         return inductor_runtime.AotiRunner(build_dir / segment["engine"])
-
-
-def _device(config: dict[str, Any]) -> str:
-    from pipeline.targets import resolve_device
-
-    return resolve_device({**Settings().__dict__, **config["target"]}["device"])
-
-
-def _torchao_refusal(config: dict[str, Any], precision: str, device: str) -> tuple[str, str] | None:
-    """torchao's CUDA route: its config for the mode, torchao, a GPU new enough, a compile_cache."""
-    from pipeline.dtypes import choice_name
-
-    refused = torchao_gpu.refusal(precision, choice_name(config["quantize"]["mode"]), device)
-    if refused or device == "cpu":
-        return refused
-    settings = {**Settings().__dict__, **config["target"], "device": device}
-    if choose_artifact(settings) != "compile_cache":
-        return (f"its CUDA {precision} route builds a compile_cache, not target.artifact={settings['artifact']}",
-                "set target.artifact=compile_cache (or auto)")
-    return None
 
 
 TARGET = InductorTarget

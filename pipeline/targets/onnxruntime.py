@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from pipeline.errors import CompileError, ConfigError, TargetUnavailable, first_line
@@ -148,13 +149,13 @@ class OnnxRuntimeTarget(OnnxTarget):
                 "(after pip uninstall onnxruntime).",
             )
 
-    # compile.precision=int8 (pipeline.quantize): how this target quantizes.
-    quantizer = "onnxruntime.quantization static QDQ (quant_pre_process, quantize_static)"
+    # compile.precision=int8 (pipeline.quantize.ort_qdq): how this target quantizes.
+    quantizers = MappingProxyType({"int8": "onnxruntime.quantization static QDQ (quant_pre_process, quantize_static)"})
     # quantize.mode=dynamic: quantize_dynamic (int8 weights, activation scales per batch at run time).
     dynamic_quantizer = "onnxruntime.quantization quantize_dynamic (MatMulInteger/ConvInteger)"
-    # compile.precision=fp8 is refused before any stage (pipeline.quantize.quantizer_of).
-    no_fp8 = ("its CPU and CUDA providers have no FP8 convolution or GEMM kernels, so an FP8 QDQ model "
-              "would compute in fp32")
+    # compile.precision=fp8 is refused before any stage (pipeline.checks.check_quantization).
+    no_quantizer = MappingProxyType({"fp8": "its CPU and CUDA providers have no FP8 convolution or GEMM kernels, "
+                                            "so an FP8 QDQ model would compute in fp32"})
 
     def build(self, segment: dict[str, Any], convert_dir: Path, out: Path, compile_cfg) -> dict[str, Any]:
         import onnxruntime as ort

@@ -227,7 +227,8 @@ class Tracker:
         from pipeline.tracking.registry import register
 
         try:
-            return register(self.settings, run_dir, model_name, alias, self.run_id)
+            return register(tracking_uri(self.settings), self.client or make_client(self.settings), run_dir,
+                            model_name, alias, self.run_id)
         except Exception as err:  # MLflow's own errors, a store gone away
             raise TrackingError(f"the run finished but could not be registered as model {model_name!r} "
                                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).",

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     sync = commands.add_parser("sync", help="upload what a run folder holds and close its MLflow run")
     sync.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     args = parser.parse_args(argv)
-    from pipeline.tracking import recovery
+    from pipeline.tracking.sync import sync as send
 
     failed = 0
     for run_dir in args.run_dirs:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
             failed = 2
             continue
         try:
-            done = recovery.sync(run_dir)
+            done = send(run_dir)
         except PipelineError as err:
             print(f"error: {err.one_line()}", file=sys.stderr)
             failed = err.exit_code

@@ -249,7 +249,7 @@ def test_all_zero_output_is_validated_as_equal_with_a_warning(tmp_path):
 def test_compare_defines_the_cosine_of_zero_outputs():
     import torch
 
-    from stages.validate import compare, is_constant
+    from pipeline.accuracy import compare, is_constant
 
     zeros = [[torch.zeros(2, 10)], [torch.zeros(2, 10)]]
     assert compare(zeros, zeros, True)["cosine_similarity"] == 1.0 and is_constant(zeros)

@@ -1,4 +1,5 @@
-"""The int8 (and fp8) build: calibrate every segment with its real inputs, then rounds that buy accuracy back.
+"""The int8 (and fp8) build (stages/build.py): calibrate every segment with its real inputs, then rounds
+that buy accuracy back. Orchestration beside the build stage; the tools it drives are pipeline.quantize.
 
 Round 0 quantizes every layer the target can. Where the engines can run here, the
 program (engines plus the PyTorch segments between them) is checked against the fp32
@@ -18,11 +19,11 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pipeline import calibration, layer_paths, layout, programs, segments, shapes, task_metrics
-from pipeline.dtypes import choice_name, precision_name
+from pipeline.accuracy import compare, failures, figures
 from pipeline.errors import ConfigError
 from pipeline.files import load_json, write_json
+from pipeline.models import flat_outputs
 from pipeline.quantize import QuantizeRequest, strip
-from pipeline.quantize.accuracy import Evaluation
 
 REPORT = "quantization.json"
 
@@ -30,17 +31,17 @@ REPORT = "quantization.json"
 def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(engines.json entries, metrics) of the int8 (or fp8) build, after the accuracy-aware rounds."""
     cfg, target, q = ctx.config, ctx.target, ctx.config.quantize
-    precision = precision_name(cfg.compile.precision)
+    precision = cfg.compile.precision
     batches, digest = calibration.load_checked(cfg.calibration, cfg.input, cfg.data)
     batches = [b.to(target.trace_device()) for b in batches]  # where the lowered program lives (a GPU's)
     recipe = load_json(ctx.inputs["partition"] / layout.PARTITION.recipe, "partition recipe")
     gm = segments.fuse(target.graph_module(programs.load(ctx.inputs["lower"])), recipe)
     inputs = calibration.segment_inputs(gm, batches)
     cal = cfg.calibration
-    dynamic = choice_name(q.mode) == "dynamic"  # ranges at run time: the batches only check
-    ctx.console.print(f"calibration: {choice_name(cal.source)}, {len(batches)} batches, "
+    dynamic = q.mode == "dynamic"  # ranges at run time: the batches only check
+    ctx.console.print(f"calibration: {cal.source}, {len(batches)} batches, "
                       + ("quantize.mode=dynamic (activation scales per batch at run time; the batches check "
-                         "accuracy)" if dynamic else f"method {choice_name(cal.method)}")
+                         "accuracy)" if dynamic else f"method {cal.method}")
                       + f", per_channel={cal.per_channel}, sha256 {digest[:12]}", markup=False, highlight=False)
     evaluation = None
     if target.can_execute() is None:
@@ -94,10 +95,11 @@ def check_excluded(target, converted: list[dict[str, Any]], convert_dir: Path, e
 
     A misspelt name would otherwise quantize the layer it meant to keep, silently.
     """
-    names_of = getattr(target, "layer_names", None)
-    if not excluded or names_of is None:
+    if not excluded:
         return
-    found = {seg["name"]: names_of(seg, convert_dir) for seg in converted}
+    found = {seg["name"]: target.layer_names(seg, convert_dir) for seg in converted}
+    if any(names is None for names in found.values()):  # the target cannot tell: its tool checks
+        return
     unknown = [e for e in excluded
                if ("/" in e and e.split("/", 1)[1] not in found.get(e.split("/", 1)[0], (set(), []))[0])
                or ("/" not in e and not any(e in names for names, _ in found.values()))]
@@ -112,9 +114,9 @@ def _request(name: str, inputs: dict[str, list[tuple]], cfg, excluded: list[str]
     """The segment's request: layers excluded by bare name (every segment) or as segment/layer."""
     mine = [e.split("/", 1)[1] if "/" in e else e for e in excluded if "/" not in e or e.startswith(f"{name}/")]
     cal = cfg.calibration
-    return QuantizeRequest(inputs=inputs.get(name, []), method=choice_name(cal.method),
+    return QuantizeRequest(inputs=inputs.get(name, []), method=cal.method,
                            per_channel=bool(cal.per_channel), exclude=mine, op_types=list(cfg.quantize.op_types),
-                           mode=choice_name(cfg.quantize.mode), workdir=Path(scratch))
+                           mode=cfg.quantize.mode, workdir=Path(scratch))
 
 
 def fractions(engines: list[dict[str, Any]], precision: str) -> dict[str, Any]:
@@ -195,3 +197,53 @@ def _metrics(rounds: list[dict[str, Any]], last: dict[str, Any], excluded: list[
             if key in record:
                 metrics[f"quantize/round{record['round']}_{key}"] = record[key]
     return metrics
+
+
+class Evaluation:
+    """The fp32 program's outputs on a few batches, and the check of each round's engines against them."""
+
+    def __init__(self, gm, batches, tolerance: dict[str, Any], classifier: bool, latency_iterations: int,
+                 batch_size: int, task=None):
+        import torch
+
+        # task: a pipeline.task_metrics.RoundGate; with labels the task's drop gates, not the tolerances.
+        self.gm, self.batches, self.tolerance, self.classifier, self.task = gm, batches, tolerance, classifier, task
+        self.latency_iterations, self.batch_size = latency_iterations, batch_size
+        with torch.no_grad():
+            self.reference = [flat_outputs(b(gm)) for b in batches]
+
+    def check(self, target, engines: list[dict[str, Any]], build_dir) -> dict[str, Any]:
+        """Swap the segments for this round's engines, then accuracy (and latency) of the program."""
+        import torch
+
+        from pipeline.hybrid import EngineModule
+
+        options = {**target.runtime_options(self.gm), "trusted": True}
+        for entry in engines:
+            setattr(self.gm, entry["name"], EngineModule(target.load_engine(entry, build_dir, options)))
+        with torch.no_grad():
+            got = [flat_outputs(b(self.gm)) for b in self.batches]
+        acc = compare(self.reference, got, self.classifier)
+        found = failures(acc, self.tolerance)
+        record: dict[str, Any] = {**figures(acc), "passed": not found, "failures": found}
+        if self.task is not None:
+            task, found = self.task.check(self.reference, got)
+            record.update({**task, "passed": not found, "failures": found})
+        if self.latency_iterations:
+            record["latency_p50_ms"] = self._latency()
+        return record
+
+    def _latency(self) -> float:
+        import torch
+
+        from pipeline.timing import measure
+
+        sample = self.batches[0]
+
+        def call():
+            with torch.no_grad():
+                sample(self.gm)
+
+        stats = measure({"int8": call}, warmup=min(3, self.latency_iterations), iterations=self.latency_iterations,
+                        rounds=1, min_seconds=0.0, batch_size=self.batch_size, cuda=False)
+        return stats["int8"].p50_ms
