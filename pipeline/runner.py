@@ -89,6 +89,7 @@ class Runner:
 
         `config` and `run_dir` differ from the job's for the baseline chain of an int8 job (pipeline.payoff)."""
         config, run_dir = config or self.config, run_dir or self.run_dir
+        resolved = self.resolved if config is self.config else self.resolve(target, config)
         reads = spec.reads_for(config, target)  # once: it keys the stage and is all the stage sees
         material = self.cache.material(spec, config, target, run_dir, keys, reads)
         visible = select(config, reads + spec.labels)
@@ -96,7 +97,7 @@ class Runner:
         def execute(staging: Path):
             request = Request(stage=spec.name, config=visible, target=target.name, settings=target.settings,
                               inputs={up: str((run_dir / up).resolve()) for up in spec.inputs},
-                              out=str(staging.resolve()), job_pid=os.getpid(), resolved=self.resolved)
+                              out=str(staging.resolve()), job_pid=os.getpid(), resolved=resolved)
             with self.console.status(f"{spec.name}: running in the stage worker"):
                 reply = self.worker.run(request)
             if reply.text.strip():
@@ -227,13 +228,16 @@ class Runner:
         self.console.print(f"[bold]device[/]: {escape(result.tags['device'])} ({escape(result.tags['device.name'])})")
         return target
 
-    def resolve(self, target: targets.Target) -> dict[str, Any]:
-        """What this job resolved once, for every stage (Request.resolved) and config.yaml's `resolved`."""
-        precision, calibration = self.config["compile"]["precision"], self.config["calibration"]
+    def resolve(self, target: targets.Target, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What this job resolved once, for every stage (Request.resolved) and config.yaml's `resolved`.
+
+        `config`: another chain's (an int8 job's fp32 baseline, pipeline.payoff), resolved for itself."""
+        config = config or self.config
+        precision, calibration = config["compile"]["precision"], config["calibration"]
         route = target.quantization_route(precision)
         return {"target": target.name, "device": target.device(), "trace_device": target.trace_device(),
                 "precision": precision, "quantization": route,
-                "quantize_mode": self.config["quantize"]["mode"] if route else None,
+                "quantize_mode": config["quantize"]["mode"] if route else None,
                 "calibration_digest": calibration.get("digest") if route else None}
 
     def trust_tags(self, result: JobResult) -> dict[str, str]:

@@ -293,9 +293,10 @@ def summarise(jobs: list[dict[str, Any]], best: dict[str, Any] | None, sweep_dir
 
 def register_best(config: DictConfig, best: dict[str, Any], console) -> None:
     """register=true on a sweep: the best job's compiled program, registered with the alias `best`."""
+    from pipeline.tracking import make_client, tracking_uri
     from pipeline.tracking.registry import register
 
-    run_dir = Path(best["run_dir"])
+    run_dir, settings = Path(best["run_dir"]), _settings(config)
     name = OmegaConf.load(run_dir / layout.RUN_CONFIG).model.name
-    done = register(_settings(config), run_dir, name, "best", best.get("run_id"))
+    done = register(tracking_uri(settings), make_client(settings), run_dir, name, "best", best.get("run_id"))
     console.print(f"registered the best job: {escape(done['uri'])} (version {done['version']})")

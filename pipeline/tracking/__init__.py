@@ -312,6 +312,9 @@ def finish_parent(settings: dict[str, Any], run_id: str, status: str, metrics: d
                      tags=[RunTag(k, str(v)[:5000] if k != "mlflow.note.content" else str(v)) for k, v in
                            sorted(tags.items())])
     for child, values in (child_tags or {}).items():
+        values = dict(values)
+        if "mlflow.runName" in values:  # a tag alone would leave the run's name (its own column) as it was
+            client.update_run(child, name=values.pop("mlflow.runName"))
         client.log_batch(child, tags=[RunTag(k, v) for k, v in sorted(values.items())])
     for path in files:
         client.log_artifact(run_id, str(path))
