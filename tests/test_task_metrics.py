@@ -113,7 +113,8 @@ def test_not_faster_int8_is_flagged_and_required_speedup_fails(tmp_path):
     gates = [f"validate.tolerances.int8.{g}=null" for g in ("rel_l2_err", "min_cosine_similarity",
                                                            "min_top1_agreement")]
     job_args = ("model._target_=quantkit.tiny_linear", "model.name=tiny_linear", "input=digits",
-                "target=onnxruntime", "compile.precision=int8", "quantize.max_rounds=0", *gates)
+                "target=onnxruntime", "compile.precision=int8", "compile.min_block_size=1", "quantize.max_rounds=0",
+                *gates)
     try:
         job = run_job(tmp_path, *job_args, "quantize.require_speedup=true")
     except CompileError as err:  # the expected outcome: int8 is not faster here
