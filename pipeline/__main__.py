@@ -111,6 +111,8 @@ def install_error_report():
     """
     from hydra._internal import utils
 
+    from pipeline.errors import PipelineError
+
     original = getattr(utils, "run_and_report", None)
     if original is None:  # another Hydra: its own report stands
         return lambda: None
@@ -122,6 +124,9 @@ def install_error_report():
         def guarded():
             try:
                 return func()
+            except PipelineError as err:  # raised before any job: a sweep's store that cannot be used
+                print(f"error: {err.one_line()}", file=sys.stderr, flush=True)
+                sys.exit(err.exit_code)
             except Exception as err:
                 line = request_error(err)
                 if line is None:
@@ -136,7 +141,8 @@ def install_error_report():
 
 
 def entry() -> None:
-    """Run Hydra; after a sweep, finish its summary (even if Hydra failed) and exit 1 if a job failed."""
+    """Run Hydra; after a sweep, finish its summary (even if Hydra failed) and exit with its status
+    (1: a job failed, 4: results that did not reach MLflow, see sweep.finalize)."""
     from pipeline import sweep
 
     restore = install_error_report()
@@ -144,9 +150,9 @@ def entry() -> None:
         main()
     finally:
         restore()
-        failed = sweep.finalize() if sweep.STATE else 0
-    if failed:
-        sys.exit(1)
+        status = sweep.finalize() if sweep.STATE else 0
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -6,20 +6,20 @@
 - `close_dead_runs`: a job records its host, pid and the pid's start time on its run;
   the next job that opens the store closes runs of this host whose process is gone as
   FAILED, fixes their run.json and removes the staging folder they left.
-- `sync`: a job whose results are on disk but not in MLflow (the server died mid-run)
-  is uploaded from its run folder: `python -m pipeline.tracking sync <run_dir>`.
+- `sync` (pipeline.tracking.sync): a job whose results are on disk but not in MLflow
+  (the server died mid-run) is uploaded from its run folder.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 from pipeline.errors import PipelineError
 
@@ -83,24 +83,43 @@ def _check_sqlite(path: Path) -> None:
 
 
 def _check_server(uri: str) -> None:
-    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1")
+    """The URI must answer MLflow's REST API as MLflow does (JSON listing experiments), not just answer.
+
+    A proxy, a UI-only server or a wrong port answers HTTP 404 (or a web page) to everything:
+    caught here, not after every stage has run and the results cannot be recorded.
+    """
+    path = "/api/2.0/mlflow/experiments/search?max_results=1"
+    request = urllib.request.Request(f"{uri}{path}")
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
     if user:
         token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     try:
-        urllib.request.urlopen(request, timeout=PREFLIGHT_SECONDS).close()
+        with urllib.request.urlopen(request, timeout=PREFLIGHT_SECONDS) as response:
+            answer = response.read(1 << 20)
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
             raise StoreUnavailable(f"the MLflow server at {uri} refused the credentials (HTTP {err.code}).",
-                                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.") from None
-        # Any other answer means a server is there; MLflow itself will say what it dislikes.
+                                   "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.") from None
+        raise not_mlflow(uri, f"{path.split('?')[0]} answered HTTP {err.code}") from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise StoreUnavailable(f"the MLflow server at {uri} does not answer ({reason}).",
-                            "start it (see README, MLflow), fix MLFLOW_TRACKING_URI, or set "
-                            "tracking.enabled=false; results of a run can be sent later with "
-                            "python -m pipeline.tracking sync <run_dir>.") from None
+                               "start it (see README, MLflow), fix MLFLOW_TRACKING_URI, or set "
+                               "tracking.enabled=false; results of a run can be sent later with "
+                               "python -m pipeline.tracking sync <run_dir>.") from None
+    try:
+        listing = json.loads(answer)
+    except ValueError:
+        listing = None
+    if not isinstance(listing, dict) or not isinstance(listing.get("experiments", []), list):
+        raise not_mlflow(uri, f"{path.split('?')[0]} answered something other than MLflow's JSON")
+
+
+def not_mlflow(uri: str, what: str) -> StoreUnavailable:
+    return StoreUnavailable(f"{uri} is not an MLflow tracking server: {what}.",
+                            "point MLFLOW_TRACKING_URI at the MLflow server itself (mlflow server prints "
+                            "its address), or set tracking.enabled=false.")
 
 
 def close_dead_runs(client, experiment_id: str) -> list[str]:
@@ -135,68 +154,8 @@ def mark_failed(run_dir: Path, reason: str) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
     record = run_dir / layout.RUN_JSON
     try:
-        import json
-
         data = json.loads(record.read_text()) if record.is_file() else {}
     except (OSError, ValueError):
         data = {}
     if data.get("status") in (None, "RUNNING"):
         write_json(record, {**data, "status": "FAILED", "error": reason})
-
-
-def recorded_result(run_dir: Path) -> Any:
-    """A run folder's run.json as the object Tracker.finish logs (for sync)."""
-    import json
-    from types import SimpleNamespace
-
-    from pipeline import layout
-
-    data = json.loads((run_dir / layout.RUN_JSON).read_text())
-    stages = [SimpleNamespace(name=s["name"], hit=s["hit"], key=s.get("key")) for s in data.get("stages", [])]
-    return SimpleNamespace(status=data.get("status", "FAILED"), error=data.get("error"), stages=stages,
-                           metrics=data.get("metrics", {}), tags=data.get("tags", {}),
-                           target_reason=data.get("target_reason") or "", raw=data)
-
-
-def sync(run_dir: Path) -> dict[str, str]:
-    """Send a run folder's results (run.json, config.yaml, artifacts) to MLflow and close its run.
-
-    Reuses the run the job opened when the store has it (a server that died mid-run),
-    else creates one; the run folder's run.json then says it is recorded.
-    """
-    from omegaconf import OmegaConf
-
-    from pipeline import layout
-    from pipeline.files import write_json
-    from pipeline.naming import params
-    from pipeline.tracking import Tracker, make_client, open_experiment, tracking_uri
-
-    result = recorded_result(run_dir)
-    config = OmegaConf.to_container(OmegaConf.load(run_dir / layout.RUN_CONFIG))
-    tracker = Tracker({**config["tracking"], "enabled": True})
-    preflight(tracking_uri(tracker.settings))
-    tracker.client = make_client(tracker.settings)
-    tracker.experiment_id = open_experiment(tracker.client, tracker.settings)
-    run_id = (result.raw.get("tracking") or {}).get("run_id")
-    if run_id is None or _missing(tracker.client, run_id):
-        name = f"{config['model']['name']}-{result.raw.get('target')}"
-        run = tracker.client.create_run(tracker.experiment_id, run_name=name,
-                                        tags={"run_dir": str(run_dir.resolve()), "synced": "true"})
-        run_id = run.info.run_id
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in sorted(params(config).items())]
-        for i in range(0, len(items), 100):
-            tracker.client.log_batch(run_id, params=items[i:i + 100])
-    tracker.run_id = run_id
-    tracking = tracker._record(result, run_dir)
-    write_json(run_dir / layout.RUN_JSON, {**result.raw, "tracking": {**tracking, "recorded": True}})
-    return tracking
-
-
-def _missing(client, run_id: str) -> bool:
-    try:
-        client.get_run(run_id)
-        return False
-    except Exception:  # MLflow raises its own error types for an unknown id
-        return True
