@@ -49,6 +49,10 @@ TOLERANCES: dict[str, tuple[float, float | None]] = {
 
 def check_settings(config: dict[str, Any]) -> None:
     """Every cheap check of the resolved config, in the order a user reads the settings."""
+    from pipeline import schema, targets
+
+    target = config["target"]
+    schema.check("target", targets.target_class(target["name"]).Settings, target)  # enums and ranges declared there
     for key, (low, high, exclusive) in RANGES.items():
         _check_range(key, _get(config, key), low, high, exclusive)
     validate = config["validate"]

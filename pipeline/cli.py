@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline import layout
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, arm_signals
 
 
 def job_dir() -> tuple[Path, bool]:
@@ -36,12 +36,15 @@ def run_job(cfg: DictConfig) -> float | None:
     context = sweep.job_context(run_dir) if in_sweep else None
     debug = cfg.verbose or os.environ.get("PIPELINE_DEBUG") == "1"
     try:
+        record_start(run_dir)
+        arm_signals()  # a signal held while Hydra composed raises here, with the record there to say KILLED
         label_custom_model(cfg)
         worker.warm_up()  # the stage worker's server imports torch while the runner checks the config
         runner = Runner(cfg, run_dir, console, sweep=context)
         result = runner.run(Tracker(runner.config["tracking"]))
     except KeyboardInterrupt as err:  # SIGINT, or SIGTERM (errors.Terminated): recorded KILLED by the runner
         name = getattr(err, "signal_name", "SIGINT")
+        record_killed(run_dir, name)
         console.print("[red]error:[/] " + escape(f"interrupted by {name}; the run is recorded KILLED ({run_dir})."))
         _save_log(console, run_dir)
         if debug:
@@ -74,6 +77,27 @@ def run_job(cfg: DictConfig) -> float | None:
                                 "search with targets whose engines run on this machine.")
         return sweep.failed_value()
     return latency
+
+
+def record_start(run_dir: Path) -> None:
+    """run.json (RUNNING, with this process's identity) from the job's first moment: a job killed while it
+    still composes or checks is a record the next job closes, or one a signal turns KILLED."""
+    from pipeline.files import write_json
+    from pipeline.tracking.recovery import process_identity
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / layout.RUN_JSON, {"status": "RUNNING", "error": None, "target": None, "metrics": {},
+                                           "process": process_identity()})
+
+
+def record_killed(run_dir: Path, name: str) -> None:
+    """A signal before the runner took over the record: run.json says KILLED (the runner writes its own)."""
+    from pipeline.files import load_json, write_json
+
+    path = run_dir / layout.RUN_JSON
+    record = load_json(path, "run record") if path.is_file() else {}
+    if record.get("status", "RUNNING") == "RUNNING":
+        write_json(path, {**record, "status": "KILLED", "error": f"interrupted by {name}"})
 
 
 def label_custom_model(cfg: DictConfig) -> None:

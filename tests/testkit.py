@@ -9,8 +9,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +154,53 @@ def cli_command(tmp: Path, *extra: str, cache: Path | None = None) -> list[str]:
 def run_cli(tmp: Path, *extra: str, cache: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command(tmp, *extra, cache=cache), cwd=REPO, env=clean_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+# --- waiting, ports and a real MLflow server ---------------------------------------------
+
+def wait_for(predicate, timeout: float = 120, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int, root: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root}/server.db", "--default-artifact-root", f"{root}/artifacts",
+           "--workers", "1"]
+    server = subprocess.Popen(cmd, cwd=root, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            import urllib.request
+
+            urllib.request.urlopen(f"{url}/health", timeout=2).close()
+            return True
+        except OSError:
+            return False
+
+    wait_for(up, timeout=240, what="mlflow server")
+    return server
+
+
+def stop(server: subprocess.Popen) -> None:
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:  # stopped already
+        pass
+    server.wait(30)
 
 
 # --- models for input-spec tests ----------------------------------------------------------

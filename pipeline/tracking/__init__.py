@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import raise_deferred
 from pipeline.tracking import views
 from pipeline.tracking.recovery import (
     TrackingError,
@@ -110,6 +111,7 @@ class RetryingClient:
 
         def call(*args, **kwargs):
             for attempt in range(self._attempts):
+                raise_deferred()  # a signal while the job records itself stops it here, between calls
                 try:
                     return method(*args, **kwargs)
                 except Exception as err:
@@ -224,6 +226,18 @@ class Tracker:
                 f"the run's results are in {run_dir} but MLflow at {tracking_uri(self.settings)} did not take them "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).",
                 f"once the store is back: python -m pipeline.tracking sync {run_dir}") from None
+
+    def killed(self, result) -> None:
+        """A signal while the run was being recorded: close it KILLED, best effort (the store may be slow)."""
+        if not self.enabled or self.run_id is None or self.client is None:
+            return
+        from mlflow.entities import RunTag
+
+        try:
+            self.client.log_batch(self.run_id, tags=[RunTag("status", "KILLED"), RunTag("error", result.error or "")])
+            self.client.set_terminated(self.run_id, status="KILLED")
+        except Exception:  # the next job closes it (close_dead_runs), as for a SIGKILL
+            pass
 
     def register(self, run_dir: Path, model_name: str, alias: str | None = None) -> dict[str, str]:
         from pipeline.tracking.registry import register

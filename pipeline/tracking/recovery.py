@@ -159,3 +159,46 @@ def mark_failed(run_dir: Path, reason: str) -> None:
         data = {}
     if data.get("status") in (None, "RUNNING"):
         write_json(record, {**data, "status": "FAILED", "error": reason})
+
+
+# Folders under an outputs folder that hold copies of run files (artifacts), or no runs at all.
+NOT_RUNS = {"mlartifacts", "mlruns", "artifacts", "cache", "compare", "__pycache__"}
+
+
+def run_folders(root: Path):
+    """Every run folder (a run.json) at or under `root`, sweep jobs included; stores and the cache skipped."""
+    from pipeline import layout
+
+    for folder, subfolders, files in os.walk(root):
+        if layout.RUN_JSON in files:
+            subfolders.clear()  # stage folders hold no runs
+            yield Path(folder)
+        else:
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d not in NOT_RUNS)
+
+
+def close_dead_folders(root: Path) -> list[Path]:
+    """run.json files still RUNNING whose process died (SIGKILL, out of memory) marked FAILED.
+
+    Done by every job on its outputs folder whether it tracks or not: with tracking off,
+    the run folder is the only record there is.
+    """
+    closed: list[Path] = []
+    if not root.is_dir():
+        return closed
+    for run_dir in run_folders(root):
+        try:
+            data = json.loads((run_dir / "run.json").read_text())
+        except (OSError, ValueError):
+            continue
+        process = data.get("process") or {}
+        if data.get("status") != "RUNNING" or not process or is_alive(process):
+            continue
+        try:
+            mark_failed(run_dir, f"its process (pid {process.get('pipeline.pid')} on {process.get('pipeline.host')}) "
+                                 "ended without closing the run: killed or crashed")
+        except OSError:  # someone else's folder: theirs to close
+            continue
+        closed.append(run_dir)
+    return closed
+

@@ -16,10 +16,9 @@ from typing import Any
 
 from pipeline import layout
 from pipeline.errors import ArtifactError
+from pipeline.tracking.recovery import NOT_RUNS
 
 SWEEP_FILE = "sweep.json"
-# Folders under an outputs folder that hold copies of run files, not runs.
-NOT_RUNS = {"mlartifacts", "mlruns", "artifacts", "cache", "compare", "__pycache__"}
 
 
 def discover(root: Path) -> tuple[list[Path], list[Path]]:
@@ -161,9 +160,9 @@ def sync_sweep(sweep_dir: Path, say) -> int:
         write_json(sweep_dir / SWEEP_FILE, info)
     sent = 0
     for folder in with_record:
-        record = load_json(folder / layout.RUN_JSON, "run record")
-        if (record.get("tracking") or {}).get("recorded"):
-            continue
+        tracked = load_json(folder / layout.RUN_JSON, "run record").get("tracking") or {}
+        if tracked.get("recorded") and not _missing(client, tracked.get("run_id") or ""):
+            continue  # in the store already (a store deleted since has lost it: sent again)
         sync_run(folder, tags=job_tags(folder, info), settings=settings)
         say(f"synced job {folder.name} ({folder})")
         sent += 1
