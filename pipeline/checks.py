@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import calibration
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TargetUnavailable
 
 # Dotted key -> (lowest allowed, highest allowed or None, whether the lowest is excluded).
 RANGES: dict[str, tuple[float, float | None, bool]] = {
@@ -53,6 +53,7 @@ def check_settings(config: dict[str, Any]) -> None:
 
     target = config["target"]
     schema.check("target", targets.target_class(target["name"]).Settings, target)  # enums and ranges declared there
+    check_device(target.get("device"))
     for key, (low, high, exclusive) in RANGES.items():
         _check_range(key, _get(config, key), low, high, exclusive)
     validate = config["validate"]
@@ -66,6 +67,16 @@ def check_settings(config: dict[str, Any]) -> None:
     calibration.check(config)  # int8: the target can quantize, the data loads and fits; keyed by its sha256
     for key in ("paths.outputs", "paths.cache"):
         check_writable_dir(key, _get(config, key))
+
+
+def check_device(asked: str | None) -> None:
+    """A device asked for by name must be here, for every target: refused now, not at build (or never)."""
+    from pipeline import targets
+
+    missing = targets.cuda_missing() if asked == "cuda" else None
+    if missing:
+        raise TargetUnavailable(f"target.device=cuda was asked for, but there is {missing}.",
+                                "use target.device=auto or cpu here, or run on a machine with a CUDA GPU.")
 
 
 def _get(config: dict[str, Any], key: str) -> Any:

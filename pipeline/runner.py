@@ -123,7 +123,8 @@ class Runner:
         # Started first: the child's start overlaps opening MLflow and the checks below.
         self.worker = StageWorker()
         # Run folders of jobs killed outright (tracked or not) closed FAILED, while this job works.
-        threading.Thread(target=close_dead_folders, args=(Path(self.config["paths"]["outputs"]),), daemon=True).start()
+        tidy = threading.Thread(target=close_dead_folders, args=(Path(self.config["paths"]["outputs"]),), daemon=True)
+        tidy.start()
         self.console.print(f"[bold]target[/]: {escape(self.target_reason)}")
         self.current_stage = "checks"
         if self.sweep:
@@ -152,6 +153,7 @@ class Runner:
             raise
         finally:
             self.worker.close()
+            tidy.join(10)  # a job that fails in a second still closes what dead jobs left
             result.wall_seconds = time.perf_counter() - started
             self.finish(result, tracker)
         return result

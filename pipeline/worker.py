@@ -155,6 +155,7 @@ class StageWorker:
         child.close()
 
     def run(self, request: Request) -> Reply:
+        oom_before = oom_kills()  # the kernel's count of processes it killed for memory, in this cgroup
         try:
             self.conn.send(request)
             while not self.conn.poll(POLL_SECONDS):
@@ -163,7 +164,9 @@ class StageWorker:
             reply: Reply = self.conn.recv()
         except (EOFError, OSError):
             self.process.join(5)
-            raise crashed(request, self.process.exitcode) from None
+            after = oom_kills()
+            oom = oom_before is not None and after is not None and after > oom_before
+            raise crashed(request, self.process.exitcode, oom) from None
         except BaseException:  # interrupted (SIGINT, SIGTERM): stop the stage before its staging is removed
             self.kill()
             raise
@@ -182,8 +185,16 @@ class StageWorker:
             self.kill()
 
 
-def crashed(request: Request, exitcode: int | None) -> StageCrashed:
-    """One line naming the stage and how its process ended (and the disk, when it is full)."""
+def crashed(request: Request, exitcode: int | None, oom: bool = False) -> StageCrashed:
+    """One line naming the stage and how its process ended (the memory or the disk, when they ran out)."""
+    if oom and exitcode == -signal.SIGKILL:
+        limit = memory_limit()
+        within = f" (this cgroup may use {limit / 2**30:.1f} GiB)" if limit else ""
+        return StageCrashed(
+            f"stage {request.stage} ran out of memory: the kernel killed its process (the cgroup's oom_kill "
+            f"count rose while it ran){within}.",
+            "use a smaller batch (input.*.shape) or model, run fewer jobs at once (hydra.launcher.n_jobs), "
+            "or run where there is more memory.")
     if exitcode is not None and exitcode < 0:
         how = f"was killed by {signal.Signals(-exitcode).name}"
     else:
@@ -194,6 +205,47 @@ def crashed(request: Request, exitcode: int | None) -> StageCrashed:
         f"stage {request.stage} crashed: its process {how} (native code in {request.target} or torch failed).",
         "rerun with target=eager or another target to confirm, keep the failing ops in PyTorch with "
         "compile.torch_executed_ops, or report the crash with the run folder.")
+
+
+def _cgroup_file(name: str) -> Path | None:
+    """A file of this process's cgroup (v2, else the v1 memory controller's), where readable."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            candidate = Path("/sys/fs/cgroup") / path.lstrip("/") / name
+        elif "memory" in controllers.split(","):
+            candidate = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / {"memory.events": "memory.oom_control",
+                                                                              "memory.max": "memory.limit_in_bytes"}[name]
+        else:
+            continue
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel has killed for memory in this cgroup (None: not readable here)."""
+    path = _cgroup_file("memory.events")
+    try:
+        text = path.read_text() if path else ""
+    except OSError:
+        return None
+    counts = dict(line.split()[:2] for line in text.splitlines() if len(line.split()) >= 2)
+    return int(counts["oom_kill"]) if counts.get("oom_kill", "").isdigit() else None
+
+
+def memory_limit() -> int | None:
+    """The cgroup's memory limit in bytes (None: unlimited or not readable)."""
+    path = _cgroup_file("memory.max")
+    try:
+        text = path.read_text().strip() if path else ""
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) < 2**60 else None
 
 
 def disk_full(stage: str, path: Path, how: str = "ran out of disk space") -> StageCrashed:

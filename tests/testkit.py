@@ -260,6 +260,17 @@ def slow_tiny(seconds: float = 60.0):
     return tiny_cnn()
 
 
+def memory_hog(gib: float = 4.0):
+    """tiny_cnn, after its factory touched `gib` GiB: a build that cannot fit in a small memory limit."""
+    import torch
+
+    from pipeline.zoo import tiny_cnn
+
+    hog = torch.ones(int(gib * 2**30), dtype=torch.uint8)  # every page written: really resident
+    del hog
+    return tiny_cnn()
+
+
 def segfault_net(crash: bool = True):
     """A model whose forward dies in native code (a NULL read through ctypes), as a broken compiler would."""
     import ctypes
@@ -300,6 +311,13 @@ def zeros_net():
 def raising_net():
     """A factory that fails while building the model, with brackets in its message."""
     raise RuntimeError(BRACKETS)
+
+
+def exiting_net():
+    """A factory that calls sys.exit() (a script's main() used as a factory): a bad model, not an exit."""
+    import sys
+
+    sys.exit(3)
 
 
 def none_net():

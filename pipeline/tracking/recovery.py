@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
-PREFLIGHT_SECONDS = 5.0
+PREFLIGHT_SECONDS = 10.0
 
 
 class StoreUnavailable(PipelineError):
