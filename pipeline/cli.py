@@ -44,7 +44,7 @@ def run_job(cfg: DictConfig) -> float | None:
         result = runner.run(Tracker(runner.config["tracking"]))
     except KeyboardInterrupt as err:  # SIGINT, or SIGTERM (errors.Terminated): recorded KILLED by the runner
         name = getattr(err, "signal_name", "SIGINT")
-        record_killed(run_dir, name)
+        record_end(run_dir, "KILLED", f"interrupted by {name}")
         console.print("[red]error:[/] " + escape(f"interrupted by {name}; the run is recorded KILLED ({run_dir})."))
         _save_log(console, run_dir)
         if debug:
@@ -59,11 +59,8 @@ def run_job(cfg: DictConfig) -> float | None:
         _save_log(console, run_dir)
         if debug:
             raise
+        record_end(run_dir, "FAILED", line)  # failed before the runner took over the record
         if in_sweep:
-            if not (run_dir / layout.RUN_JSON).is_file():  # failed before the runner could record it
-                from pipeline.files import write_json
-
-                write_json(run_dir / layout.RUN_JSON, {"status": "FAILED", "error": line, "target": None, "metrics": {}})
             if sweep.is_search():
                 raise  # the Optuna sweeper marks the trial failed (max_failure_rate lets the search go on)
             return sweep.failed_value()
@@ -85,19 +82,25 @@ def record_start(run_dir: Path) -> None:
     from pipeline.files import write_json
     from pipeline.tracking.recovery import process_identity
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / layout.RUN_JSON, {"status": "RUNNING", "error": None, "target": None, "metrics": {},
-                                           "process": process_identity()})
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / layout.RUN_JSON, {"status": "RUNNING", "error": None, "target": None, "metrics": {},
+                                               "process": process_identity()})
+    except OSError:  # the runner's own checks name the folder that cannot be written, in one line
+        pass
 
 
-def record_killed(run_dir: Path, name: str) -> None:
-    """A signal before the runner took over the record: run.json says KILLED (the runner writes its own)."""
+def record_end(run_dir: Path, status: str, error: str) -> None:
+    """A job that ended before the runner took over its record (which writes its own): run.json says how."""
     from pipeline.files import load_json, write_json
 
     path = run_dir / layout.RUN_JSON
-    record = load_json(path, "run record") if path.is_file() else {}
-    if record.get("status", "RUNNING") == "RUNNING":
-        write_json(path, {**record, "status": "KILLED", "error": f"interrupted by {name}"})
+    try:
+        record = load_json(path, "run record") if path.is_file() else {}
+    except PipelineError:  # a damaged record: replaced
+        record = {}
+    if record.get("status", "RUNNING") == "RUNNING" and run_dir.is_dir():
+        write_json(path, {"target": None, "metrics": {}, **record, "status": status, "error": error})
 
 
 def label_custom_model(cfg: DictConfig) -> None:
