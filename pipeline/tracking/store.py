@@ -43,8 +43,8 @@ def open_sqlite(db: Path):
         if not db.is_file() or db.stat().st_size == 0:
             _create(db)
             _dispose(db, forget=False)  # connections this process holds on a file deleted or emptied meanwhile
-        client = MlflowClient(f"sqlite:///{db}")
-        try:
+        try:  # MLflow checks the schema as it makes the client
+            client = MlflowClient(f"sqlite:///{db}")
             client.search_experiments(max_results=1)
         except Exception as err:
             if not any(s in str(err).lower() for s in SCHEMA_TROUBLE):
@@ -66,11 +66,24 @@ def _create(db: Path, source: Path | None = None) -> None:
     try:
         if source is not None:
             shutil.copyfile(source, staging)
+            _upgrade(staging)
         MlflowClient(f"sqlite:///{staging}").search_experiments(max_results=1)  # creates and migrates
         _dispose(staging)
         os.replace(staging, db)
     finally:
         staging.unlink(missing_ok=True)
+
+
+def _upgrade(db: Path) -> None:
+    """`mlflow db upgrade` on `db` (MLflow's own migrations, from the revision the file records)."""
+    import sqlalchemy
+    from mlflow.store.db.utils import _upgrade_db
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}")
+    try:
+        _upgrade_db(engine)
+    finally:
+        engine.dispose()
 
 
 def _dispose(db: Path, forget: bool = True) -> None:
