@@ -63,10 +63,11 @@ def recorded_result(run_dir: Path) -> Any:
     except (OSError, ValueError) as err:
         raise ArtifactError(f"{run_dir / layout.RUN_JSON} cannot be read ({err}).",
                             "pass a run folder whose job ended (its run.json is whole).") from None
-    stages = [SimpleNamespace(name=s["name"], hit=s["hit"], key=s.get("key")) for s in data.get("stages", [])]
+    stages = [SimpleNamespace(**{"seconds": 0.0, "metrics": {}, "notes": [], **s}) for s in data.get("stages", [])]
     return SimpleNamespace(status=data.get("status") or "FAILED", error=data.get("error"), stages=stages,
                            metrics=data.get("metrics") or {}, tags=data.get("tags") or {},
-                           target_reason=data.get("target_reason") or "", raw=data)
+                           target=data.get("target") or "", target_reason=data.get("target_reason") or "",
+                           raw=data)
 
 
 def sync_run(run_dir: Path, tags: dict[str, str] | None = None,
