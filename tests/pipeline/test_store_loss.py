@@ -52,6 +52,23 @@ def runs_of(tmp: Path, uri: str | None) -> list:
         return mlflow_runs(mlflow_client(uri=f"sqlite:///{tmp}/store/mlflow.db"))
 
 
+READ = """
+import json, sys
+from mlflow.tracking import MlflowClient
+client = MlflowClient(sys.argv[1])
+exp = client.get_experiment_by_name("pipeline")
+print(json.dumps([{"run_id": r.info.run_id, "status": r.info.status, "tags": r.data.tags, "metrics": r.data.metrics}
+                  for r in client.search_runs([exp.experiment_id])]))
+"""
+
+
+def fresh_runs(uri: str) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-c", READ, uri], capture_output=True, text=True, timeout=300,
+                          env=clean_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def job1_open(tmp: Path, uri: str | None) -> bool:
     return any(r.data.tags.get("sweep.job") == "1" and r.info.status == "RUNNING" and r.data.params
                for r in runs_of(tmp, uri))
@@ -99,17 +116,16 @@ def test_a_sweep_that_loses_its_store_says_so_and_one_sync_sends_everything(tmp_
                               cwd=REPO, env=clean_env(**({"MLFLOW_TRACKING_URI": uri} if uri else {})),
                               capture_output=True, text=True, timeout=300)
         assert sync.returncode == 0 and "Traceback" not in sync.stderr, sync.stdout + sync.stderr
-        runs = runs_of(tmp_path, uri)
+        # Read from a fresh process: this one's MLflow keeps connections to the file that was deleted.
         sweep_id = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["id"]
-        mine = [r for r in runs if r.data.tags.get("sweep.id") == sweep_id]
-        parents = [r for r in mine if r.data.tags.get("sweep.role") == "parent"]
-        children = sorted((r for r in mine if r.data.tags.get("sweep.role") != "parent"),
-                          key=lambda r: r.data.tags["sweep.job"])
-        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-        assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
-        assert all(c.data.metrics["latency_p50_ms"] > 0 for c in children)
-        assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
-        assert parents[0].data.metrics["jobs_total"] == 2
+        mine = [r for r in fresh_runs(uri or f"sqlite:///{tmp_path}/store/mlflow.db") if r["tags"].get("sweep.id") == sweep_id]
+        parents = [r for r in mine if r["tags"].get("sweep.role") == "parent"]
+        children = sorted((r for r in mine if r["tags"].get("sweep.role") != "parent"), key=lambda r: r["tags"]["sweep.job"])
+        assert len(parents) == 1 and parents[0]["status"] == "FINISHED", mine
+        assert [c["status"] for c in children] == ["FINISHED", "FINISHED"]
+        assert all(c["metrics"]["latency_p50_ms"] > 0 for c in children)
+        assert {c["tags"]["mlflow.parentRunId"] for c in children} == {parents[0]["run_id"]}
+        assert parents[0]["metrics"]["jobs_total"] == 2
     finally:
         subprocess.run(["chattr", "-i", str(tmp_path / "store")], capture_output=True)
         sweep.kill()
