@@ -4,30 +4,65 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-gpu bench bench-sweep bench-gpu bench-quant bench-quant-gpu ui serve cache lint clean
+.PHONY: install install-all system-packages run test test-fast test-integration test-system test-gpu bench bench-sweep bench-gpu bench-quant bench-quant-gpu ui serve cache lint clean
+
+# torch and torchvision are pinned as a pair; pip takes them from a local wheel cache where one exists.
+PINS := "torch==2.14.1" "torchvision==0.29.1"
+EXTRAS := dev,tensorrt-rtx,transformers,quant
+# The launchers (SLURM, Ray) and the tracking server's drivers: the system tests' Python side.
+CLUSTER_EXTRAS := slurm,ray,server
 
 install: $(STAMP)
 
-# torch and torchvision are pinned as a pair; pip takes them from a local wheel cache where one exists.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" -e ".[dev,tensorrt-rtx,transformers,quant]"
+	$(PY) -m pip install --quiet $(PINS) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
+
+install-all: $(VENV)/.installed-all   ## install, plus the extras the system tier needs (slurm, ray, server)
+
+# Resolved together with what make install chose, so pip keeps that set.
+$(VENV)/.installed-all: $(STAMP)
+	$(PY) -m pip install --quiet $(PINS) -e ".[$(EXTRAS),$(CLUSTER_EXTRAS)]"
+	touch $@
+
+# Debian's services for the system tier; its tests start and stop the daemons themselves: SLURM with
+# accounting (slurm-wlm, slurmdbd, munge, mariadb-server), PostgreSQL, Chromium with a font.
+SYSTEM_PACKAGES := postgresql slurm-wlm slurmdbd munge mariadb-server chromium fonts-dejavu-core
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends
+
+system-packages:   ## as root: Debian's SLURM, PostgreSQL and Chromium for make test-system
+	$(APT_INSTALL) $(SYSTEM_PACKAGES) >/dev/null || { apt-get update -q >/dev/null && $(APT_INSTALL) $(SYSTEM_PACKAGES) >/dev/null; }
 
 run: install   ## the main job on the embedded default (ONNX Runtime on CPU)
 	$(PY) -m pipeline model=resnet50 compile.min_block_size=5
 
-test: install   ## pytest's exit 5 (no tests collected) is a failure, not a pass
-	$(PY) -m pytest -q; status=$$?; \
-	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+# The tiers are assigned in tests/tiers.py. pytest prints each file's name as it starts it (no -q),
+# the 25 slowest tests at the end, and its exit 5 (no tests collected) is a failure, not a pass.
+PYTEST_FLAGS ?= --durations=25
+define pytest
+	$(PY) -m pytest $(PYTEST_FLAGS) $(1); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$status
+endef
+
+test: install   ## every tier; the system tier skips, saying why, without make install-all and its services
+	$(call pytest,)
+
+test-fast: install   ## unit, config and in-process tiny-job tests: a few minutes
+	$(call pytest,-m "not integration and not system and not gpu and not slow")
+
+test-integration: install   ## jobs as subprocesses, sweeps, ResNet-18 runs
+	$(call pytest,-m "(integration or slow) and not system and not gpu")
+
+test-system: install-all   ## SLURM, Ray, PostgreSQL, Chromium, serving (as root, after make system-packages)
+	$(call pytest,-m system)
 
 # On a GPU machine (tools/gpu-machine.sh test prepares one without an index: make test-gpu PY=python3).
 test-gpu:   ## the GPU tests only (each skips, saying why, where CUDA is absent)
-	$(PY) -m pytest -q -m gpu -rs tests/test_gpu.py tests/test_quantization_modelopt.py; status=$$?; \
-	if [ $$status -eq 5 ]; then echo "pytest collected no GPU tests" >&2; exit 1; fi; exit $$status
+	$(call pytest,-m gpu -rs tests/test_gpu.py tests/test_quantization_modelopt.py)
 
-bench-gpu:   ## ResNet-50 fp16 channels_last, batch 1 and 32: eager, ours, hand-written torch.compile
+bench-gpu:   ## ResNet-50 fp16 channels_last: throughput vs batch 1..256 under a 10 ms p99; batch 1 and 32: eager, ours, hand-written torch.compile
 	$(PY) bench/gpu.py
 
 bench: install   ## engine speed vs hand-written ORT, orchestrator cost, then the six-job sweep
@@ -37,15 +72,18 @@ bench: install   ## engine speed vs hand-written ORT, orchestrator cost, then th
 bench-sweep: install
 	$(PY) bench/sweep.py
 
-bench-quant: install  ## int8 vs fp32 engines (ResNet-50, BERT-base) on this CPU: speed and accuracy
+bench-quant: install  ## int8 vs fp32 engines (ResNet-50, BERT-base, the digits CNN with task top-1 drops) on this CPU
 	$(PY) bench/quant.py
 
 bench-quant-gpu:  ## fp8 (torchao) vs fp16 Inductor engines on a CUDA GPU: ViT-B/16, BERT-base
 	$(PY) bench/quant.py --gpu
 
+# The UI alone: one web worker, none of MLflow 3's job-execution workers (7 huey processes), and
+# not the Starlette deprecation warning each process printed; the link is printed while it starts.
 ui: install    ## MLflow UI over the pipeline's store, on 127.0.0.1 (prints the runs table's link)
-	@$(PY) -c "from pipeline.tracking import local_ui_link; print('runs table:', local_ui_link({'store': 'outputs/mlflow.db', 'experiment': 'pipeline', 'artifacts': 'outputs/mlartifacts'}))"
-	$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 \
+	@$(PY) -c "from pipeline.tracking import local_ui_link; print('runs table:', local_ui_link({'store': 'outputs/mlflow.db', 'experiment': 'pipeline', 'artifacts': 'outputs/mlartifacts'}))" &
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false PYTHONWARNINGS="ignore:starlette.middleware.wsgi is deprecated" \
+		$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \
 		--backend-store-uri sqlite:///$(abspath outputs/mlflow.db) \
 		--default-artifact-root $(abspath outputs/mlartifacts)
 

@@ -13,6 +13,11 @@ For each batch size:
    (compiled here, cold, and timed), interleaved with CUDA events on the current stream,
    medians of at least `--iterations` calls each. Goal: ours >= 0.95x the hand-written one.
 
+4. Throughput search (`--throughput on|off|only`): one job on a dynamic batch 1..256
+   (`input=image_dynamic_batch`, target=inductor in its default mode for dynamic shapes)
+   with validate.throughput: throughput and p99 (host latency) per batch, and the batch
+   with the most throughput under `--budget-ms` (10 ms).
+
     make bench-gpu        # or: python bench/gpu.py --batch 32 --out results.json
 """
 
@@ -157,6 +162,25 @@ def bench(batch: int, mode: str, iterations: int, root: Path, profile: bool = Fa
             "ready_fraction_of_cold": runs["warm"]["engine_load_s"] / runs["cold"]["compile_s"], **measured}
 
 
+def throughput_table(root: Path, max_batch: int, budget_ms: float) -> dict:
+    """ResNet-50 fp16 on a dynamic batch: the throughput curve and the chosen batch under the budget."""
+    work = root / "throughput"
+    cmd = [sys.executable, "-m", "pipeline", "model=resnet50", "compile.precision=fp16", "target=inductor",
+           "target.memory_format=channels_last", "input=image_dynamic_batch", f"input.dims.batch.max={max_batch}",
+           "validate=quick", "validate.throughput.enabled=true", f"validate.throughput.p99_budget_ms={budget_ms}",
+           "tracking.enabled=false", f"paths.outputs={work}", f"hydra.run.dir={work / 'run'}"]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"throughput run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+    report = json.loads((work / "run" / "validate" / "report.json").read_text())
+    from pipeline.throughput import table
+
+    print(f"\nResNet-50 fp16 channels_last, dynamic batch 1..{max_batch}, target=inductor "
+          f"({time.perf_counter() - started:.0f} s with the build)\n{table(report['throughput'])}", flush=True)
+    return report["throughput"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
@@ -166,6 +190,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="folder for the runs and compiler caches")
     parser.add_argument("--profile-load", action="store_true",
                         help="after the cold and warm runs, profile pipeline.load instead of timing the engines")
+    parser.add_argument("--throughput", choices=("on", "off", "only"), default="on",
+                        help="the throughput search on a dynamic batch (only: nothing else)")
+    parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--budget-ms", type=float, default=10.0, help="p99 budget of the throughput search")
     args = parser.parse_args()
     import torch
 
@@ -173,7 +201,12 @@ def main() -> None:
     print(f"card: {card}; torch {torch.__version__}", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-gpu-", dir=args.work) as tmp:
-        for batch in args.batch:
+        if args.throughput != "off":
+            results.append({"card": card, "torch": torch.__version__,
+                            "throughput": throughput_table(Path(tmp), args.max_batch, args.budget_ms)})
+            if args.out:
+                args.out.write_text(json.dumps(results, indent=2))
+        for batch in args.batch if args.throughput != "only" else []:
             measured = bench(batch, args.mode, args.iterations, Path(tmp), args.profile_load)
             results.append({"card": card, "torch": torch.__version__, **measured})
             if args.out:

@@ -13,14 +13,12 @@ key: a folder whose files change gives a new key even though its path did not.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import itertools
 from pathlib import Path
 from typing import Any
 
 from pipeline import shapes
-from pipeline.dtypes import choice_name, is_quantized, precision_name, torch_dtype
+from pipeline.batches import call_factory, error_line, to_sample
+from pipeline.dtypes import is_quantized
 from pipeline.errors import ArtifactError, ConfigError
 
 SUFFIXES = (".npy", ".pt")
@@ -30,25 +28,14 @@ LOWEST = {"calibration.num_samples": 1, "quantize.max_rounds": 0, "quantize.laye
 
 
 def check(config: dict[str, Any]) -> None:
-    """compile.precision=int8/fp8: the target can quantize and the data fits; records its digest in the config."""
+    """compile.precision=int8/fp8: the loop settings and the data fit; records its digest in the config.
+
+    Whether the target can quantize is the target's to say (pipeline.checks.check_quantization, first).
+    """
     if not is_quantized(config["compile"]["precision"]):
         return
     from omegaconf import OmegaConf
 
-    from pipeline.quantize import int8_refusal, quantizer_of
-
-    name, precision = config["target"]["name"], precision_name(config["compile"]["precision"])
-    reason = quantizer_of(name, precision)[1]
-    if reason:
-        able = ("target=onnxruntime (or tensorrt, torch_tensorrt on a GPU, or inductor on the CPU)"
-                if precision == "int8" else "target=tensorrt (or torch_tensorrt, or inductor on a GPU of compute "
-                "capability 8.9+)")
-        raise ConfigError(f"target {name} cannot build compile.precision={precision}: {reason}.",
-                          f"use {able}, or compile.precision=fp32.")
-    refused = int8_refusal(name, config, precision)
-    if refused:
-        raise ConfigError(f"target {name} cannot build compile.precision={precision} here: {refused[0]}.",
-                          f"{refused[1]}, or compile.precision=fp32.")
     for key, low in LOWEST.items():
         group, field = key.split(".")
         value = config[group][field]
@@ -57,16 +44,18 @@ def check(config: dict[str, Any]) -> None:
                               f"set {key} to {low} or more.")
     input_cfg = OmegaConf.create(config["input"])
     shapes.check(input_cfg)
-    batches = load(OmegaConf.create(config["calibration"]), input_cfg)
-    config["calibration"]["digest"] = digest(batches)
+    batches = load(OmegaConf.create(config["calibration"]), input_cfg, OmegaConf.create(config.get("data") or {}))
+    config["calibration"]["digest"] = shapes.digest(batches)
 
 
-def load(cal, input_cfg) -> list[shapes.Sample]:
+def load(cal, input_cfg, data_cfg=None) -> list[shapes.Sample]:
     """The first calibration.num_samples batches of the configured source, each checked against the spec."""
     count = int(cal.num_samples)
-    source = choice_name(cal.source)
+    source = cal.source
     if source == "random":
         return _random(input_cfg, count, int(cal.seed))
+    if source == "data":
+        return [sample for sample, _ in data_batches(data_cfg, input_cfg, count)]
     if source == "folder":
         items = _folder_items(cal.folder, count)
     else:
@@ -82,6 +71,21 @@ def _random(input_cfg, count: int, seed: int) -> list[shapes.Sample]:
     corners = shapes.corners(input_cfg)
     sizes = [corners["opt"], corners["min"], corners["max"], *shapes.random_dims(input_cfg, count, seed)]
     return [shapes.make(input_cfg, sizes[i], 1, seed_offset=seed + i)[0] for i in range(count)]
+
+
+def data_batches(data_cfg, input_cfg, count: int) -> list:
+    """The first `count` (batch, labels) of the data group's calibration split (calibration.source=data)."""
+    from pipeline import data
+
+    if not data.present(data_cfg):
+        raise ConfigError("calibration.source=data but no data is configured (data=none).",
+                          "pick real data, e.g. data=tensors data.path=... data.labels=..., or calibration=default.")
+    batches = data.split(data_cfg, input_cfg, "calibration")
+    if len(batches) < count:
+        raise ConfigError(f"data {data_cfg.name}'s calibration split holds {len(batches)} batch(es), fewer than "
+                          f"calibration.num_samples={count}.",
+                          f"raise data.calibration_items, or lower calibration.num_samples to {len(batches)}.")
+    return batches[:count]
 
 
 def _folder_items(folder: str | None, count: int) -> list[tuple[str, Any]]:
@@ -109,21 +113,14 @@ def _read(path: Path):
             return np.load(path, allow_pickle=False)
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # numpy and torch raise many types for a bad file
-        raise ConfigError(f"calibration file {path} cannot be read: {_first_line(err)}.",
+        raise ConfigError(f"calibration file {path} cannot be read: {error_line(err)}.",
                           "save batches with numpy.save (no pickles) or torch.save of tensors.") from None
 
 
 def _factory_items(target: str | None, kwargs: dict[str, Any], count: int) -> list[tuple[str, Any]]:
     fix = ("give calibration._target_ an importable callable returning an iterable of batches "
            "(fix it in Python first: calling it shows the traceback).")
-    if not target:
-        raise ConfigError("calibration.source=factory but calibration._target_ is not set.", fix)
-    module_name, _, attr = target.rpartition(".")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-        items = list(itertools.islice(iter(factory(**kwargs)), count))
-    except Exception as err:  # the user's code: any failure means the same thing
-        raise ConfigError(f"calibration factory {target} failed: {_first_line(err)}.", fix) from None
+    items = call_factory("calibration", target, kwargs, count, fix)
     if len(items) < count:
         raise ConfigError(f"calibration factory {target} yielded {len(items)} batch(es), fewer than "
                           f"calibration.num_samples={count}.",
@@ -131,79 +128,10 @@ def _factory_items(target: str | None, kwargs: dict[str, Any], count: int) -> li
     return [(f"batch {i} of calibration factory {target}", item) for i, item in enumerate(items)]
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
-def to_sample(obj, input_cfg, where: str) -> shapes.Sample:
-    """A batch (tensor or array, tuple/list in input order, dict by input name) as a Sample of the spec."""
-    specs = list(input_cfg.tensors)
-    names = [s.name for s in specs]
-    if isinstance(obj, dict):
-        missing = [n for n in names if n not in obj]
-        if missing:
-            raise ConfigError(f"{where} has no input {missing[0]!r} (it has {', '.join(map(str, obj)) or 'nothing'}).",
-                              f"give every input of input.tensors by name: {', '.join(names)}.")
-        values = [obj[n] for n in names]
-    else:
-        values = list(obj) if isinstance(obj, (tuple, list)) else [obj]
-        if len(values) != len(specs):
-            raise ConfigError(f"{where} holds {len(values)} tensor(s) but the model takes {len(specs)} "
-                              f"({', '.join(names)}).", "give one tensor per input, or a dict by input name.")
-    dims: dict[str, int] = {}
-    tensors = [_tensor(v, spec, input_cfg, dims, where) for v, spec in zip(values, specs, strict=True)]
-    args = tuple(t for t, s in zip(tensors, specs, strict=True) if not s.keyword)
-    kwargs = {s.name: t for t, s in zip(tensors, specs, strict=True) if s.keyword}
-    return shapes.Sample(args, kwargs, dims)
-
-
-def _tensor(value, spec, input_cfg, dims: dict[str, int], where: str):
-    """One input's tensor in the spec's dtype; its shape fits the spec (dynamic sizes within min..max)."""
-    import numpy as np
-    import torch
-
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(np.ascontiguousarray(value))
-    if not isinstance(value, torch.Tensor):
-        raise ConfigError(f"{where}: input {spec.name} is a {type(value).__name__}, not a tensor or array.",
-                          "give tensors (torch) or arrays (numpy).")
-    dtype = torch_dtype(spec.dtype)
-    if value.is_floating_point() != dtype.is_floating_point:
-        raise ConfigError(f"{where}: input {spec.name} is {str(value.dtype).removeprefix('torch.')}, "
-                          f"but input.tensors says {spec.dtype}.", f"give {spec.name} as {spec.dtype}.")
-    shape = list(value.shape)
-    wrong = len(shape) != len(spec.shape)
-    for size, want in zip(shape, spec.shape, strict=False):
-        if isinstance(want, str):
-            dim = input_cfg.dims[want]
-            wrong = wrong or not int(dim["min"]) <= size <= int(dim["max"]) or dims.setdefault(want, size) != size
-        else:
-            wrong = wrong or size != int(want)
-    if wrong:
-        raise ConfigError(f"{where}: input {spec.name} has shape {shape}, which does not fit input.tensors "
-                          f"({list(spec.shape)}, dims {dict(input_cfg.dims) or 'static'}).",
-                          "save calibration batches in the model's input shape (a batch per file).")
-    return value.to(dtype).contiguous()
-
-
-def digest(batches: list[shapes.Sample]) -> str:
-    """sha256 over every tensor's dtype, shape and bytes, in order: the data's identity, not its path."""
-    import torch
-
-    h = hashlib.sha256()
-    for sample in batches:
-        for name, t in [*enumerate(sample.args), *sorted(sample.kwargs.items())]:
-            t = t.detach().cpu().contiguous()
-            h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def load_checked(cal, input_cfg) -> tuple[list[shapes.Sample], str]:
+def load_checked(cal, input_cfg, data_cfg=None) -> tuple[list[shapes.Sample], str]:
     """The batches again (in a stage's process) and their sha256, refused if they changed since the job was keyed."""
-    batches = load(cal, input_cfg)
-    found = digest(batches)
+    batches = load(cal, input_cfg, data_cfg)
+    found = shapes.digest(batches)
     if cal.digest and found != cal.digest:
         raise ArtifactError("the calibration data changed while the job ran (its sha256 differs from the "
                             "one the build was keyed by).", "run the job again once the data is final.")

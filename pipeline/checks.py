@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline import calibration
+from pipeline import calibration, data
 from pipeline.errors import ConfigError, TargetUnavailable
+from pipeline.models import check_weights
 
 # Dotted key -> (lowest allowed, highest allowed or None, whether the lowest is excluded).
 RANGES: dict[str, tuple[float, float | None, bool]] = {
@@ -31,7 +32,11 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "validate.iterations": (1, None, False),
     "validate.rounds": (1, None, False),
     "validate.min_seconds": (0, None, False),
-    "validate.cv_warn_threshold": (0, None, True),
+    "validate.threads": (0, None, False),
+    "validate.gpu_iterations": (1, None, False),
+    "validate.spread_warn_threshold": (0, None, True),
+    "validate.throughput.p99_budget_ms": (0, None, True),
+    "validate.throughput.iterations": (1, None, False),
     "compile.min_block_size": (1, None, False),
     "compile.optimization_level": (0, 5, False),
     "compile.workspace_size": (0, None, False),
@@ -47,13 +52,22 @@ TOLERANCES: dict[str, tuple[float, float | None]] = {
 }
 
 
-def check_settings(config: dict[str, Any]) -> None:
-    """Every cheap check of the resolved config, in the order a user reads the settings."""
+def check_target(config: dict[str, Any]) -> None:
+    """The target's settings against the choices and ranges its Settings declare, and the device it asks
+    for: before the target is made, so a wrong value is one line, not an error from inside the target."""
     from pipeline import schema, targets
 
     target = config["target"]
     schema.check("target", targets.target_class(target["name"]).Settings, target)  # enums and ranges declared there
     check_device(target.get("device"))
+
+
+def check_settings(config: dict[str, Any], target) -> None:
+    """Every cheap check of the resolved config, in the order a user reads the settings.
+
+    `target` is the job's target, made (device resolved) but not yet configured: its quantizer
+    answers for compile.precision=int8/fp8 with the settings it will build with.
+    """
     for key, (low, high, exclusive) in RANGES.items():
         _check_range(key, _get(config, key), low, high, exclusive)
     validate = config["validate"]
@@ -64,7 +78,10 @@ def check_settings(config: dict[str, Any]) -> None:
             f"lower validate.rounds or raise validate.iterations (e.g. validate.rounds={validate['iterations']}).",
         )
     _check_tolerances(validate["tolerances"], config["compile"]["precision"])
-    calibration.check(config)  # int8: the target can quantize, the data loads and fits; keyed by its sha256
+    check_weights(config)  # a local model.weights file: keyed by its sha256
+    data.check(config)  # real data loads and splits; validate is keyed by its sha256
+    check_quantization(config, target)  # int8/fp8: the target can quantize this job's settings
+    calibration.check(config)  # int8/fp8: the data loads and fits; keyed by its sha256
     for key in ("paths.outputs", "paths.cache"):
         check_writable_dir(key, _get(config, key))
 
@@ -77,6 +94,39 @@ def check_device(asked: str | None) -> None:
     if missing:
         raise TargetUnavailable(f"target.device=cuda was asked for, but there is {missing}.",
                                 "use target.device=auto or cpu here, or run on a machine with a CUDA GPU.")
+
+
+def check_quantization(config: dict[str, Any], target) -> None:
+    """compile.precision=int8/fp8: the target has a quantizer for it (in quantize.mode), and its
+    quantizer can serve this job's settings; else one ConfigError line naming who can."""
+    from pipeline.targets import quantizing
+
+    precision, mode, name = config["compile"]["precision"], config["quantize"]["mode"], target.name
+    if target.quantization_route(precision) is None:
+        return
+    if target.quantizer(precision) is None:
+        able = ("target=onnxruntime (or tensorrt, torch_tensorrt on a GPU, or inductor on the CPU)"
+                if precision == "int8" else "target=tensorrt (or torch_tensorrt, or inductor on a GPU of compute "
+                "capability 8.9+)")
+        reason = target.no_quantizer.get(precision) or (
+            f"it has no {precision} quantizer in this pipeline (targets that quantize to {precision}: "
+            f"{', '.join(quantizing(precision))}); it would build fp32 engines")
+        raise ConfigError(f"target {name} cannot build compile.precision={precision}: {reason}.",
+                          f"use {able}, or compile.precision=fp32.")
+    able = quantizing("int8", mode)
+    if mode == "static" or target.quantizer(precision, mode):
+        refused = target.quantizer_refusal(config, precision)
+    elif mode == "dynamic":
+        refused = (f"quantize.mode=dynamic (activation scales at run time) is {', '.join(able)}'s int8 route, and "
+                   f"{name} {'has no dynamic quantizer' if precision == 'int8' else 'would build ' + precision}",
+                   f"set quantize.mode=static, or use target={able[0] if able else 'onnxruntime'} with int8")
+    else:
+        refused = (f"quantize.mode=weight_only (int8 weights, float compute) is {', '.join(able)}'s int8 route on "
+                   f"CUDA, and {name} {'has none' if precision == 'int8' else 'would build ' + precision}",
+                   "set quantize.mode=static, or use target=inductor target.device=cuda with int8")
+    if refused:
+        raise ConfigError(f"target {name} cannot build compile.precision={precision} here: {refused[0]}.",
+                          f"{refused[1]}, or compile.precision=fp32.")
 
 
 def _get(config: dict[str, Any], key: str) -> Any:

@@ -27,7 +27,7 @@ def job_dir() -> tuple[Path, bool]:
 
 def run_job(cfg: DictConfig) -> float | None:
     """One job; in a sweep a failure is recorded and returned as NaN so the sweep goes on."""
-    from pipeline import sweep, worker
+    from pipeline import sweep, targets, worker
     from pipeline.runner import Runner
     from pipeline.tracking import Tracker
 
@@ -39,8 +39,11 @@ def run_job(cfg: DictConfig) -> float | None:
         record_start(run_dir)
         arm_signals()  # a signal held while Hydra composed raises here, with the record there to say KILLED
         label_custom_model(cfg)
-        worker.warm_up()  # the stage worker's server imports torch while the runner checks the config
-        runner = Runner(cfg, run_dir, console, sweep=context)
+        runner = Runner(cfg, run_dir, console, sweep=context)  # resolves the target: no torch, no stage
+        # The stage worker's server imports torch (and, in a sweep, what the target's jobs all redo) while
+        # the runner checks the config and opens MLflow.
+        worker.warm_up((*worker.SWEEP_PRELOAD, *targets.target_class(runner.target_name).sweep_preload)
+                       if in_sweep else ())
         result = runner.run(Tracker(runner.config["tracking"]))
     except KeyboardInterrupt as err:  # SIGINT, or SIGTERM (errors.Terminated): recorded KILLED by the runner
         name = getattr(err, "signal_name", "SIGINT")
@@ -136,6 +139,9 @@ def print_summary(console: Console, result) -> None:
                       f"(see {escape(str(result.run_dir / 'validate' / 'report.json'))})")
     else:
         _print_measurements(console, m)
+    for key, why in result.tags.items():  # what the target chose for this job's input, and why
+        if key.endswith(".reason") and key[:-7] in result.tags:
+            console.print(f"{key[:-7]}: {result.tags[key[:-7]]} ({why})", markup=False)
     console.print(f"artifacts: {result.run_dir}", markup=False)
     if result.tracking.get("recorded"):
         from pipeline.tracking import ui_link
@@ -153,6 +159,14 @@ def _print_measurements(console: Console, m: dict) -> None:
     top1 = f", top-1 agreement {m['top1_agreement']:.0%}" if "top1_agreement" in m else ""
     console.print(f"accuracy vs eager: max abs {m['max_abs_err']:.3g}, rel L2 {m['rel_l2_err']:.3g}, "
                   f"cosine {m['cosine_similarity']:.6f}{top1}")
+    from pipeline.ranking import speedup_text
+
+    noisy = " (~: too noisy to trust; see the warnings above)" if m.get("latency_trusted") == 0 else ""
     console.print(f"latency p50 {m['latency_p50_ms']:.3f} ms (p99 {m['latency_p99_ms']:.3f}) vs eager "
-                  f"{m['eager/latency_p50_ms']:.3f} ms: speedup {m['speedup']:.2f}x, "
-                  f"{m['throughput_per_s']:.1f}/s")
+                  f"{m['eager/latency_p50_ms']:.3f} ms: speedup {speedup_text(m)}, "
+                  f"{m['throughput_per_s']:.1f}/s, {m.get('latency_threads', 0):.0f} thread(s) each{noisy}")
+    from pipeline import payoff, task_metrics
+
+    for line in [*task_metrics.summary_lines(m), payoff.summary_line(m)]:
+        if line:
+            console.print(line, markup=False, highlight=False)

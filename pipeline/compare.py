@@ -6,7 +6,7 @@ Pareto front of latency against accuracy error: the only jobs worth choosing bet
 Jobs whose engines cannot run on this machine (validated=0) say "n/m" instead of "-", so
 "not measured here" is never read as "failed".
 
-The inputs are job records (pipeline.tracking.job_record, or the sweep's own from run
+The inputs are job records (pipeline.tracking.sweeps.job_record, or the sweep's own from run
 folders), so the same code serves the end of a sweep and the command line. matplotlib is
 imported only to plot, and mlflow only by pipeline.tracking: the table stays quick.
 """
@@ -26,7 +26,9 @@ from rich.text import Text
 
 from pipeline.layout import STAGES
 from pipeline.ranking import (  # noqa: F401  (pareto_front, shown_overrides, winner: the comparison's API)
+    AXES,
     Job,
+    accuracy_axis,
     engine_figure,
     engine_groups,
     is_reference,
@@ -51,14 +53,16 @@ METRIC_COLUMNS = {
     "rel L2": ("rel_l2_err", lambda v: f"{v:.2e}"),
     "cosine": ("cosine_similarity", lambda v: f"{v:.6f}"),
     "top-1": ("top1_agreement", lambda v: f"{v:.0%}"),
+    "task top-1": ("task/top1", lambda v: f"{v:.2f}%"),
+    "drop": ("task/top1_drop", lambda v: f"{v:+.2f}"),
 }
 # Measured by validate: "n/m" rather than "-" when the engines could not run here.
-MEASURED = ("p50 ms", "p99 ms", "speedup", "rel L2", "cosine", "top-1")
+MEASURED = ("p50 ms", "p99 ms", "speedup", "rel L2", "cosine", "top-1", "task top-1", "drop")
 COLUMNS = ("job", "overrides", "target", "status", *METRIC_COLUMNS, "error")
 NOT_MEASURED = ("n/m: not measured (the engines cannot run on this machine); "
                 "~: latency varies too much to trust (latency.trusted=false)")
 FRONT_NOTE = ("best: the winner (the fastest trusted job with an engine that passed its accuracy check); "
-              "*: on the Pareto front (no other job has both lower p50 latency and lower rel L2 error)")
+              "*: on the Pareto front (no other job has lower p50 latency and lower error: task drop, else rel L2)")
 REFERENCE_NOTE = "ref: no engine, everything ran in eager PyTorch: the yardstick, never a candidate"
 STATUS_STYLES = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan"}
 
@@ -92,7 +96,8 @@ def rows(jobs: list[Job]) -> list[dict[str, str]]:
             # The spread warning fired: neither the latency nor a speedup made of it may look like a quiet one.
             row["p50 ms"] += " ~" if row["p50 ms"] != "-" else ""
             row["speedup"] += " ~" if row["speedup"] not in ("-", "n/m") else ""
-        if metric_value(job, "build_seconds") is not None and (job.get("tags") or {}).get("cache.build") == "hit":
+        cached = (job.get("tags") or {}).get("cache.build") == "hit" or metric_value(job, "build_cache_hit") == 1
+        if metric_value(job, "build_seconds") is not None and cached:  # MLflow's tag, or run.json's metric
             row["build s"] = "hit"
         row["error"] = short_error(job.get("error"))
         out.append(row)
@@ -121,6 +126,7 @@ def notes(jobs: list[Job]) -> list[str]:
 
 # Columns left out of terminal tables narrower than WIDE (comparison.md and .csv keep them all).
 SECONDARY = ("accel ops", "engines", "build s", "p99 ms", "top-1")
+TASK_COLUMNS = ("task top-1", "drop")  # shown in terminal tables where some job measured a task metric
 WIDE = 160
 
 
@@ -130,9 +136,14 @@ def table(jobs: list[Job], title: str, width: int | None = None) -> Table:
     In a narrow terminal (or 120 columns when piped) the secondary columns are left out, so
     the overrides and errors keep room to read instead of wrapping a few letters a line.
     """
-    columns = [c for c in COLUMNS if width is None or width >= WIDE or c not in SECONDARY]
-    out = Table(title=Text(title), title_justify="left", caption=Text("\n".join(notes(jobs))),
-                caption_justify="left")
+    shown = [c for c in COLUMNS if c not in TASK_COLUMNS or any(metric_value(j, METRIC_COLUMNS[c][0]) is not None for j in jobs)]
+    columns = [c for c in shown if width is None or width >= WIDE or c not in SECONDARY]
+    hidden = [c for c in shown if c not in columns]
+    caption = "\n".join(notes(jobs))
+    if hidden:
+        caption += (f"\nhidden: {', '.join(hidden)} (terminal of {width} columns; COLUMNS={WIDE} or "
+                    "python -m pipeline.compare --wide shows them all, as comparison.md and .csv do)")
+    out = Table(title=Text(title), title_justify="left", caption=Text(caption), caption_justify="left")
     out.add_column("")
     for column in columns:
         numeric = column in METRIC_COLUMNS or column == "job"
@@ -147,11 +158,11 @@ def table(jobs: list[Job], title: str, width: int | None = None) -> Table:
 
 # The parent run's description: the columns that pick a winner. MLflow renders it as an HTML
 # table sized by its content, so these fit its pane; the other figures are in comparison.md/.csv.
-NOTE_COLUMNS = ("job", "overrides", "target", "status", "p50 ms", "speedup", "rel L2", "top-1")
+NOTE_COLUMNS = ("job", "overrides", "target", "status", "p50 ms", "speedup", "rel L2", "top-1", "task top-1", "drop")
 # comparison.md: the figures that pick a winner first (what MLflow's pane shows before it
 # scrolls sideways), the long overrides after them; errors follow the table in full.
-REPORT_COLUMNS = ("job", "target", "status", "p50 ms", "speedup", "rel L2", "top-1", "overrides", "cosine",
-                  "p99 ms", "accel ops", "engines", "build s")
+REPORT_COLUMNS = ("job", "target", "status", "p50 ms", "speedup", "rel L2", "top-1", "task top-1", "drop",
+                  "overrides", "cosine", "p99 ms", "accel ops", "engines", "build s")
 
 
 def _md_cell(text: str) -> str:
@@ -258,7 +269,8 @@ def _log_axis(axis, set_scale) -> None:
 def plot_pareto(jobs: list[Job], path: Path, title: str = "latency against accuracy error") -> Path:
     plt = _pyplot()
     names = dict(zip(map(id, jobs), labels(jobs), strict=True))
-    measured = [j for j in jobs if measured_point(j)]
+    axis = accuracy_axis(jobs)
+    measured = [j for j in jobs if measured_point(j, axis)]
     failed = sum(j.get("status") != "FINISHED" for j in jobs)
     unmeasured = len(jobs) - len(measured) - failed
     fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -266,38 +278,38 @@ def plot_pareto(jobs: list[Job], path: Path, title: str = "latency against accur
     targets = sorted({j.get("target") or "?" for j in engines})
     colours = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(targets)}
     for target in targets:
-        xs, ys = zip(*(measured_point(j) for j in engines if (j.get("target") or "?") == target), strict=True)
+        xs, ys = zip(*(measured_point(j, axis) for j in engines if (j.get("target") or "?") == target), strict=True)
         ax.scatter(xs, ys, color=colours[target], label=target, zorder=3)
-    references = [measured_point(j) for j in measured if is_reference(j)]
+    references = [measured_point(j, axis) for j in measured if is_reference(j)]
     if references:
         xs, ys = zip(*references, strict=True)
         ax.scatter(xs, ys, color="grey", marker="x", label="reference (no engine: eager PyTorch)", zorder=3)
     best, _ = winner(jobs)
-    if best is not None and measured_point(best):
-        ax.scatter(*measured_point(best), s=420, marker="*", color="gold", edgecolors="black",
+    if best is not None and measured_point(best, axis):
+        ax.scatter(*measured_point(best, axis), s=420, marker="*", color="gold", edgecolors="black",
                    label=f"best: job {names[id(best)]}", zorder=5)
     # Labels of nearby points take turns around them instead of printing over each other.
     offsets = ((5, 4), (5, -11), (-14, 4), (-14, -11))
-    for i, j in enumerate(sorted(measured, key=measured_point)):
-        ax.annotate(names[id(j)], measured_point(j), textcoords="offset points", xytext=offsets[i % len(offsets)], fontsize=8)
+    for i, j in enumerate(sorted(measured, key=lambda j: measured_point(j, axis))):
+        ax.annotate(names[id(j)], measured_point(j, axis), textcoords="offset points", xytext=offsets[i % len(offsets)], fontsize=8)
     front = pareto_front(jobs)
     if front:
-        xs, ys = zip(*map(measured_point, front), strict=True)
+        xs, ys = zip(*(measured_point(j, axis) for j in front), strict=True)
         ax.step(xs, ys, where="post", color="grey", linestyle="--", zorder=2)
         ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="black", label="Pareto front", zorder=4)
-    positive = [measured_point(j)[1] for j in measured if measured_point(j)[1] > 0]
+    positive = [measured_point(j, axis)[1] for j in measured if measured_point(j, axis)[1] > 0]
     if len(positive) >= 2 and max(positive) >= 100 * min(positive):
         # Exact results (eager: error 0) have no place on a log axis; symlog keeps them at 0.
         exact = len(positive) < len(measured)
         ax.set_yscale("symlog" if exact else "log", **({"linthresh": min(positive)} if exact else {}))
-    latencies = [measured_point(j)[0] for j in measured]
+    latencies = [measured_point(j, axis)[0] for j in measured]
     if latencies and min(latencies) > 0 and max(latencies) >= 10 * min(latencies):
         _log_axis(ax.xaxis, ax.set_xscale)  # CPU and GPU engines, or batch 1 and 32, on one readable axis
     if measured:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no job was measured", ha="center", va="center", transform=ax.transAxes)
-    ax.set(xlabel="latency p50 (ms)", ylabel="rel L2 error vs eager PyTorch")
+    ax.set(xlabel="latency p50 (ms)", ylabel=AXES[axis])
     ax.set_title(f"{title}\n{len(jobs) - len(measured)} of {len(jobs)} jobs left out ({failed} failed, "
                  f"{unmeasured} not measured)", fontsize=10)
     ax.grid(True, alpha=0.3)
@@ -341,7 +353,7 @@ def fail(what: str, fix: str) -> NoReturn:
 def main(argv: list[str] | None = None) -> None:
     from pipeline.cache.cli import Parser
     from pipeline.config import PathsConfig, TrackingConfig
-    from pipeline.tracking import experiment_name, load_jobs, tracking_uri
+    from pipeline.tracking import experiment_name, sweeps, tracking_uri
 
     store, artifacts = (p.replace("${paths.outputs}", PathsConfig.outputs)
                         for p in (TrackingConfig.store, TrackingConfig.artifacts))
@@ -350,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.add_argument("--experiment", help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME or pipeline)")
     cli.add_argument("--store", help=f"the MLflow SQLite file (default: MLFLOW_TRACKING_URI or {store})")
     cli.add_argument("--out", type=Path, metavar="DIR", help="also write comparison.md, .csv and plots there")
+    cli.add_argument("--wide", action="store_true", help="every column, however narrow the terminal")
     args = cli.parse_args(argv)
     if args.store:  # an explicit flag beats the environment
         os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -359,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"no MLflow store at {uri.removeprefix('sqlite:///')}",
              "run a job first, or pass --store PATH (or set MLFLOW_TRACKING_URI)")
     try:
-        parent, jobs = load_jobs(settings, args.sweep, experiment)
+        parent, jobs = sweeps.load_jobs(settings, args.sweep, experiment)
     except Exception as err:  # a store MLflow cannot read: say so in one line, like every other error
         if os.environ.get("PIPELINE_DEBUG") == "1":
             raise
@@ -376,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     title = f"sweep {sweep_id}" if sweep_id else f"every run of experiment {experiment!r}"
     # The terminal's width, or 120 columns when piped: cells wrap inside the table, never past it.
     console = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120)
-    console.print(table(jobs, title, console.width))
+    console.print(table(jobs, title, None if args.wide else console.width))
     if parent:
         console.print(f"parent run: {parent['run_id']} ({parent['status']})", markup=False)
     if args.out:

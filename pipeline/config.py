@@ -39,6 +39,17 @@ class CalibrationSource(str, Enum):
     random = "random"
     folder = "folder"
     factory = "factory"
+    # The `data` group's calibration split (disjoint from its validation split).
+    data = "data"
+
+
+class DataSource(str, Enum):
+    """Real data (pipeline.data): none, an ImageFolder of images, tensors in files, or a factory."""
+
+    none = "none"
+    images = "images"
+    tensors = "tensors"
+    factory = "factory"
 
 
 class CalibrationMethod(str, Enum):
@@ -66,6 +77,8 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     # None builds random weights (no download); e.g. "DEFAULT" asks torchvision for pretrained ones.
     weights: str | None = None
+    # Filled in before any stage for a local weights file (.safetensors/.pt/.pth): its sha256.
+    weights_sha256: str | None = None
     # Seed for random weights, so every build of the same config has the same model.
     seed: int = 0
     # "classification" enables top-1 agreement in validation.
@@ -141,6 +154,36 @@ class CalibrationConfig:
 
 
 @dataclass
+class DataConfig:
+    """Real inputs with labels where they exist (pipeline.data): task metrics and calibration=data."""
+
+    name: str = "none"
+    source: DataSource = DataSource.none
+    # images: an ImageFolder root; tensors: a .npy/.pt file of samples [N, ...].
+    path: str | None = None
+    # tensors: a .npy/.pt file of integer labels [N] (null: no labels).
+    labels: str | None = None
+    # source=factory: an importable callable returning an iterable of (inputs, label) or inputs.
+    _target_: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # images: resize_crop_normalize (shorter side to `resize`, centre crop to the input size) or resize_normalize.
+    transform: str = "resize_crop_normalize"
+    resize: int | None = None
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # After a seeded shuffle the first calibration_items items are the calibration split, the rest
+    # (at most validation_items) the validation split: disjoint by construction.
+    calibration_items: int = 64
+    validation_items: int | None = None
+    shuffle_seed: int = 0
+    # auto: top-1/top-5 for classifiers with labels, per-sample cosine otherwise; or a function by
+    # dotted path, called with (outputs, labels) and returning {name: value} (higher is better).
+    metric: str = "auto"
+    # Filled in before any stage: sha256 of both splits, so validate's key follows content.
+    digest: str | None = None
+
+
+@dataclass
 class QuantizeConfig:
     """The accuracy-aware loop: layers kept in fp32 when the int8 build fails validate.tolerances.int8."""
 
@@ -160,6 +203,9 @@ class QuantizeConfig:
     op_types: list[str] = field(default_factory=list)
     # Iterations timing each round's program (0: no per-round latency).
     latency_iterations: int = 20
+    # Fail the job when the int8/fp8 engine is not faster than the same target's engine at the
+    # precision it replaces (fp32 on the CPU, fp16 on a GPU), timed interleaved in one process.
+    require_speedup: bool = False
 
 
 @dataclass
@@ -185,6 +231,19 @@ def _default_tolerances() -> dict[str, Tolerance]:
 
 
 @dataclass
+class ThroughputConfig:
+    """Model Navigator's max-throughput-with-budget: batches timed upwards until p99 passes the budget."""
+
+    enabled: bool = False
+    # p99 host latency (enqueue and wait) a batch may take to be chosen, ms.
+    p99_budget_ms: float = 10.0
+    # Batches to time; empty: powers of two from the batch dim's min up to its max, and the max.
+    batches: list[int] = field(default_factory=list)
+    # Calls timed per batch (in `rounds` rounds, as validate times).
+    iterations: int = 200
+
+
+@dataclass
 class ValidateConfig:
     # Seeded input batches compared against eager PyTorch at the opt shape.
     num_samples: int = 8
@@ -200,13 +259,25 @@ class ValidateConfig:
     rounds: int = 5
     # Keep timing until at least this many seconds have passed per target (trtexec --duration).
     min_seconds: float = 0.0
-    # Coefficient of variation above which latency figures are flagged as unreliable.
-    cv_warn_threshold: float = 0.1
+    # CPU threads of eager PyTorch and of the engines alike while timed (torch.set_num_threads,
+    # ONNX Runtime's intra_op_num_threads). 0: the physical cores this process may use, less those
+    # busy with other work when validate starts (pipeline.timing.thread_budget).
+    threads: int = 0
+    # On a GPU, time at least this many calls (a p99 read from >= 10 calls above it).
+    gpu_iterations: int = 1000
+    # Latency is trusted when the rounds' medians lie within this fraction of their median
+    # ((max - min) / median); above it the figures are flagged (latency.trusted=false).
+    spread_warn_threshold: float = 0.05
     tolerances: dict[str, Tolerance] = field(default_factory=_default_tolerances)
     # Re-use a previous validation of the same build instead of measuring again.
     cache: bool = False
     # On a GPU: time the compiled module replayed from a CUDA graph (trtexec --useCudaGraph).
     cuda_graph: bool = False
+    # The batch with the most throughput under a p99 latency budget (pipeline/throughput.py).
+    throughput: ThroughputConfig = field(default_factory=lambda: ThroughputConfig())
+    # Largest allowed drop of the task metric against eager fp32 on the data's validation split, in
+    # points (top-1 in percent; per-sample cosine x 100); None: reported, not gated.
+    max_drop: float | None = None
 
 
 @dataclass
@@ -237,6 +308,7 @@ class Config:
     target: Any = MISSING
     validate: ValidateConfig = MISSING
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -244,6 +316,8 @@ class Config:
     verbose: bool = False
     # Register the compiled program in MLflow's model registry (a new version of the model's name).
     register: bool = False
+    # Estimate the host and GPU memory the job needs before any stage and refuse it if it cannot fit.
+    check_memory: bool = True
 
 
 def register() -> None:

@@ -38,17 +38,6 @@ def model_dtype(precision: str) -> str:
     return QUANTIZED_PRECISIONS.get(precision) or PRECISION_DTYPES[precision]
 
 
-def choice_name(value) -> str:
-    """A config choice (compile.precision, calibration.method, ...) as its name, whether the config
-    holds the enum or the string."""
-    return str(getattr(value, "value", value))
-
-
-def precision_name(precision) -> str:
-    """compile.precision as its name ('int8')."""
-    return choice_name(precision)
-
-
 def compute_dtype(precision: str) -> str:
     """The dtype an engine computes in for compile.precision ('int8' for int8, 'float8_e4m3fn' for fp8)."""
     return "int8" if precision == "int8" else PRECISION_DTYPES[precision]

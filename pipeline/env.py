@@ -53,9 +53,29 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# Device nodes of every GPU torch.cuda can use on Linux: NVIDIA's driver, ROCm's, WSL's.
+GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
+@functools.cache
+def gpu_absent() -> bool:
+    """True where no GPU can be there: Linux without a GPU device node.
+
+    torch.cuda.is_available() would say the same after importing torch, which costs the
+    job's process seconds of CPU (the stage worker imports it anyway, in parallel): on a
+    CPU-only machine the orchestrator answers "no GPU" without it. Elsewhere, ask torch.
+    """
+    import os
+    import sys
+
+    return sys.platform.startswith("linux") and not any(os.path.exists(node) for node in GPU_NODES)
+
+
 @functools.cache
 def device_info() -> dict[str, str]:
     """The accelerator if torch sees one, else the CPU."""
+    if gpu_absent():
+        return {"device": _cpu_name(), "compute_capability": "none", "kind": "cpu"}
     import torch
 
     if torch.cuda.is_available():

@@ -68,7 +68,8 @@ def build_model(model_cfg: DictConfig):
 
     factory = _factory(model_cfg._target_)
     kwargs: dict[str, Any] = OmegaConf.to_container(model_cfg.kwargs, resolve=True)  # type: ignore[assignment]
-    if model_cfg.weights is not None:
+    local = weights_file(model_cfg.weights)
+    if model_cfg.weights is not None and local is None:
         kwargs["weights"] = model_cfg.weights
     torch.manual_seed(model_cfg.seed)
     try:
@@ -91,7 +92,54 @@ def build_model(model_cfg: DictConfig):
             f"model._target_={model_cfg._target_!r} returned {type(model).__name__}, not an nn.Module.",
             "point model._target_ at a function or class that returns a torch.nn.Module.",
         )
+    if local is not None:
+        load_weights(model, local, model_cfg.name)
     return model.eval()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def weights_file(weights: str | None):
+    """model.weights as a local weights file (a path ending in .safetensors/.pt/.pth), else None:
+    other values (torchvision's "DEFAULT") go to the factory as its `weights` argument."""
+    from pathlib import Path
+
+    if weights is None or not str(weights).endswith(WEIGHT_SUFFIXES):
+        return None
+    return Path(weights).expanduser()
+
+
+def load_weights(model, path, name: str) -> None:
+    """A state dict from safetensors or torch's weights-only loader (data, never code), strictly."""
+    import torch
+
+    fix = "save the model's state_dict with safetensors.torch.save_file or torch.save, for this factory."
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+        model.load_state_dict(state, strict=True)
+    except Exception as err:  # a missing file, a pickle, a mismatched key: the weights are the user's to fix
+        raise ConfigError(f"model {name}: model.weights={path} cannot be loaded: {_first_line(err)}.", fix) from None
+
+
+def check_weights(config: dict[str, Any]) -> None:
+    """A local weights file exists; its sha256 goes into the config (model.weights_sha256), so every
+    stage's key follows its content, not its path."""
+    from pathlib import Path
+
+    model = config["model"]
+    path = weights_file(model.get("weights"))
+    if path is None:
+        return
+    if not Path(path).is_file():
+        raise ConfigError(f"model.weights={model['weights']} is not a file.",
+                          "point model.weights at a .safetensors/.pt state dict, or null for random weights.")
+    model["weights_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _factory_failed(model_cfg: DictConfig, err: BaseException) -> ConfigError:

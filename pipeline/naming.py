@@ -15,8 +15,8 @@ from typing import Any
 
 # Hydra's sweep functions in an override's value.
 SWEEP_FUNCTION = re.compile(r"^(choice|range|interval|tag|glob)\(")
-DROPPED_PREFIXES = ("paths.", "tracking.", "hydra.")
-DROPPED_KEYS = ("verbose",)
+DROPPED_PREFIXES = ("paths.", "tracking.", "hydra.", "resolved.")
+DROPPED_KEYS = ("verbose", "check_memory")
 
 
 def split_override(text: str) -> tuple[str, str]:

@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline import env, layout, naming, ops, shapes, targets
+from pipeline import env, layout, naming, ops, payoff, shapes, targets
 from pipeline.cache import StageCache, select
-from pipeline.checks import check_settings
+from pipeline.checks import check_settings, check_target
 from pipeline.config import check_known_keys
 from pipeline.errors import (
     CompileError,
@@ -34,7 +34,7 @@ from pipeline.errors import (
 from pipeline.files import load_json, write_json
 from pipeline.stage import StageSpec
 from pipeline.tracking.recovery import close_dead_folders, process_identity
-from pipeline.worker import Request, StageWorker, disk_full, reraise
+from pipeline.worker import MEMORY_CHECK, Request, StageWorker, disk_full, reraise
 
 
 @dataclass
@@ -88,16 +88,22 @@ class Runner:
         self.config: dict[str, Any] = container
         self.target_name = name
         self.cache = StageCache(Path(container["paths"]["cache"]).resolve())
+        self.resolved: dict[str, Any] = {}
 
-    def run_stage(self, spec: StageSpec, keys: dict[str, str], target) -> StageRecord:
-        """One stage through the cache: linked if an entry exists, else run by the worker and published."""
-        material = self.cache.material(spec, self.config, target, self.run_dir, keys)
-        visible = select(self.config, spec.reads_for(self.config, target) + spec.labels)
+    def run_stage(self, spec: StageSpec, keys: dict[str, str], target, config: dict[str, Any] | None = None,
+                  run_dir: Path | None = None) -> StageRecord:
+        """One stage through the cache: linked if an entry exists, else run by the worker and published.
+
+        `config` and `run_dir` differ from the job's for the baseline chain of an int8 job (pipeline.payoff)."""
+        config, run_dir = config or self.config, run_dir or self.run_dir
+        reads = spec.reads_for(config, target)  # once: it keys the stage and is all the stage sees
+        material = self.cache.material(spec, config, target, run_dir, keys, reads)
+        visible = select(config, reads + spec.labels)
 
         def execute(staging: Path):
             request = Request(stage=spec.name, config=visible, target=target.name, settings=target.settings,
-                              inputs={up: str((self.run_dir / up).resolve()) for up in spec.inputs},
-                              out=str(staging.resolve()), job_pid=os.getpid())
+                              inputs={up: str((run_dir / up).resolve()) for up in spec.inputs},
+                              out=str(staging.resolve()), job_pid=os.getpid(), resolved=self.resolved)
             with self.console.status(f"{spec.name}: running in the stage worker"):
                 reply = self.worker.run(request)
             if reply.text.strip():
@@ -107,7 +113,7 @@ class Runner:
             return reply.metrics, reply.notes
 
         try:
-            outcome = self.cache.obtain(spec, material, self.run_dir, execute, cached=spec.is_cached(self.config),
+            outcome = self.cache.obtain(spec, material, run_dir, execute, cached=spec.is_cached(config),
                                         extra={"upstream": {up: keys[up] for up in spec.inputs},
                                                "target_name": target.name})
         except OSError as err:
@@ -160,29 +166,57 @@ class Runner:
 
     def run_stages(self, result: JobResult, tracker, target) -> None:
         """Check what can be checked cheaply, then every stage in order, each keyed by its inputs' keys."""
-        from stages import ORDER  # the runner is the one module of pipeline/ that knows the stages
+        from stages import (  # the runner is the one module of pipeline/ that knows the stages
+            BY_NAME,
+            ORDER,
+        )
 
         # Fail on a bad op name or input spec before any heavy work.
         ops.resolve(self.config["compile"]["torch_executed_ops"])
         shapes.check(OmegaConf.create(self.config["input"]))
         self.cache.remove_dead_staging()  # what jobs killed outright left behind
+        if self.config.get("check_memory", True):
+            self.current_stage = "memory check"
+            result.metrics.update(self.check_memory(target))
         keys: dict[str, str] = {}
         for spec in ORDER:
-            self.current_stage = spec.name
-            record = self.run_stage(spec, keys, target)
-            keys[spec.name] = record.key
-            result.stages.append(record)
-            result.metrics.update({k: v for k, v in record.metrics.items() if isinstance(v, (int, float))})
-            result.tags.update({k: v for k, v in record.metrics.items() if isinstance(v, str)})
-            result.metrics[f"{spec.name}_seconds"] = record.seconds
-            self.console.print(f"[green]done[/] {spec.name:<9} {'cache hit' if record.hit else 'built':<9} "
-                               f"{record.seconds:6.2f}s")
-            run_id = tracker.opened()  # a store that failed to open stops the job here, not at the end
-            if run_id:
-                result.tracking["run_id"] = run_id
-            write_json(self.run_dir / layout.RUN_JSON, result.as_dict())
+            keys[spec.name] = self.record_stage(result, tracker, spec, lambda s=spec: self.run_stage(s, keys, target))
+        if payoff.wanted(self.config):  # int8/fp8: timed against the precision it replaces
+            payoff.run(self, result, tracker, keys, target, BY_NAME)
         self.current_stage = "validation gate"
         result.tags.update(self.trust_tags(result))
+
+    def check_memory(self, target) -> dict[str, float]:
+        """The job's memory estimate against what the host and device have free, in the stage worker."""
+        request = Request(stage=MEMORY_CHECK, config={k: self.config[k] for k in ("model", "input", "compile",
+                                                                                 "validate")},
+                          target=target.name, settings=target.settings, inputs={}, out=str(self.run_dir),
+                          job_pid=os.getpid())
+        with self.console.status("estimating the memory the job needs"):
+            reply = self.worker.run(request)
+        if reply.error is not None:
+            reraise(reply, request)
+        return reply.metrics
+
+    def record_stage(self, result: JobResult, tracker, spec: StageSpec, run, label: str | None = None) -> str:
+        """Run one stage (`run()` returns its StageRecord), record its metrics and timing; its key."""
+        label = label or spec.name
+        self.current_stage = label
+        record = run()
+        record.name = label
+        result.stages.append(record)
+        if label == spec.name:  # a baseline stage's figures are not the job's
+            result.metrics.update({k: v for k, v in record.metrics.items() if isinstance(v, (int, float))})
+            result.tags.update({k: v for k, v in record.metrics.items() if isinstance(v, str)})
+        result.metrics[f"{label}_seconds"] = record.seconds
+        result.metrics[f"{label}_cache_hit"] = float(record.hit)  # 0 s of a hit is no build time
+        self.console.print(f"[green]done[/] {label:<9} {'cache hit' if record.hit else 'built':<9} "
+                           f"{record.seconds:6.2f}s")
+        run_id = tracker.opened()  # a store that failed to open stops the job here, not at the end
+        if run_id:
+            result.tracking["run_id"] = run_id
+        write_json(self.run_dir / layout.RUN_JSON, result.as_dict())
+        return record.key
 
     def settle_target(self, result: JobResult) -> targets.Target:
         """The job's target, made and configured; what it resolved (device=auto, providers, artifact)
@@ -190,13 +224,29 @@ class Runner:
 
         pipeline.load rebuilds engines from config.yaml's target, so it must name the device used.
         """
-        check_settings(self.config)  # ranges and paths: before the target, before any stage
-        target = targets.make(self.target_name, self.config["target"])
-        target.configure(OmegaConf.create(self.config["compile"]))
+        check_target(self.config)  # declared choices and ranges, the device asked for: before the target
+        target = targets.make(self.target_name, self.config["target"])  # device resolved once, here
+        check_settings(self.config, target)  # ranges, paths, what its quantizer serves: before any stage
+        target.configure(self.config["compile"])  # the plain resolved dict: no DictConfig round trip
+        choices = target.settle(self.config["input"])
+        for key, value in choices.items():
+            if not key.endswith(".reason"):
+                self.console.print(f"[bold]{escape(key)}[/]: {escape(value)} ({escape(choices.get(key + '.reason', ''))})")
+        result.tags.update(choices)
         self.config["target"].update({k: v for k, v in target.settings.items() if k in self.config["target"]})
+        self.resolved = self.resolve(target)
         result.tags.update(env.device_tags(target.device()))
         self.console.print(f"[bold]device[/]: {escape(result.tags['device'])} ({escape(result.tags['device.name'])})")
         return target
+
+    def resolve(self, target: targets.Target) -> dict[str, Any]:
+        """What this job resolved once, for every stage (Request.resolved) and config.yaml's `resolved`."""
+        precision, calibration = self.config["compile"]["precision"], self.config["calibration"]
+        route = target.quantization_route(precision)
+        return {"target": target.name, "device": target.device(), "trace_device": target.trace_device(),
+                "precision": precision, "quantization": route,
+                "quantize_mode": self.config["quantize"]["mode"] if route else None,
+                "calibration_digest": calibration.get("digest") if route else None}
 
     def trust_tags(self, result: JobResult) -> dict[str, str]:
         """What a reader needs before believing a number: engine identity, latency spread, warnings."""
@@ -208,10 +258,17 @@ class Runner:
             tags["warnings"] = " | ".join(notes)[:5000]
         m = result.metrics
         if m.get("validated"):
-            cv = max(m.get("latency_cv", 0.0), m.get("eager/latency_cv", 0.0))
-            trusted = cv <= self.config["validate"]["cv_warn_threshold"]
+            # The engine's figures are the job's latency; eager, the speedup's baseline, is judged apart
+            # (at batch 1 on a GPU it is bound by Python's kernel launches and rarely steady).
+            limit = self.config["validate"]["spread_warn_threshold"]
+            trusted = m.get("latency_median_spread", 0.0) <= limit
             tags["latency.trusted"] = "true" if trusted else "false"
+            tags["eager.latency.trusted"] = "true" if m.get("eager/latency_median_spread", 0.0) <= limit else "false"
             result.metrics["latency_trusted"] = float(trusted)
+            if "speedup" in m:
+                from pipeline.ranking import speedup_text
+
+                tags["speedup"] = speedup_text(m)  # with its `~` in MLflow's runs table too
         return tags
 
     def check_validation(self) -> None:
@@ -282,6 +339,7 @@ class Runner:
 
     def write_run_files(self, result: JobResult) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(self.config), self.run_dir / layout.RUN_CONFIG)
+        resolved = {"resolved": self.resolved} if self.resolved else {}  # what the job decided, for readers
+        OmegaConf.save(OmegaConf.create({**self.config, **resolved}), self.run_dir / layout.RUN_CONFIG)
         write_json(self.run_dir / layout.RUN_JSON, result.as_dict())
         (self.run_dir / layout.CONSOLE_LOG).write_text(self.console.export_text(clear=False))

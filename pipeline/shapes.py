@@ -9,6 +9,7 @@ checks agree on what min, opt and max are.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import random
 from dataclasses import dataclass
@@ -190,3 +191,16 @@ def load_samples(path) -> dict[str, Sample]:
         raise ArtifactError(f"{path} holds more than tensors, so it is not loaded ({first_line(err)}).",
                             "rebuild the run with this pipeline; never load samples from unknown sources.") from None
     return {name: Sample(tuple(s["args"]), dict(s["kwargs"]), dict(s["dims"])) for name, s in saved.items()}
+
+
+def digest(batches: list[Sample]) -> str:
+    """sha256 over every tensor's dtype, shape and bytes, in order: the data's identity, not its path."""
+    import torch
+
+    h = hashlib.sha256()
+    for sample in batches:
+        for name, t in [*enumerate(sample.args), *sorted(sample.kwargs.items())]:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -22,7 +22,7 @@ from rich.markup import escape
 Metrics = dict[str, Any]
 
 # What builds the model and its sample inputs (model.name, model.task and input.name are labels).
-MODEL_KEYS = ("model._target_", "model.kwargs", "model.weights", "model.seed")
+MODEL_KEYS = ("model._target_", "model.kwargs", "model.weights", "model.weights_sha256", "model.seed")
 INPUT_KEYS = ("input.tensors", "input.dims", "input.extra_profiles", "input.seed")
 
 
@@ -35,6 +35,16 @@ class StageContext:
     console: Console
     # Warnings the stage wants in its manifest and the run summary.
     notes: list[str] = field(default_factory=list)
+    # What the runner resolved once for the job (pipeline.worker.Request.resolved).
+    resolved: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def quantization(self) -> str | None:
+        """Where this job quantizes ("module", "segments" or None), as the runner resolved it; asked
+        of the target only for a context made by hand (a test running one stage)."""
+        if "quantization" in self.resolved:
+            return self.resolved["quantization"]
+        return self.target.quantization_route(self.config.compile.precision)
 
     def warn(self, message: str) -> None:
         self.notes.append(message)

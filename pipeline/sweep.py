@@ -51,7 +51,7 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from rich.console import Console
 
-        from pipeline import tracking
+        from pipeline.tracking import sweeps
 
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ class SweepCallback(Callback):
                       "sweep.sweeper": OmegaConf.select(config, "hydra.sweeper._target_", default=""),
                       "sweep.launcher": OmegaConf.select(config, "hydra.launcher._target_", default="")}
             name = naming.sweep_name(overrides, swept, search)
-            info["parent"] = tracking.start_parent(_settings(config), sweep_id, params, name)
+            info["parent"] = sweeps.start_parent(_settings(config), sweep_id, params, name)
         write_json(sweep_dir / SWEEP_FILE, info)
         STATE.clear()
         STATE.update(info=info, config=config, finalized=False)
@@ -260,12 +260,12 @@ def tracking_step(step) -> str | None:
 
 def close_orphan_jobs(config: DictConfig, info: dict[str, Any], console) -> str | None:
     """Job runs of this sweep left RUNNING by a dead worker, marked FAILED; the store's error if it is gone."""
-    from pipeline import tracking
+    from pipeline.tracking import sweeps
 
     if not info["parent"]:
         return None
     closed: list[str] = []
-    lost = tracking_step(lambda: closed.extend(tracking.close_orphans(
+    lost = tracking_step(lambda: closed.extend(sweeps.close_orphans(
         _settings(config), info["id"], "the job's worker stopped before it recorded a result")))
     if closed:
         console.print(f"[yellow]warning:[/] {len(closed)} job run(s) left RUNNING by a dead worker, marked FAILED")
@@ -276,13 +276,14 @@ def record_parent(settings: dict[str, Any], info: dict[str, Any], jobs: list[dic
                   summary: dict[str, Any], files: list[Path], title: str) -> None:
     """Close the sweep's parent run with the comparison: at the end of the sweep, or by sync."""
     from pipeline import compare, tracking
+    from pipeline.tracking import sweeps
 
     parent = info["parent"]
     failed = any(j["status"] != "FINISHED" for j in jobs)
     status = "FAILED" if failed and not info["autotune"] else "FINISHED"
     note = compare.note(jobs, title, lambda run_id: tracking.ui_path(parent["experiment_id"], run_id))
-    tracking.finish_parent(settings, parent["run_id"], status, summary["metrics"], summary["tags"], files,
-                           note=note, child_tags=summary["child_tags"])
+    sweeps.finish_parent(settings, parent["run_id"], status, summary["metrics"], summary["tags"], files,
+                         note=note, child_tags=summary["child_tags"])
 
 
 def print_parent(console, parent: dict[str, str], sweep_id: str) -> None:
@@ -311,7 +312,8 @@ def say_sync(console, sweep_dir: Path, unsynced: list[dict[str, Any]], error: st
 
 # The best job's figures copied onto the parent run, as best/<metric>.
 BEST_METRICS = ("latency_p50_ms", "latency_p99_ms", "speedup", "throughput_per_s", "rel_l2_err",
-                "cosine_similarity", "top1_agreement")
+                "cosine_similarity", "top1_agreement", "task/top1", "task/top1_drop", "task/cosine_mean",
+                "quantize/speedup_vs_fp32", "quantize/speedup_vs_fp16")
 
 
 def summarise(jobs: list[dict[str, Any]], best: dict[str, Any] | None, sweep_dir: Path) -> dict[str, Any]:

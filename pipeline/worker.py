@@ -24,18 +24,24 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import env, logs
+from pipeline import env, logs, peaks
 from pipeline.errors import PipelineError, StageCrashed
 
 # Imported once by the forkserver, so each job's worker starts with them loaded.
 PRELOAD = ["torch", "pipeline.worker", "stages"]
+# And for the jobs of a sweep: torch.export's loader (torch._dynamo, sympy: ~2 s of CPU), which
+# every job imports (in export, or in the first stage that loads a program when export is a
+# cache hit), so each job of a sweep paid it again. A single run imports it in its stage.
+SWEEP_PRELOAD = ("torch.export.pt2_archive._package", "torch._export.serde.serialize")
 POLL_SECONDS = 0.2
 # Below this much free space a crashed stage is blamed on the disk.
 LOW_DISK = 64 * 2**20
+# The request that estimates the job's memory before any stage (pipeline.memory), not a stage.
+MEMORY_CHECK = "memory check"
 
 
 @dataclass
@@ -47,6 +53,8 @@ class Request:
     inputs: dict[str, str]
     out: str
     job_pid: int
+    # What the runner resolved once for the job (Runner.resolve): device, quantization route, ...
+    resolved: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -58,9 +66,9 @@ class Reply:
     trace: str | None = None
 
 
-def _context():
+def _context(extra: tuple[str, ...] = ()):
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    ctx.set_forkserver_preload([*PRELOAD, *extra])  # read once, when the server starts
     return ctx
 
 
@@ -98,13 +106,19 @@ def run_request(request: Request) -> Reply:
     console = Console(file=io.StringIO(), record=True, width=120, soft_wrap=True, highlight=False)
     try:
         target = targets.target_class(request.target)(request.settings)
+        if request.stage == MEMORY_CHECK:  # before any stage, in this process that has torch loaded
+            from pipeline import memory
+
+            return Reply(metrics=memory.check(request.config, target.device()), notes=[])
         ctx = StageContext(config=OmegaConf.create(request.config, flags={"readonly": True}), target=target,
                            inputs={k: Path(v) for k, v in request.inputs.items()}, out=Path(request.out),
-                           console=console)
+                           console=console, resolved=request.resolved)
+        peaks.reset()
         with logs.collapse_repeats():
             metrics = stages.BY_NAME[request.stage].run(ctx)
-        return Reply(metrics=metrics, notes=ctx.notes, text=console.export_text())
+        return Reply(metrics={**metrics, **peaks.read(request.stage)}, notes=ctx.notes, text=console.export_text())
     except BaseException as err:  # every error goes back to the job, which decides what it means
+        err = peaks.out_of_gpu_memory(err, request.stage, request.config) or err
         return Reply(error=_portable(err), trace=traceback.format_exc(), text=console.export_text())
 
 
@@ -134,11 +148,15 @@ def _standard_start_method():
         multiprocessing.set_start_method(previous, force=True)
 
 
-def warm_up() -> None:
-    """Start the forkserver (and its torch import) now, while the job still composes and checks."""
+def warm_up(extra: tuple[str, ...] = ()) -> None:
+    """Start the forkserver (and its imports: PRELOAD and `extra`) now, while the job still checks.
+
+    The server lives as long as the job's process: the jobs of a sweep that Hydra runs in one
+    process (the basic launcher, each joblib worker) fork their workers from the first job's server.
+    """
     from multiprocessing import forkserver
 
-    _context()
+    _context(extra)
     forkserver.ensure_running()
 
 
@@ -155,7 +173,7 @@ class StageWorker:
         child.close()
 
     def run(self, request: Request) -> Reply:
-        oom_before = oom_kills()  # the kernel's count of processes it killed for memory, in this cgroup
+        oom_before = peaks.oom_kills()  # the kernel's count now: a rise while this stage ran means it was killed for memory
         try:
             self.conn.send(request)
             while not self.conn.poll(POLL_SECONDS):
@@ -164,9 +182,7 @@ class StageWorker:
             reply: Reply = self.conn.recv()
         except (EOFError, OSError):
             self.process.join(5)
-            after = oom_kills()
-            oom = oom_before is not None and after is not None and after > oom_before
-            raise crashed(request, self.process.exitcode, oom) from None
+            raise crashed(request, self.process.exitcode, oom_before) from None
         except BaseException:  # interrupted (SIGINT, SIGTERM): stop the stage before its staging is removed
             self.kill()
             raise
@@ -185,67 +201,26 @@ class StageWorker:
             self.kill()
 
 
-def crashed(request: Request, exitcode: int | None, oom: bool = False) -> StageCrashed:
-    """One line naming the stage and how its process ended (the memory or the disk, when they ran out)."""
-    if oom and exitcode == -signal.SIGKILL:
-        limit = memory_limit()
-        within = f" (this cgroup may use {limit / 2**30:.1f} GiB)" if limit else ""
-        return StageCrashed(
-            f"stage {request.stage} ran out of memory: the kernel killed its process (the cgroup's oom_kill "
-            f"count rose while it ran){within}.",
-            "use a smaller batch (input.*.shape) or model, run fewer jobs at once (hydra.launcher.n_jobs), "
-            "or run where there is more memory.")
+def crashed(request: Request, exitcode: int | None, oom_kills_before: int | None = None) -> StageCrashed:
+    """One line naming the stage and how its process ended (the disk when it is full, memory when the
+    kernel's OOM killer ended it)."""
     if exitcode is not None and exitcode < 0:
         how = f"was killed by {signal.Signals(-exitcode).name}"
     else:
         how = f"exited with status {exitcode}"
+    now = peaks.oom_kills()
+    if exitcode == -signal.SIGKILL and oom_kills_before is not None and now is not None and now > oom_kills_before:
+        return StageCrashed(
+            f"stage {request.stage} ran out of host memory: the kernel's OOM killer ended its process "
+            f"(oom_kill count {oom_kills_before} -> {now}).",
+            "lower the batch (input.tensors shapes or input.dims.<dim>.max) or validate.num_samples, "
+            "or run where more memory is free.")
     if shutil.disk_usage(Path(request.out).parent).free < LOW_DISK:  # native writers abort on a full disk
         return disk_full(request.stage, Path(request.out), how)
     return StageCrashed(
         f"stage {request.stage} crashed: its process {how} (native code in {request.target} or torch failed).",
         "rerun with target=eager or another target to confirm, keep the failing ops in PyTorch with "
         "compile.torch_executed_ops, or report the crash with the run folder.")
-
-
-def _cgroup_file(name: str) -> Path | None:
-    """A file of this process's cgroup (v2, else the v1 memory controller's), where readable."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            candidate = Path("/sys/fs/cgroup") / path.lstrip("/") / name
-        elif "memory" in controllers.split(","):
-            candidate = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / {"memory.events": "memory.oom_control",
-                                                                              "memory.max": "memory.limit_in_bytes"}[name]
-        else:
-            continue
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def oom_kills() -> int | None:
-    """How many processes the kernel has killed for memory in this cgroup (None: not readable here)."""
-    path = _cgroup_file("memory.events")
-    try:
-        text = path.read_text() if path else ""
-    except OSError:
-        return None
-    counts = dict(line.split()[:2] for line in text.splitlines() if len(line.split()) >= 2)
-    return int(counts["oom_kill"]) if counts.get("oom_kill", "").isdigit() else None
-
-
-def memory_limit() -> int | None:
-    """The cgroup's memory limit in bytes (None: unlimited or not readable)."""
-    path = _cgroup_file("memory.max")
-    try:
-        text = path.read_text().strip() if path else ""
-    except OSError:
-        return None
-    return int(text) if text.isdigit() and int(text) < 2**60 else None
 
 
 def disk_full(stage: str, path: Path, how: str = "ran out of disk space") -> StageCrashed:

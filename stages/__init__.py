@@ -7,8 +7,10 @@ imports another: what several stages share lives in pipeline/.
 """
 
 from pipeline.layout import STAGES
-from stages import build, convert, export, lower, partition, validate
+from stages import build, convert, export, lower, partition, payoff, validate
 
 ORDER = (export.SPEC, lower.SPEC, partition.SPEC, convert.SPEC, build.SPEC, validate.SPEC)
-BY_NAME = {spec.name: spec for spec in ORDER}
-assert tuple(BY_NAME) == STAGES, "stages.ORDER and pipeline.layout.STAGES disagree"
+# Run only for int8/fp8 jobs, after validate (the runner builds its baseline chain first).
+PAYOFF = payoff.SPEC
+BY_NAME = {spec.name: spec for spec in (*ORDER, PAYOFF)}
+assert tuple(spec.name for spec in ORDER) == STAGES, "stages.ORDER and pipeline.layout.STAGES disagree"

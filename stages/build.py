@@ -7,7 +7,7 @@ assembled hybrid module to save, so a run's build folder is what users deploy.
 from __future__ import annotations
 
 from pipeline import hybrid, layout, shapes
-from pipeline.dtypes import QUANTIZED_PRECISIONS, is_quantized, precision_name
+from pipeline.dtypes import QUANTIZED_PRECISIONS
 from pipeline.files import load_json, write_json
 from pipeline.stage import INPUT_KEYS, Metrics, StageContext, StageSpec
 from pipeline.targets import BUILDING
@@ -18,16 +18,17 @@ FILES = layout.BUILD
 def run(ctx: StageContext) -> Metrics:
     converted = load_json(ctx.inputs["convert"] / layout.CONVERT.segments, "converted segments")
     engines, quantized = [], {}
-    precision = precision_name(ctx.config.compile.precision)
-    if is_quantized(precision) and precision not in ctx.target.quantizes_module:  # calibrated, with rounds
-        from pipeline.quantize.loop import build_int8
+    precision = ctx.config.compile.precision
+    route = ctx.quantization
+    if route == "segments":  # calibrated here, with the accuracy rounds
+        from pipeline.quantized_build import build_int8
 
         engines, quantized = build_int8(ctx, converted["segments"])
     for segment in converted["segments"] if not quantized else []:
         with ctx.console.status(f"building {segment['name']} with {ctx.target.name}"):
             engines.append(ctx.target.build(segment, ctx.inputs["convert"], ctx.out, ctx.config.compile))
-    if precision in ctx.target.quantizes_module:  # quantized in export: its quantize ops are the engines'
-        from pipeline.quantize.loop import fractions
+    if route == "module":  # quantized in export: its quantize ops are the engines'
+        from pipeline.quantized_build import fractions
 
         quantized = fractions(engines, precision)
         if int(ctx.config.quantize.max_rounds):
@@ -52,11 +53,11 @@ def run(ctx: StageContext) -> Metrics:
 
 # Of partition only the recipe matters (for the packaged program).
 SPEC = StageSpec(
-    name="build", version=3, run=run, inputs=("export", "lower", "partition", "convert"),
+    name="build", version=4, run=run, inputs=("export", "lower", "partition", "convert"),
     reads=("compile.optimization_level", "compile.workspace_size", "compile.precision"),
     # int8: the calibration data (by content: calibration.digest), the rounds and their gate.
     # int8 and fp8 go through the same rounds, each gated by its own tolerances.
-    reads_when={("compile.precision", p): (*INPUT_KEYS, "model.task", "calibration", "quantize",
-                                           f"validate.tolerances.{p}") for p in QUANTIZED_PRECISIONS},
+    reads_when={("compile.precision", p): (*INPUT_KEYS, "model.task", "calibration", "data", "quantize",
+                                           f"validate.tolerances.{p}", "validate.max_drop") for p in QUANTIZED_PRECISIONS},
     content={"partition": (layout.PARTITION.recipe,)}, asks=BUILDING, writes=FILES,
 )

@@ -15,7 +15,7 @@ import contextlib
 from typing import Any
 
 from pipeline import calibration, layout, programs, shapes
-from pipeline.dtypes import name_of, precision_name, torch_dtype
+from pipeline.dtypes import name_of, torch_dtype
 from pipeline.errors import ConfigError, first_line
 from pipeline.files import write_json
 from pipeline.models import build_model, cast_model, caster, flat_outputs, weights_digest
@@ -81,11 +81,25 @@ def _export(model, sample: shapes.Sample, cfg):
         raise
 
 
+# Where transformers' BERT encoders (conf/model/bert_*.yaml, input=text_dynamic) were seen to keep
+# batch and seq dynamic. torch 2.11 traced on the CPU (SDPA) guards batch != 1, which min 1 violates.
+TESTED_DYNAMIC = ("transformers encoders keep batch and seq dynamic with torch 2.14 + transformers 5.17 or "
+                  "5.24 (CPU), and torch 2.11 + transformers 5.17 on CUDA")
+
+
 def _not_dynamic(cfg, detail: str) -> ConfigError:
+    import sys
+
+    import torch
+
+    here = [f"torch {torch.__version__}"]
+    if "transformers" in sys.modules:
+        here.append(f"transformers {sys.modules['transformers'].__version__}")
     return ConfigError(
-        f"model {cfg.model.name} does not keep input dimension(s) {', '.join(cfg.input.dims)} dynamic: {detail}",
+        f"model {cfg.model.name} does not keep input dimension(s) {', '.join(cfg.input.dims)} dynamic "
+        f"({', '.join(here)}): {detail}",
         "make that dimension static in input.tensors (a number instead of its name), or narrow its "
-        "min/max in input.dims to sizes the model treats alike.",
+        f"min/max in input.dims to sizes the model treats alike ({TESTED_DYNAMIC}).",
     )
 
 
@@ -129,8 +143,8 @@ def corner_samples(input_cfg, cast) -> dict[str, shapes.Sample]:
 
 def _quantize(ctx: StageContext, model, device: str, cast) -> tuple[Any, dict[str, Any]]:
     """The model fake-quantized by the target (Target.quantizes_module), calibrated with the job's batches."""
-    cfg, precision = ctx.config, precision_name(ctx.config.compile.precision)
-    loaded, digest = calibration.load_checked(cfg.calibration, cfg.input)
+    cfg, precision = ctx.config, ctx.config.compile.precision
+    loaded, digest = calibration.load_checked(cfg.calibration, cfg.input, cfg.data)
     batches = [b.to(device, cast) for b in loaded]
     exclude = list(cfg.quantize.exclude)
     with ctx.console.status(f"{precision}: calibrating {cfg.model.name} on {len(batches)} batches for "
@@ -149,7 +163,7 @@ def run(ctx: StageContext) -> Metrics:
     model = cast_model(model, precision).to(device)
     cast = caster(precision)
     quantized, context = None, contextlib.nullcontext()
-    if precision_name(precision) in ctx.target.quantizes_module:  # e.g. Torch-TensorRT's modelopt route
+    if ctx.quantization == "module":  # e.g. Torch-TensorRT's modelopt route
         model, quantized = _quantize(ctx, model, device, cast)
         context = ctx.target.export_context()
     examples = corner_samples(cfg.input, cast)

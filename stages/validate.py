@@ -7,7 +7,9 @@ with validate.latency_at_corners).
 
 The reference is the eager model rebuilt from its config at fp32; export's weight hash
 proves it is the model that was compiled. Latency compares the compiled module with the
-eager model at the same precision on the same device, interleaved in one process.
+eager model at the same precision on the same device, interleaved in one process, with
+one CPU thread budget for both (validate.threads; auto: the cores free now, see
+timing.thread_budget), recorded in the report and as the latency_threads metric.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import Any
 
 import torch
 
-from pipeline import hybrid, layout, shapes, timing
+from pipeline import hybrid, layout, shapes, task_metrics, throughput, timing
+from pipeline.accuracy import compare, figures
+from pipeline.accuracy import failures as failures_of
 from pipeline.dtypes import is_quantized, precisions_of
 from pipeline.errors import ArtifactError
 from pipeline.files import load_json, write_json
@@ -27,44 +31,9 @@ from pipeline.stage import INPUT_KEYS, MODEL_KEYS, Metrics, StageContext, StageS
 from pipeline.targets import RUNNING
 
 FILES = layout.VALIDATE
-
-
-def compare(ref: list[list[torch.Tensor]], got: list[list[torch.Tensor]], classifier: bool) -> dict[str, Any]:
-    """Max abs error, relative L2 error, cosine similarity over all samples; top-1 for logits.
-
-    Two all-zero outputs are equal, so their cosine is 1 by definition (torch, dividing by a
-    clamped norm, would say 0 and fail a model whose output is constant, e.g. a zero head).
-    """
-    r = torch.cat([t.detach().double().flatten() for sample in ref for t in sample])
-    g = torch.cat([t.detach().double().cpu().flatten() for sample in got for t in sample])
-    diff = g - r
-    both_zero = not bool(r.any()) and not bool(g.any())
-    metrics: dict[str, Any] = {
-        "max_abs_err": float(diff.abs().max()),
-        "rel_l2_err": float(diff.norm() / r.norm().clamp_min(1e-30)),
-        "cosine_similarity": 1.0 if both_zero else float(torch.nn.functional.cosine_similarity(g, r, dim=0)),
-        "finite": bool(torch.isfinite(g).all()),
-    }
-    if classifier and all(s[0].dim() == 2 for s in ref):
-        agree = [(a[0].argmax(-1) == b[0].float().cpu().argmax(-1)).float() for a, b in zip(ref, got, strict=False)]
-        metrics["top1_agreement"] = float(torch.cat(agree).mean())
-    return metrics
-
-
-def gate(acc: dict[str, Any], tol: dict[str, Any]) -> list[str]:
-    failures = []
-    if not acc["finite"]:
-        failures.append("the compiled output has NaN or Inf values")
-    checks = [("max_abs_err", "max_abs_err", "<="), ("rel_l2_err", "rel_l2_err", "<="),
-              ("cosine_similarity", "min_cosine_similarity", ">="), ("top1_agreement", "min_top1_agreement", ">=")]
-    for metric, key, op in checks:
-        limit = tol.get(key)
-        if limit is None or metric not in acc:
-            continue
-        ok = acc[metric] <= limit if op == "<=" else acc[metric] >= limit
-        if not ok:
-            failures.append(f"{metric}={acc[metric]:.3g} (must be {op} {limit:g})")
-    return failures
+# On a GPU each timing round lasts at least this long (and warm-up too: clocks ramp up under
+# load): a sub-millisecond call's round of 200 calls is 0.1 s, which one hiccup can move.
+GPU_ROUND_SECONDS = 0.5
 
 
 def achieved_precision(engines: dict[str, Any], wanted: str) -> tuple[str | None, list[str]]:
@@ -113,9 +82,11 @@ def run(ctx: StageContext) -> Metrics:
                                             "accuracy": None, "latency": None, "warnings": list(ctx.notes)})
         return {"validated": 0.0, **tags}
     device = ctx.target.device()
+    threads = set_threads(ctx, engines)  # before the engines load: their thread pools are sized then
     compiled, loading = load_compiled(ctx, device)
     checks = shape_checks(cfg.input, cfg.validate)
     accuracy, per_shape, accuracy_failures = check_accuracy(ctx, reference, compiled, checks, device)
+    task, accuracy_failures = task_metrics.validate(ctx, reference, compiled, device, accuracy_failures)
     failures += accuracy_failures
     before = timing.allocated_mb(device)
     eager = cast_model(reference, precision).to(device)
@@ -123,21 +94,40 @@ def run(ctx: StageContext) -> Metrics:
     latency = time_latency(ctx, eager, compiled, checks, device)
     memory = (gpu_memory(ctx, {"eager": eager, "compiled": compiled}, resident, loading["outside_mb"])
               if device == "cuda" else None)
+    best = search_throughput(ctx, compiled, device) if cfg.validate.throughput.enabled else None
     report = {
         "validated": True, "passed": not failures, "failures": failures,
         "precision": precision, "precision_achieved": achieved, "device": device,
         "num_samples": sum(c[2] for c in checks),
         "accuracy": accuracy, "shapes": per_shape, "tolerance": dict(cfg.validate.tolerances[precision]),
-        "latency": {**latency["opt"], "method": latency_method(device, latency), "at": latency},
+        "latency": {**latency["opt"], "method": latency_method(device, latency), "threads": threads, "at": latency},
         "engine_load_seconds": loading["seconds"], "gpu_memory_mb": memory,
-        "quantization": quantization_summary(ctx), "warnings": list(ctx.notes),
+        "quantization": quantization_summary(ctx), "throughput": best, "task": task, "warnings": list(ctx.notes),
     }
     write_json(ctx.out / FILES.report, report)
     metrics = {**report_metrics(accuracy, per_shape, latency, failures), **tags,
-               "engine_load_seconds": loading["seconds"]}
+               "engine_load_seconds": loading["seconds"], "latency_threads": float(threads["threads"]),
+               **(task_metrics.metrics(task) if task else {})}
+    if best and best["chosen"]:
+        metrics.update({"throughput.chosen_batch": float(best["chosen_batch"]),
+                        "throughput.chosen_per_s": best["chosen"]["throughput_per_s"]})
     if memory:
         metrics.update({"gpu_mem_peak_mb": memory["compiled"]["peak"], "eager/gpu_mem_peak_mb": memory["eager"]["peak"]})
     return metrics
+
+
+def set_threads(ctx: StageContext, engines: dict[str, Any]) -> dict[str, Any]:
+    """One CPU thread budget for eager PyTorch and the engines alike, and why it is that.
+
+    A speedup of an engine with every core over eager fighting for them (or the reverse)
+    measures the threads, not the engine.
+    """
+    budget, why = timing.thread_budget(int(ctx.config.validate.threads))
+    threads = ctx.target.engine_threads(budget, engines)
+    if threads != budget:
+        why += f"; the engines run with {threads} (set in target or at build), so eager gets {threads} too"
+    torch.set_num_threads(threads)
+    return {"threads": threads, "reason": why}
 
 
 def quantization_summary(ctx: StageContext) -> dict[str, Any] | None:
@@ -170,9 +160,10 @@ def graph_precision(ctx: StageContext) -> str | None:
 
 def latency_method(device: str, latency: dict[str, Any]) -> str:
     if device != "cuda":
-        return "perf_counter, per iteration"
+        return "perf_counter, per call; trusted by the spread of the rounds' medians"
     graphed = latency["opt"].get("cuda_graph")
-    return "CUDA events on the current stream" + (", compiled module replayed from a CUDA graph" if graphed else "")
+    return ("GPU compute: CUDA events around each call; host_*: enqueue and wait, wall clock; trusted by the "
+            "spread of the rounds' medians" + (", compiled module replayed from a CUDA graph" if graphed else ""))
 
 
 def gpu_memory(ctx: StageContext, modules: dict[str, Any], resident: dict[str, float],
@@ -206,29 +197,23 @@ def check_accuracy(ctx: StageContext, reference, compiled, checks, device: str):
     with torch.no_grad(), ctx.console.status("checking accuracy against eager PyTorch") as status:
         for i, (name, dims, count) in enumerate(checks):
             status.update(f"checking accuracy against eager PyTorch at {name} ({shapes.label(dims)})")
-            batches = shapes.make(cfg.input, dims, count, seed_offset=1 + 1000 * i)
+            batches = task_metrics.real_batches(cfg, name) or shapes.make(cfg.input, dims, count,
+                                                                          seed_offset=1 + 1000 * i)
             ref = [flat_outputs(b(reference)) for b in batches]
             got = [flat_outputs(b.to(device, cast)(compiled)) for b in batches]
             acc = compare(ref, got, classifier)
-            shape_failures = gate(acc, tolerance)
+            shape_failures = failures_of(acc, tolerance)
             failures += [f"at {name} ({shapes.label(dims)}): {f}" if len(checks) > 1 else f for f in shape_failures]
             per_shape.append({"name": name, "dims": dims, "samples": count, "accuracy": acc,
                               "passed": not shape_failures})
             ref_all += ref
             got_all += got
-    if is_constant(ref_all):
+    overall = compare(ref_all, got_all, classifier)  # over every shape: the worst case counts
+    if overall["constant"]:
         ctx.warn(f"model {cfg.model.name}'s output is constant over every sample checked (the same value "
                  "whatever the input), so agreement with eager says little about the engines; check its "
                  "weights (model.weights) or its head")
-    return compare(ref_all, got_all, classifier), per_shape, failures  # over every shape: the worst case counts
-
-
-def is_constant(outputs: list[list[torch.Tensor]]) -> bool:
-    """Each output holds one value over every sample (all zero, e.g.): agreement then proves little."""
-    count = min((len(sample) for sample in outputs), default=0)
-    columns = [torch.cat([sample[i].detach().cpu().flatten() for sample in outputs]) for i in range(count)]
-    columns = [c for c in columns if c.numel()]
-    return sum(c.numel() for c in columns) > 1 and all(bool((c == c[0]).all()) for c in columns)
+    return overall, per_shape, failures
 
 
 def time_latency(ctx: StageContext, eager, compiled, checks, device: str) -> dict[str, Any]:
@@ -249,18 +234,50 @@ def time_latency(ctx: StageContext, eager, compiled, checks, device: str) -> dic
         compiled_fn, graphed = call(compiled), False
         if vcfg.cuda_graph and device == "cuda":
             compiled_fn, graphed = graph_or_warn(ctx, compiled_fn)
+        iterations = max(vcfg.iterations, vcfg.gpu_iterations) if device == "cuda" else vcfg.iterations
         with ctx.console.status(f"timing eager and compiled at {name} (interleaved)") as status:
             stats = timing.measure({"eager": call(eager), "compiled": compiled_fn}, warmup=vcfg.warmup,
-                            iterations=vcfg.iterations, rounds=vcfg.rounds, min_seconds=vcfg.min_seconds,
+                            iterations=iterations, rounds=vcfg.rounds, min_seconds=vcfg.min_seconds,
                             batch_size=shapes.batch_size(cfg.input, dims), cuda=device == "cuda",
+                            round_seconds=GPU_ROUND_SECONDS if device == "cuda" else 0.0,
                             on_progress=lambda r, n=name: status.update(f"timing eager and compiled at {n}: round {r}"))
         for who, st in stats.items():
-            if st.cv > vcfg.cv_warn_threshold:
-                ctx.warn(f"{who} latency at {name} varies too much to trust: coefficient of variation {st.cv:.1%} "
-                         f"> {vcfg.cv_warn_threshold:.0%}; quiet the machine or raise validate.iterations")
+            if st.median_spread > vcfg.spread_warn_threshold:
+                ctx.warn(f"{who} latency at {name} varies too much to trust: the medians of its "
+                         f"{len(st.round_medians_ms)} rounds spread {st.median_spread:.1%} "
+                         f"> {vcfg.spread_warn_threshold:.0%}; quiet the machine or raise validate.iterations")
         latency[name] = {"dims": dims, "compiled": stats["compiled"].as_dict(), "eager": stats["eager"].as_dict(),
                          "speedup": stats["eager"].p50_ms / stats["compiled"].p50_ms, "cuda_graph": graphed}
     return latency
+
+
+def search_throughput(ctx: StageContext, compiled, device: str) -> dict[str, Any] | None:
+    """validate.throughput: the batch with the most throughput under the p99 budget, on this one engine."""
+    cfg, vcfg = ctx.config, ctx.config.validate
+    dim = throughput.batch_dim(cfg.input)
+    if dim is None:
+        ctx.warn("validate.throughput needs a dynamic batch (the first input's first size named in input.dims, "
+                 "min < max), so that one engine serves every batch; not searched")
+        return None
+    opt, cast = shapes.corners(cfg.input)["opt"], caster(cfg.compile.precision)
+
+    def time_at(batch: int) -> timing.LatencyStats:
+        sample = shapes.make(cfg.input, {**opt, dim: batch}, 1, seed_offset=2)[0].to(device, cast)
+
+        def fn():
+            with torch.no_grad():
+                sample(compiled)
+        return timing.measure({"compiled": fn}, warmup=vcfg.warmup, iterations=vcfg.throughput.iterations,
+                              rounds=vcfg.rounds, min_seconds=0.0, batch_size=batch, cuda=device == "cuda")["compiled"]
+
+    sizes = throughput.batches(int(cfg.input.dims[dim].min), int(cfg.input.dims[dim].max),
+                               list(vcfg.throughput.batches))
+    with ctx.console.status("throughput search") as status:
+        found = throughput.search(time_at, sizes, float(vcfg.throughput.p99_budget_ms),
+                                  on_point=lambda p: status.update(f"throughput search: batch {p['batch']} done"))
+    ctx.console.print(throughput.table(found), markup=False)
+    throughput.plot(found, ctx.out / "throughput.png", f"{cfg.model.name} {cfg.compile.precision} on {device}")
+    return found
 
 
 def graph_or_warn(ctx: StageContext, fn):
@@ -277,17 +294,19 @@ def graph_or_warn(ctx: StageContext, fn):
 def report_metrics(accuracy: dict[str, Any], per_shape: list, latency: dict[str, Any], failures: list) -> Metrics:
     """The figures logged as metrics: accuracy (per shape too), latency of both, speedup."""
     c, e = latency["opt"]["compiled"], latency["opt"]["eager"]
-    metrics = {k: v for k, v in accuracy.items() if k != "finite"}
+    metrics = figures(accuracy)
     # Tiny errors read as 0.00 on MLflow's chart axes; their log10 charts readably.
     metrics["rel_l2_err_log10"] = math.log10(max(accuracy["rel_l2_err"], 1e-30))
     if len(per_shape) > 1:  # each figure named by the shape it belongs to
         for entry in per_shape:
-            metrics.update({f"{k}.{entry['name']}": v for k, v in entry["accuracy"].items() if k != "finite"})
+            metrics.update({f"{k}.{entry['name']}": v for k, v in figures(entry["accuracy"]).items()})
     metrics.update({
         "validated": 1.0,
         "accuracy_passed": float(not failures),
         "latency_p50_ms": c["p50_ms"], "latency_p90_ms": c["p90_ms"], "latency_p99_ms": c["p99_ms"],
         "latency_mean_ms": c["mean_ms"], "latency_std_ms": c["std_ms"], "latency_cv": c["cv"],
+        "latency_median_spread": c["median_spread"], "eager/latency_median_spread": e["median_spread"],
+        "host_latency_p50_ms": c["host_p50_ms"], "host_latency_p99_ms": c["host_p99_ms"],
         "throughput_per_s": c["throughput_per_s"],
         "eager/latency_p50_ms": e["p50_ms"], "eager/latency_p90_ms": e["p90_ms"], "eager/latency_p99_ms": e["p99_ms"],
         "eager/latency_mean_ms": e["mean_ms"], "eager/latency_cv": e["cv"], "eager/throughput_per_s": e["throughput_per_s"],
@@ -315,7 +334,7 @@ def shape_checks(input_cfg, vcfg) -> list[tuple[str, dict[str, int], int]]:
 
 # Measurements are of this moment on this machine: reused only with validate.cache=true.
 SPEC = StageSpec(
-    name="validate", version=4, run=run, inputs=("export", "lower", "partition", "build"),
-    reads=(*MODEL_KEYS, "model.task", *INPUT_KEYS, "compile.precision", "validate"),
+    name="validate", version=6, run=run, inputs=("export", "lower", "partition", "build"),
+    reads=(*MODEL_KEYS, "model.task", *INPUT_KEYS, "compile.precision", "validate", "data"),
     labels=("model.name",), asks=RUNNING, writes=FILES, cacheable="validate.cache",
 )

@@ -8,8 +8,18 @@ hits; the first job of each cache runs on an empty one.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from testkit import ENV_VARS, ORT_1_THREAD, RESNET18, inductor_job_or_skip, run_job
+from tiers import tiers_of
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test's tier markers, from the one table in tests/tiers.py (`make test-fast` deselects them)."""
+    for item in items:
+        for tier in sorted(tiers_of(item.path, getattr(item, "originalname", item.name))):
+            item.add_marker(tier)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,7 +51,15 @@ def _test_env(monkeypatch):
 def tiny_job(tmp_path_factory):
     """tiny_cnn on ONNX Runtime, the first job on a fresh cache (every stage is built)."""
     root = tmp_path_factory.mktemp("tiny")
-    return run_job(root / "out", "target=onnxruntime", cache=root / "cache")
+    job = run_job(root / "out", "target=onnxruntime", cache=root / "cache")
+    shutil.copytree(job.cache, root / "cache-as-built")  # before other tests' jobs add to the cache
+    return job
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_as_built(tiny_job):
+    """A copy of tiny_job's cache as its one job left it: one entry per cached stage."""
+    return tiny_job.cache.parent / "cache-as-built"
 
 
 @pytest.fixture(scope="session")

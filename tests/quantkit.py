@@ -41,3 +41,25 @@ def image_batches(count: int = 8, size: int = 64):
 
 def raising_batches():
     raise RuntimeError("the dataset server is down")
+
+
+def constant_image(count: int = 1, value: float = 0.5):
+    """A deliberately broken calibration set: one constant 8x8 image (no real activation range)."""
+    import torch
+
+    for _ in range(count):
+        yield torch.full((1, 1, 8, 8), value)
+
+
+def tiny_linear():
+    """One 64 -> 10 matrix product: too small for int8 to gain (quantize/dequantize cost more than it saves)."""
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+
+
+def margin(outputs, labels):
+    """A user's metric by data.metric: mean top logit minus the runner-up (higher is more confident)."""
+    top2 = outputs.topk(2, dim=-1).values
+    return {"margin": float((top2[:, 0] - top2[:, 1]).mean())}

@@ -97,3 +97,137 @@ def test_one_registry_derives_the_target_choices():
     for name, cls in targets.registry().items():
         assert cls.Settings.name == name and cls.__module__ == f"pipeline.targets.{name}"
         assert f"schema_{name}" in (REPO / "conf" / "target" / f"{name}.yaml").read_text()
+
+
+# --- layers: the import graph, the quantization tools, the quantization protocol ------------
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(paths: list[Path]) -> dict[str, set[str]]:
+    """Module -> the project modules it imports, at module level or inside functions alike.
+
+    `from pipeline import targets` is an edge to pipeline.targets, `from pipeline.dtypes import x`
+    to pipeline.dtypes: each import names the most specific module of the tree it reaches.
+    """
+    modules = {module_name(p): p for p in paths}
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {resolve(alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {resolve(f"{node.module}.{alias.name}") for alias in node.names}
+        graph[name] = {m for m in found if m and m != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan): each is an import cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_cycle_check_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+    graph = import_graph(CODE)
+    assert "pipeline.quantize" in graph["pipeline.targets.tensorrt"]  # `from pipeline.quantize import x`
+    assert "pipeline.accuracy" in graph["pipeline.quantized_build"]
+
+
+def test_no_import_cycles():
+    """Not even through imports inside functions: a lazy import hides a cycle, it does not remove it."""
+    assert cycles(import_graph(CODE)) == []
+
+
+QUANTIZE_TOOLS = sorted((REPO / "pipeline" / "quantize").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", QUANTIZE_TOOLS, ids=rel)
+def test_quantization_tools_import_no_target(path):
+    """The tools transform graphs below the targets: the targets call them, never the reverse."""
+    upward = sorted(m for m in imported_modules(path)
+                    if m.split(".")[:2] in (["pipeline", "targets"], ["pipeline", "hybrid"])
+                    or m in ("pipeline.targets", "pipeline.hybrid"))
+    assert upward == [], f"{rel(path)} imports {', '.join(upward)}"
+
+
+# Names of the quantization half of the Target protocol, old and new: read as attributes, never by name.
+CAPABILITIES = {"quantizer", "quantizers", "fp8_quantizer", "dynamic_quantizer", "no_quantizer", "no_int8",
+                "no_fp8", "int8_refusal", "fp8_refusal", "quantizer_refusal", "quantizes_module", "layer_names",
+                "quantization_route", "quantize_module"}
+
+
+def capability_lookups(source: str) -> list[int]:
+    """Lines of getattr/hasattr calls that name a quantization capability, build one in an f-string,
+    or take the name from a variable in a module with a table of capability names (a module-level
+    dict, tuple, list or set spelling one)."""
+    tree = ast.parse(source)
+    tables = [node.value for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+              and isinstance(node.value, (ast.Dict, ast.Tuple, ast.List, ast.Set))]
+    spelled = any(isinstance(c, ast.Constant) and c.value in CAPABILITIES for t in tables for c in ast.walk(t))
+    lines = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr") and len(node.args) >= 2):
+            continue
+        name = node.args[1]
+        if isinstance(name, ast.Constant) and name.value in CAPABILITIES:
+            lines.append(node.lineno)
+        elif isinstance(name, ast.JoinedStr):
+            text = "".join(v.value for v in name.values if isinstance(v, ast.Constant))
+            if any(word in text for word in ("refusal", "quantiz", "no_")):
+                lines.append(node.lineno)
+        elif not isinstance(name, ast.Constant) and spelled:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_capability_check_catches_getattr_lookups():
+    source = ('q = getattr(cls, "quantizer", None)\nr = getattr(cls, f"{precision}_refusal", None)\n'
+              'ok = hasattr(target, "layer_names")\nx = getattr(torch, "float16")\n')
+    assert capability_lookups(source) == [1, 2, 3]
+    table = 'ATTRIBUTES = {"int8": ("quantizer", "no_int8")}\nq = getattr(cls, ATTRIBUTES[p][0], None)\n'
+    assert capability_lookups(table) == [2]
+
+
+@pytest.mark.parametrize("path", CODE, ids=rel)
+def test_quantization_capabilities_are_declared_not_looked_up(path):
+    """Target declares them with defaults (quantizers, quantizer_refusal, ...): code reads them directly."""
+    assert capability_lookups(path.read_text()) == [], f"{rel(path)} looks a quantization capability up by name"

@@ -15,7 +15,7 @@ from testkit import clean_env, inductor_job_or_skip, reload_in_fresh_process, ru
 
 from pipeline import targets
 from pipeline.errors import ConfigError
-from pipeline.targets.inductor import choose_artifact
+from pipeline.targets.inductor import choose_artifact, choose_mode
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-side checks; tests/test_gpu.py covers GPUs")
 
@@ -45,8 +45,21 @@ def test_artifact_rule():
         choose_artifact(settings(device="cuda", mode="max-autotune", artifact="aoti"))
     with pytest.raises(ConfigError, match="channels_last is applied by torch.compile"):
         choose_artifact(settings(memory_format="channels_last"))
-    with pytest.raises(ConfigError, match="target.mode='fast' is not one of default"):
+    with pytest.raises(ConfigError, match="target.mode='fast' is not one of auto, default"):
         choose_artifact(settings(mode="fast"))
+
+
+def test_mode_rule_gives_static_cuda_shapes_cuda_graphs_and_says_why():
+    """target.mode=auto: CUDA graphs for static shapes on CUDA; default where they cannot help."""
+    mode, why = choose_mode(settings(device="cuda", mode="auto", artifact="compile_cache"), [])
+    assert mode == "reduce-overhead" and "static shapes" in why and "max-autotune stays explicit" in why
+    mode, why = choose_mode(settings(device="cuda", mode="auto", artifact="compile_cache"), ["batch"])
+    assert mode == "default" and "batch are dynamic" in why
+    assert choose_mode(settings(device="cuda", mode="auto", artifact="aoti"), [])[0] == "default"
+    assert choose_mode(settings(device="cpu", mode="auto", artifact="aoti"), []) == (
+        "default", "target.mode=auto: on the CPU there are no CUDA graphs to replay")
+    assert choose_mode(settings(device="cuda", mode="max-autotune"), []) == (
+        "max-autotune", "target.mode=max-autotune was asked for")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +78,10 @@ def test_compile_cache_builds_validates_and_reports(cache_job):
     assert report["passed"] and report["device"] == "cpu" and report["precision_achieved"] == "fp32"
     assert report["engine_load_seconds"] > 0 and report["gpu_memory_mb"] is None
     assert cache_job.result.tags["device"] == "cpu" and cache_job.result.tags["precision.achieved"] == "fp32"
-    assert OmegaConf.load(cache_job.run_dir / "config.yaml").target.device == "cpu"  # auto, resolved
+    saved = OmegaConf.load(cache_job.run_dir / "config.yaml").target
+    assert saved.device == "cpu" and saved.mode == "default"  # both auto, resolved
+    assert "on the CPU" in saved.mode_reason and cache_job.result.tags["target.mode.reason"] == saved.mode_reason
+    assert "target.mode: default (target.mode=auto: on the CPU" in cache_job.log
 
 
 def test_compile_cache_loads_hot_in_a_fresh_process_with_empty_caches(cache_job, tmp_path):

@@ -69,7 +69,7 @@ BAD_SPECS = {
     "not_a_dim": (("~input.dims.batch.max",), "is not a dynamic dimension"),
     "model_rejects": (("input.tensors.0.shape=[batch,5,32,32]",), "does not fit model tiny_cnn"),
     "specialised": (("model._target_=testkit.batch_branch_net", "input.tensors.0.shape=[batch,8]"),
-                    "does not keep input dimension(s) batch dynamic"),
+                    "does not keep input dimension(s) batch dynamic (torch "),
 }
 
 

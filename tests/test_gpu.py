@@ -17,8 +17,7 @@ from testkit import REPO, clean_env, half_written, run_cli, run_job
 
 from pipeline.models import build_model
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu on one)")]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu on one)")
 
 NO_TRACKING = "tracking.enabled=false"
 RELOAD = r"""
@@ -48,8 +47,15 @@ def test_inductor_runs_on_the_gpu_and_reports_it(cuda_job):
     assert cuda_job.result.status == "FINISHED", cuda_job.log[-3000:]
     report = cuda_job.json("validate/report.json")
     assert report["device"] == "cuda" and report["passed"]
-    assert report["latency"]["method"].startswith("CUDA events")
+    assert report["latency"]["method"].startswith("GPU compute: CUDA events")
     assert report["precision_achieved"] == "fp16"
+    latency = report["latency"]["compiled"]
+    assert latency["iterations"] >= 1000 and latency["host_p50_ms"] > 0 and len(latency["round_medians_ms"]) >= 5
+    # target.mode=auto on static shapes on CUDA: CUDA graphs, and why, in the tags and config.yaml.
+    assert cuda_job.result.tags["target.mode"] == "reduce-overhead"
+    assert "static shapes on CUDA" in OmegaConf.load(cuda_job.run_dir / "config.yaml").target.mode_reason
+    for stage in ("export", "convert", "build", "validate"):
+        assert cuda_job.result.metrics[f"{stage}.gpu_mem_peak_mb"] > 0
     memory = report["gpu_memory_mb"]
     assert memory["compiled"]["peak"] > 0 and memory["eager"]["peak"] > 0
     tags = cuda_job.result.tags
@@ -132,7 +138,7 @@ def test_onnxruntime_on_cuda_keeps_tensors_on_the_gpu(tmp_path):
     assert job.result.status == "FINISHED", job.log[-3000:]
     report = job.json("validate/report.json")
     assert report["device"] == "cuda" and report["passed"], report["failures"]
-    assert report["latency"]["method"].startswith("CUDA events")
+    assert report["latency"]["method"].startswith("GPU compute: CUDA events")
     assert report["precision_achieved"] == "fp16"
     assert report["gpu_memory_mb"]["compiled"]["peak"] > 0
     assert all(s["providers"][0] == "CUDAExecutionProvider" for s in job.json("build/engines.json")["segments"])
@@ -182,3 +188,34 @@ def test_fp8_with_torchao_passes_the_gate_shows_fp8_gemms_and_reloads(tmp_path):
     assert float(torch.nn.functional.cosine_similarity(got["y"].flatten(), ref.flatten(), dim=0)) > 0.99
     again = run_job(tmp_path / "out2", *FP8, cache=tmp_path / "cache")  # the compile cache's warm start
     assert again.record("build").hit and again.json("validate/report.json")["passed"]
+
+
+@pytest.mark.parametrize("model", ["bert_tiny", "bert_base"])
+def test_transformers_with_dynamic_batch_and_sequence_export_and_validate(model, tmp_path):
+    """text_dynamic keeps batch and seq dynamic on the GPU; mode auto falls back to default, saying why."""
+    job = run_job(tmp_path / "out", f"model={model}", "input=text_dynamic", "target=inductor", "validate=quick",
+                  NO_TRACKING)
+    assert job.result.status == "FINISHED", job.log[-3000:]
+    report = job.json("validate/report.json")
+    assert report["device"] == "cuda" and report["passed"], report["failures"]
+    assert {s["name"] for s in report["shapes"]} >= {"opt", "min", "max"}
+    assert job.result.tags["target.mode"] == "default" and "batch, seq are dynamic" in job.result.tags[
+        "target.mode.reason"]
+
+
+def test_throughput_search_on_the_gpu(tmp_path):
+    job = run_job(tmp_path / "out", "input=image_dynamic_batch", "target=inductor", "validate=quick",
+                  "validate.throughput.enabled=true", "validate.throughput.iterations=50", NO_TRACKING)
+    assert job.result.status == "FINISHED", job.log[-3000:]
+    found = job.json("validate/report.json")["throughput"]
+    assert [p["batch"] for p in found["curve"]][:3] == [1, 2, 4] and found["chosen_batch"] is not None
+    assert (job.run_dir / "validate" / "throughput.png").is_file()
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_export(tmp_path):
+    proc = run_cli(tmp_path, "model=resnet50", "compile.precision=fp16", "target=inductor", NO_TRACKING,
+                   "input.tensors=[{name: x, shape: [20000, 3, 224, 224]}]", cache=tmp_path / "cache", timeout=600)
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, (proc.stdout + proc.stderr)[-3000:]
+    assert "needs about" in errors[0] and "at batch 20000" in errors[0] and "is available" in errors[0]
+    assert not (tmp_path / "cache" / "export").exists()

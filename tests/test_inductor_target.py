@@ -35,8 +35,8 @@ def inductor_job(tmp_path_factory):
 
 def test_config_composes_and_registers(tmp_path):
     settings = OmegaConf.to_container(compose(tmp_path, "target=inductor").target)
-    assert settings == {"name": "inductor", "device": "auto", "mode": "default", "memory_format": "contiguous",
-                        "artifact": "auto", "freezing": None}
+    assert settings == {"name": "inductor", "device": "auto", "mode": "auto", "mode_reason": "",
+                        "memory_format": "contiguous", "artifact": "auto", "freezing": None}
     assert targets.target_class("inductor") is InductorTarget
     assert compose(tmp_path, "target=inductor", "target.mode=max-autotune").target.mode == "max-autotune"
 

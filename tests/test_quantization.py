@@ -43,6 +43,19 @@ def test_int8_build_runs_in_int8_and_says_so(int8_job):
     assert run.data.tags["calibration.sha256"] == job.runner.config["calibration"]["digest"]
 
 
+def test_the_job_resolves_its_quantization_once_and_config_yaml_shows_it(int8_job):
+    """Route, mode and calibration digest are decided by the runner before any stage, recorded in config.yaml."""
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.to_container(OmegaConf.load(int8_job.run_dir / "config.yaml"))["resolved"]
+    digest = int8_job.runner.config["calibration"]["digest"]
+    assert resolved == {"target": "onnxruntime", "device": "cpu", "trace_device": "cpu", "precision": "int8",
+                        "quantization": "segments", "quantize_mode": "static", "calibration_digest": digest}
+    assert len(digest) == 64 and int8_job.runner.resolved == resolved
+    (run,) = mlflow_runs(mlflow_client(int8_job.outputs))
+    assert not any(k.startswith("resolved.") for k in run.data.params)  # a record, not settings
+
+
 def test_int8_engine_loads_and_agrees_with_fp32(int8_job):
     import torch
 
@@ -112,6 +125,10 @@ def test_accuracy_loop_keeps_the_outlier_layer_in_fp32(tmp_path, route):
     assert job.result.tags["precision.achieved"] == "fp32+int8"
     run = next(r for r in mlflow_runs(mlflow_client(tmp_path / "loop")) if r.info.status == "FINISHED")
     assert run.data.tags["quantize.kept_fp32"] == layer
+    # Named as the user wrote it: the nn.Module path next to the engine's layer name.
+    assert report["kept_fp32_modules"] == {layer: "conv2"} and run.data.tags["quantize.kept_fp32_modules"] == "conv2"
+    shown = layer if layer.endswith("/conv2") else f"{layer} (conv2)"  # PT2E's layer names are module paths
+    assert f"int8: keeping {shown} in fp32" in job.log
     validated = job.json("validate/report.json")
     assert validated["passed"] and validated["quantization"]["kept_fp32"] == [layer]
 

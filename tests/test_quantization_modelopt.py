@@ -29,7 +29,8 @@ def configured(cfg, precision: str):
     from pipeline.targets.torch_tensorrt import TorchTensorRTTarget
 
     target = TorchTensorRTTarget(OmegaConf.to_container(cfg.target))
-    target.configure({**OmegaConf.to_container(cfg.compile), "precision": precision}, release=((2, 14), False))
+    target.configure({**OmegaConf.to_container(cfg.compile, enum_to_str=True), "precision": precision},
+                     release=((2, 14), False))
     return target
 
 
@@ -70,11 +71,13 @@ def test_settings_the_module_route_cannot_serve_are_refused(tmp_path, change, wo
     from pipeline.targets.torch_tensorrt import TorchTensorRTTarget
 
     config = OmegaConf.to_container(compose(tmp_path, "target=torch_tensorrt", "compile.precision=int8", change),
-                                    resolve=True)
-    why, fix = TorchTensorRTTarget.int8_refusal(config)
+                                    resolve=True, enum_to_str=True)
+    why, fix = TorchTensorRTTarget(config["target"]).quantizer_refusal(config, "int8")
     assert words in why and fix
-    ok = OmegaConf.to_container(compose(tmp_path, "target=torch_tensorrt", "compile.precision=int8"), resolve=True)
-    assert TorchTensorRTTarget.int8_refusal(ok) is None and TorchTensorRTTarget.fp8_refusal(ok) is None
+    ok = OmegaConf.to_container(compose(tmp_path, "target=torch_tensorrt", "compile.precision=int8"), resolve=True,
+                                enum_to_str=True)
+    target = TorchTensorRTTarget(ok["target"])
+    assert target.quantizer_refusal(ok, "int8") is None and target.quantizer_refusal(ok, "fp8") is None
 
 
 def test_releases_before_strongly_typed_networks_enable_the_quantized_kernels(tmp_path):
@@ -83,7 +86,7 @@ def test_releases_before_strongly_typed_networks_enable_the_quantized_kernels(tm
 
     cfg = compose(tmp_path, "target=torch_tensorrt")
     for precision, dtype in (("int8", "int8"), ("fp8", "float8_e4m3fn")):
-        compile_cfg = {**OmegaConf.to_container(cfg.compile), "precision": precision}
+        compile_cfg = {**OmegaConf.to_container(cfg.compile, enum_to_str=True), "precision": precision}
         out = translate(compile_cfg, OmegaConf.to_container(cfg.target), (2, 12))
         assert out["enabled_precisions"] == sorted({"float32", dtype})
         assert "enabled_precisions" not in translate(compile_cfg, OmegaConf.to_container(cfg.target), (2, 14))
@@ -99,10 +102,14 @@ def test_tensorrt_quantizer_choice_follows_what_modelopt_serves(tmp_path):
 
     def config(*extra):
         return OmegaConf.to_container(compose(tmp_path, "target=tensorrt", "compile.precision=int8", *extra),
-                                      resolve=True)
+                                      resolve=True, enum_to_str=True)
 
-    assert TensorRTTarget.int8_refusal(config("calibration.method=percentile")) is None  # auto: ORT's route
-    refused = TensorRTTarget.int8_refusal(config("target.quantizer=modelopt", "calibration.method=percentile"))
+    def refusal(*extra):
+        job = config(*extra)
+        return TensorRTTarget(job["target"]).quantizer_refusal(job, "int8")
+
+    assert refusal("calibration.method=percentile") is None  # auto: ORT's route
+    refused = refusal("target.quantizer=modelopt", "calibration.method=percentile")
     onnx_route = tensorrt_qdq.modelopt_available()
     expected = "modelopt calibrates with minmax or entropy" if onnx_route else "target.quantizer=modelopt but"
     assert refused and expected in refused[0] and "target.quantizer" in refused[1]
@@ -192,7 +199,6 @@ def export_stage(tmp_path, precision: str, *extra: str):
 
 
 @needs_modelopt
-@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="modelopt emits tensorrt::quantize_op for CUDA tensors only")
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_export_traces_modelopt_quantize_ops_on_the_gpu(tmp_path, precision):

@@ -37,12 +37,13 @@ def test_fp8_on_the_cpu_is_refused_in_one_line_before_any_stage(tmp_path):
 def test_quantize_modes_the_route_cannot_serve_are_refused(tmp_path, extra, needle):
     from omegaconf import OmegaConf
 
-    from pipeline import calibration
+    from pipeline import targets
+    from pipeline.checks import check_quantization
     from pipeline.errors import ConfigError
 
-    cfg = compose(tmp_path, *extra)
-    with pytest.raises(ConfigError) as err:
-        calibration.check(OmegaConf.to_container(cfg, resolve=True))
+    config = OmegaConf.to_container(compose(tmp_path, *extra), resolve=True, enum_to_str=True)
+    with pytest.raises(ConfigError) as err:  # the made target answers, as in the runner
+        check_quantization(config, targets.make(config["target"]["name"], config["target"]))
     assert needle in err.value.one_line() and "\n" not in err.value.one_line()
 
 

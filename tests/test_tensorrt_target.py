@@ -40,10 +40,11 @@ class Segment(torch.nn.Module):
 
 
 def compile_cfg(**changes):
+    """The compile section as stages see it: the runner's resolved values (enum names as strings)."""
     cfg = OmegaConf.structured(CompileConfig)
     for key, value in changes.items():
         cfg[key] = value
-    return cfg
+    return OmegaConf.create(OmegaConf.to_container(cfg, enum_to_str=True))
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +222,6 @@ def test_asking_fp16_and_getting_fp32_fails(trt_job):
 
 
 @no_gpu
-@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_resnet18_engines(tmp_path, precision):
     job = run_job(tmp_path, *RESNET18, "target=tensorrt", f"compile.precision={precision}")

@@ -25,7 +25,7 @@ def cfg(tmp_path_factory):
 
 def plain(cfg, **target_changes):
     target = {**OmegaConf.to_container(cfg.target), **target_changes}
-    return OmegaConf.to_container(cfg.compile), target
+    return OmegaConf.to_container(cfg.compile, enum_to_str=True), target  # as the runner resolves it
 
 
 def test_config_composes_with_every_documented_setting(cfg):
@@ -186,3 +186,37 @@ def test_autocast_asks_the_engines_for_the_low_precision(cfg):
     fp32_engines = {"segments": [{"name": "accel_0", "precision": ["float32"]}]}
     achieved, failures = achieved_precision(fp32_engines, target.precision_asked("fp32"))
     assert achieved == "fp32" and "asked for fp16" in failures[0]
+
+
+def test_a_min_block_size_sweep_with_equal_splits_shares_convert_and_build(tmp_path):
+    """Partition-only settings key partition, never convert or build: equal recipes share the engines.
+
+    The keys are computed as the runner computes them (StageCache.material over the composed
+    config and the configured target), with one partition recipe for every min_block_size.
+    """
+    import stages
+    from pipeline import layout
+    from pipeline.cache import StageCache
+    from pipeline.files import write_json
+
+    run_dir = tmp_path / "run"
+    (run_dir / "partition").mkdir(parents=True)
+    write_json(run_dir / "partition" / layout.MANIFEST,
+               {"files": [{"path": layout.PARTITION.recipe, "sha256": "the same split", "bytes": 1}]})
+    upstream = {"export": "exported", "lower": "lowered", "partition": "partitioned", "convert": "converted"}
+    keys = {}
+    for size in (1, 5, 10):
+        cfg = compose(tmp_path, "target=torch_tensorrt", f"compile.min_block_size={size}")
+        target = configured(cfg, {"min_block_size": size})
+        assert target.values["min_block_size"] == size
+        config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        keys[size] = {name: StageCache(tmp_path / "cache").material(stages.BY_NAME[name], config, target, run_dir,
+                                                                     upstream).key
+                      for name in ("partition", "convert", "build")}
+    assert len({k["partition"] for k in keys.values()}) == 3  # the split may change: partition runs again
+    assert len({k["convert"] for k in keys.values()}) == 1 and len({k["build"] for k in keys.values()}) == 1
+    fast = configured(compose(tmp_path, "target=torch_tensorrt"), use_fast_partitioner=False)
+    from pipeline.targets import BUILDING, CONVERTING
+
+    assert "min_block_size" not in fast.key_material(CONVERTING)["translated"]
+    assert fast.key_material(BUILDING) == configured(compose(tmp_path, "target=torch_tensorrt")).key_material(BUILDING)

@@ -250,13 +250,19 @@ def tiny_or_dying(die: bool = False):
     return tiny_cnn()
 
 
-def slow_tiny(seconds: float = 60.0):
-    """tiny_cnn after a pause in its factory: a job that is mid-build for as long as a test needs."""
+def slow_tiny(seconds: float = 60.0, until: str | None = None):
+    """tiny_cnn after a pause in its factory: a job that is mid-build for as long as a test needs.
+
+    With `until`, the pause ends once that file exists (or after `seconds`): the test creates
+    it when it is done with the job mid-build, so no window of time has to be hit.
+    """
     import time
 
     from pipeline.zoo import tiny_cnn
 
-    time.sleep(seconds)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (until and Path(until).exists()):
+        time.sleep(0.1)
     return tiny_cnn()
 
 

@@ -162,11 +162,15 @@ class StageCache:
     # --- keys -------------------------------------------------------------------------
 
     def material(self, spec: StageSpec, config: dict[str, Any], target, run_dir: Path,
-                 upstream: dict[str, str]) -> Material:
-        """What `spec` depends on in this job: config subset, target material, inputs, environment."""
+                 upstream: dict[str, str], reads: tuple[str, ...] | None = None) -> Material:
+        """What `spec` depends on in this job: config subset, target material, inputs, environment.
+
+        `reads`: the keys the stage reads in this job (spec.reads_for), where the caller has them.
+        """
         aspect = spec.asks
+        reads = spec.reads_for(config, target) if reads is None else reads
         return Material(
-            stage=spec.name, version=spec.version, config=select(config, spec.reads_for(config, target)),
+            stage=spec.name, version=spec.version, config=select(config, reads),
             target=target.key_material(aspect) if aspect else {},
             inputs=self.input_identities(spec, run_dir, upstream),
             env=environment(spec.libraries + (target.libraries_for(aspect) if aspect else ())),

@@ -35,18 +35,14 @@ FLOAT_KERNEL = re.compile(r"aoti_torch_cpu_(?!_q)\w*(?:convolution|linear|addmm|
 INSTALL = "pip install -e '.[quant]' (torchao 0.18 with torch 2.14)"
 
 
-def refusal(config: dict[str, Any]) -> tuple[str, str] | None:
+def refusal(config: dict[str, Any], settings: dict[str, Any]) -> tuple[str, str] | None:
     """(why not, the fix) when this job's settings cannot build int8 with PT2E; None when they can.
 
-    Checked before any stage, from the config alone (pipeline.calibration.check).
+    Checked before any stage (pipeline.checks), with the Inductor target's resolved settings
+    (`settings`: its device, artifact and freezing as the target made them).
     """
-    from pipeline.targets import resolve_device
-    from pipeline.targets.inductor import Settings, choose_artifact
-
     if importlib.util.find_spec("torchao") is None:
         return "its int8 route needs torchao, which is not installed", INSTALL
-    settings = {**Settings().__dict__, **config["target"]}
-    settings["device"] = resolve_device(settings["device"])
     if settings["device"] != "cpu":
         return ("its int8 route (X86InductorQuantizer, oneDNN int8 kernels) runs on the CPU, "
                 f"not on target.device={settings['device']}",
@@ -54,11 +50,11 @@ def refusal(config: dict[str, Any]) -> tuple[str, str] | None:
     if settings.get("freezing") is False:
         return ("its int8 route needs Inductor's freezing (oneDNN's int8 kernels take prepacked weights), and "
                 "target.freezing=false turns it off", "remove target.freezing (or set it to true)")
-    if choose_artifact(settings) != "aoti":
+    if settings["artifact"] != "aoti":
         return ("its int8 route builds an AOTInductor package, not target.artifact=compile_cache",
                 "set target.artifact=aoti (or auto)")
     cal, quantize = config["calibration"], config["quantize"]
-    mode = getattr(quantize["mode"], "value", quantize["mode"])
+    mode = quantize["mode"]
     if mode != "static":
         return (f"its CPU int8 route (PT2E) calibrates static activation ranges, not quantize.mode={mode} "
                 "(torchao's CUDA route's)", "set quantize.mode=static, or target.device=cuda on a GPU")

@@ -45,7 +45,6 @@ def serves(method: str, per_channel: bool) -> bool:
 
 def refusal(config: dict[str, Any]) -> tuple[str, str] | None:
     """target.quantizer=modelopt with what modelopt cannot do (or without modelopt): refused before any stage."""
-    from pipeline.dtypes import choice_name
 
     if config["target"].get("quantizer") != "modelopt":
         return None
@@ -53,9 +52,9 @@ def refusal(config: dict[str, Any]) -> tuple[str, str] | None:
         return ("target.quantizer=modelopt but modelopt.onnx.quantization does not import here",
                 "pip install -e '.[quant]', or set target.quantizer=auto")
     cal = config["calibration"]
-    if not serves(choice_name(cal["method"]), bool(cal["per_channel"])):
+    if not serves(cal["method"], bool(cal["per_channel"])):
         return (f"modelopt calibrates with minmax or entropy and per-channel weights, not calibration.method="
-                f"{choice_name(cal['method'])} with per_channel={cal['per_channel']}",
+                f"{cal['method']} with per_channel={cal['per_channel']}",
                 "set target.quantizer=onnxruntime (or auto), or calibration.method=minmax calibration.per_channel=true")
     return None
 

@@ -46,15 +46,14 @@ def unavailable() -> str | None:
 
 def refusal(config: dict[str, Any], precision: str) -> tuple[str, str] | None:
     """(why not, the fix) when this job's settings cannot take the module route; None when they can."""
-    from pipeline.dtypes import choice_name
 
     why = unavailable()
     if why:
         return f"its {precision} route (modelopt's mtq.quantize before export) needs nvidia-modelopt: {why}", INSTALL
     cal, quantize = config["calibration"], config["quantize"]
-    if choice_name(cal["method"]) != "minmax":
+    if cal["method"] != "minmax":
         return (f"modelopt's {RECIPES[precision][0]} calibrates with max (each tensor's range), not "
-                f"calibration.method={choice_name(cal['method'])}", "set calibration.method=minmax")
+                f"calibration.method={cal['method']}", "set calibration.method=minmax")
     if not cal["per_channel"] and precision == "int8":
         return ("modelopt's int8 recipe quantizes weights per channel", "leave calibration.per_channel=true")
     if quantize["op_types"]:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from omegaconf import MISSING
@@ -54,10 +56,13 @@ class AutoSettings(TargetSettings):
 
 def cuda_missing() -> str | None:
     """None where torch sees a CUDA GPU, else why engines for one cannot run here."""
-    import torch
+    from pipeline import env
 
-    if torch.cuda.is_available():
-        return None
+    if not env.gpu_absent():
+        import torch
+
+        if torch.cuda.is_available():
+            return None
     return "no CUDA GPU here (torch.cuda.is_available() is False)"
 
 
@@ -92,13 +97,23 @@ class Target:
     # True: its engines are code (shared libraries, pickles): pipeline.load loads them only
     # with trusted=True or when the user's own jobs built them (pipeline.provenance; docs/security.md).
     engines_are_code: bool = False
+    # Modules the stage worker's server imports once for all the jobs of a sweep: work of seconds
+    # that each job's worker would otherwise redo (torch.onnx's op registry for partition).
+    sweep_preload: tuple[str, ...] = ()
+    # compile.precision -> how this target quantizes to it (a line naming the tool); a precision
+    # missing here is refused before any stage (pipeline.checks.check_quantization).
+    quantizers: Mapping[str, str] = MappingProxyType({})
+    # compile.precision -> why it has no quantizer for it, where the generic reason says too little.
+    no_quantizer: Mapping[str, str] = MappingProxyType({})
+    # quantize.mode=dynamic (int8 weights, activation scales at run time): how; None: no such route.
+    dynamic_quantizer: str | None = None
+    # quantize.mode=weight_only (int8 weights, float compute): how this target does it; None: it cannot.
+    weight_only_quantizer: str | None = None
     # compile.precision values this target quantizes in the nn.Module before export
     # (Torch-TensorRT's modelopt route): export calibrates and fake-quantizes the model
     # (quantize_module, inside export_context) and build takes the graph's quantize ops as
     # they are, without the accuracy rounds (a round would be a new export).
     quantizes_module: tuple[str, ...] = ()
-    # quantize.mode=weight_only (int8 weights, float compute): how this target does it; None: it cannot.
-    weight_only_quantizer: str | None = None
 
     def __init__(self, settings: dict[str, Any]):
         # The schema's defaults under the given settings: a target made from some of them has them all.
@@ -145,8 +160,17 @@ class Target:
             return {"device": name}
         return None
 
-    def configure(self, compile_cfg) -> None:
-        """Check and translate this job's compile settings before any stage runs (errors here are the user's)."""
+    def configure(self, compile_cfg: dict[str, Any]) -> None:
+        """Check and translate this job's compile settings (the resolved `compile` section, plain values)
+        before any stage runs (errors here are the user's)."""
+
+    def settle(self, input_cfg) -> dict[str, str]:
+        """Choices that follow the job's input (static or dynamic shapes), made in self.settings.
+
+        Returns tags naming each choice and, under `<name>.reason`, why: the runner prints
+        them, puts them in the summary and the MLflow tags; config.yaml holds the settings.
+        """
+        return {}
 
     # --- what changes its outputs -------------------------------------------------------
 
@@ -182,11 +206,9 @@ class Target:
         Export (PLACING) reads the calibration data and the layers kept in fp32 where this
         target quantizes the module, so they key it; for other targets they key build only.
         """
-        from pipeline.dtypes import precision_name
 
-        if aspect == PLACING and self.quantizes_module and \
-                precision_name(config["compile"]["precision"]) in self.quantizes_module:
-            return ("calibration", "quantize.exclude")
+        if aspect == PLACING and self.quantization_route(config["compile"]["precision"]) == "module":
+            return ("calibration", "data", "quantize.exclude")
         return ()
 
     def libraries_for(self, aspect: str) -> tuple[str, ...]:
@@ -197,6 +219,36 @@ class Target:
     def precision_asked(self, precision: str) -> str:
         """The precision engines must compute in for compile.precision (autocast may lower fp32)."""
         return precision
+
+    # --- quantization -------------------------------------------------------------------
+
+    @classmethod
+    def quantizer(cls, precision: str, mode: str = "static") -> str | None:
+        """How this target quantizes to `precision` in quantize.mode `mode` (a line); None: it cannot."""
+        if mode in ("dynamic", "weight_only"):
+            return (cls.dynamic_quantizer if mode == "dynamic" else cls.weight_only_quantizer) \
+                if precision == "int8" else None
+        return cls.quantizers.get(precision)
+
+    def quantizer_refusal(self, config: dict[str, Any], precision: str) -> tuple[str, str] | None:
+        """(why not, the fix) where this job's settings are ones its quantizer cannot serve; None: it can.
+
+        Asked of the made target (device resolved, its settings complete), before any stage.
+        """
+        return None
+
+    def quantization_route(self, precision: str) -> str | None:
+        """Where this job quantizes: "module" (export, Target.quantize_module), "segments" (build, with
+        the accuracy rounds) or None (compile.precision is not a quantized one)."""
+        from pipeline.dtypes import is_quantized
+
+        if not is_quantized(precision):
+            return None
+        return "module" if precision in self.quantizes_module else "segments"
+
+    def layer_names(self, segment: dict[str, Any], convert_dir: Path) -> tuple[set[str], list[str]] | None:
+        """What quantize.exclude can name in a converted segment (all names, compute layers); None: unknown."""
+        return None
 
     # --- stages -------------------------------------------------------------------------
 
@@ -245,6 +297,16 @@ class Target:
         """Run-time choices that depend on the assembled program (e.g. thread spinning)."""
         return {}
 
+    def engine_threads(self, budget: int, engines: dict[str, Any]) -> int:
+        """The CPU threads this target's engines run with when validate gives PyTorch `budget` threads.
+
+        Validate times eager and the engines with one thread count. Engines that run inside
+        PyTorch follow torch.set_num_threads; a target with a thread pool of its own sizes it
+        here (before its engines load), and one whose count was fixed at build returns that,
+        which eager then gets too. `engines`: the build's engines.json.
+        """
+        return budget
+
     def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
         """A callable running one segment's engine: tensors in, a tuple of tensors out."""
         raise NotImplementedError
@@ -276,6 +338,11 @@ def target_class(name: str) -> type[Target]:
         known = sorted(schemas())
         raise ConfigError(f"unknown target {name!r}.", f"use target= one of {', '.join(known)}.")
     return registry()[name]
+
+
+def quantizing(precision: str, mode: str = "static") -> list[str]:
+    """The targets that quantize to `precision` in `mode`, by name."""
+    return sorted(name for name, cls in registry().items() if cls.quantizer(precision, mode))
 
 
 def make(name: str, settings: dict[str, Any]) -> Target:
@@ -319,6 +386,8 @@ def candidate_settings(candidate: str) -> tuple[dict[str, Any] | None, str | Non
     extra = cls.variant(variant) if variant else {}
     if extra is None:
         return None, f"{name} has no variant {variant!r}"
+    if extra.get("device") == "cuda" and cuda_missing():  # before the target's own checks, which can cost seconds
+        return None, cuda_missing()
     reason = cls.unavailable_reason()
     if reason:
         return None, reason

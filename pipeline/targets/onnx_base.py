@@ -48,6 +48,9 @@ class OnnxTarget(Target):
     lowering = "torch.onnx decompositions, export checks dropped, sizes localised"
     # torch.onnx's decomposition table and op registry come from onnxscript's torchlib.
     lowering_libraries = ("onnxscript",)
+    # The registry costs seconds of CPU (onnx and onnxscript imported, torchlib's functions parsed):
+    # in a sweep whose lower is a cache hit, each job's partition paid it (56 s a job on a loaded machine).
+    sweep_preload = ("pipeline.targets._onnx_registry",)
 
     def lower(self, program):
         from pipeline.segments import assertions, localize_sizes

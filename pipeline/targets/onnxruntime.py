@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from pipeline.errors import CompileError, ConfigError, TargetUnavailable, first_line
@@ -44,7 +45,7 @@ class Settings(TargetSettings):
     io_binding: bool = False
     # disable | basic | extended | all
     graph_optimization_level: str = choice("all", LEVELS)
-    # 0 lets ONNX Runtime choose (one thread per physical core).
+    # 0 lets ONNX Runtime choose (one thread per physical core); validate gives it validate.threads.
     intra_op_num_threads: int = bounded(0, low=0)
     inter_op_num_threads: int = bounded(0, low=0)
     # sequential | parallel
@@ -126,6 +127,16 @@ class OnnxRuntimeTarget(OnnxTarget):
             return "onnxruntime is not installed (pip install onnxruntime)"
         return None
 
+    def settle(self, input_cfg) -> dict[str, str]:
+        if self.device() != "cuda":
+            return {}
+        # The CUDA provider's enable_cuda_graph replays only with every input and output bound at
+        # the same device address each run; these sessions bind the caller's tensors where they
+        # live and let ONNX Runtime allocate fresh outputs, so earlier outputs are never overwritten.
+        return {"target.cuda_graph": "off", "target.cuda_graph.reason": (
+            "ONNX Runtime's enable_cuda_graph needs inputs and outputs bound at fixed device addresses; "
+            "the IO binding here binds each call's tensors in place and fresh outputs")}
+
     def configure(self, compile_cfg) -> None:
         """A provider this onnxruntime lacks fails here, before any stage: build needs it too."""
         self._check_providers()
@@ -139,13 +150,13 @@ class OnnxRuntimeTarget(OnnxTarget):
                 "(after pip uninstall onnxruntime).",
             )
 
-    # compile.precision=int8 (pipeline.quantize): how this target quantizes.
-    quantizer = "onnxruntime.quantization static QDQ (quant_pre_process, quantize_static)"
+    # compile.precision=int8 (pipeline.quantize.ort_qdq): how this target quantizes.
+    quantizers = MappingProxyType({"int8": "onnxruntime.quantization static QDQ (quant_pre_process, quantize_static)"})
     # quantize.mode=dynamic: quantize_dynamic (int8 weights, activation scales per batch at run time).
     dynamic_quantizer = "onnxruntime.quantization quantize_dynamic (MatMulInteger/ConvInteger)"
-    # compile.precision=fp8 is refused before any stage (pipeline.quantize.quantizer_of).
-    no_fp8 = ("its CPU and CUDA providers have no FP8 convolution or GEMM kernels, so an FP8 QDQ model "
-              "would compute in fp32")
+    # compile.precision=fp8 is refused before any stage (pipeline.checks.check_quantization).
+    no_quantizer = MappingProxyType({"fp8": "its CPU and CUDA providers have no FP8 convolution or GEMM kernels, "
+                                            "so an FP8 QDQ model would compute in fp32"})
 
     def build(self, segment: dict[str, Any], convert_dir: Path, out: Path, compile_cfg) -> dict[str, Any]:
         import onnxruntime as ort
@@ -180,6 +191,12 @@ class OnnxRuntimeTarget(OnnxTarget):
             spinning = (len(segments.accelerated(gm)) == 1
                         and not any(segments.is_compute(n) for n in gm.graph.nodes))
         return {"allow_spinning": spinning}
+
+    def engine_threads(self, budget: int, engines: dict[str, Any]) -> int:
+        """intra_op_num_threads=0 (ONNX Runtime's own choice: every physical core) takes the budget."""
+        if not self.settings.get("intra_op_num_threads"):
+            self.settings["intra_op_num_threads"] = budget
+        return int(self.settings["intra_op_num_threads"])
 
     def load_engine(self, segment: dict[str, Any], build_dir: Path, options: dict[str, Any]):
         from pipeline.targets.onnxruntime_session import OrtSession

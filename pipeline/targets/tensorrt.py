@@ -27,9 +27,10 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-from pipeline.dtypes import choice_name, precision_name, tensorrt_name
+from pipeline.dtypes import tensorrt_name
 from pipeline.errors import ArtifactError, CompileError, ConfigError, TargetUnavailable
 from pipeline.files import write_json
 from pipeline.quantize import tensorrt_qdq
@@ -107,10 +108,11 @@ class TensorRTTarget(OnnxTarget):
     Settings = Settings
     # nvidia-modelopt (when installed) makes the int8/fp8 QDQ graphs: its version is in the build key.
     libraries = ("onnx", "onnxscript", "tensorrt", "tensorrt_rtx", "nvidia-modelopt")
-    # compile.precision=int8 (pipeline.quantize.tensorrt_qdq): a QDQ graph, strongly typed INT8 engine.
-    quantizer = "QDQ ONNX from modelopt (or onnxruntime.quantization), built as explicit INT8"
-    # compile.precision=fp8: the same route with FLOAT8E4M3FN Q/DQ, a strongly typed FP8 engine.
-    fp8_quantizer = "FP8 (E4M3) QDQ ONNX from modelopt (or onnxruntime.quantization), built strongly typed"
+    # compile.precision=int8 (pipeline.quantize.tensorrt_qdq): a QDQ graph, strongly typed INT8 engine;
+    # fp8: the same route with FLOAT8E4M3FN Q/DQ, a strongly typed FP8 engine.
+    quantizers = MappingProxyType({
+        "int8": "QDQ ONNX from modelopt (or onnxruntime.quantization), built as explicit INT8",
+        "fp8": "FP8 (E4M3) QDQ ONNX from modelopt (or onnxruntime.quantization), built strongly typed"})
 
     def __init__(self, settings: dict[str, Any]):
         super().__init__(settings)
@@ -149,21 +151,18 @@ class TensorRTTarget(OnnxTarget):
         # onnx-graphsurgeon: modelopt's ONNX quantizer imports only with it, so quantizer=auto's pick follows it.
         return ("onnx", "onnxscript", self.library, "nvidia-modelopt", "onnx-graphsurgeon")
 
-    @classmethod
-    def int8_refusal(cls, config: dict[str, Any]) -> tuple[str, str] | None:
-        """target.quantizer=modelopt needs modelopt, and settings it can serve."""
-        return tensorrt_qdq.refusal(config)
-
-    @classmethod
-    def fp8_refusal(cls, config: dict[str, Any]) -> tuple[str, str] | None:
-        """FP8 needs compute capability >= 8.9; its scales come from ranges, not int8's histograms."""
-        wanted = [str(c) for c in (config["target"].get("compute_capabilities") or [])]
+    def quantizer_refusal(self, config: dict[str, Any], precision: str) -> tuple[str, str] | None:
+        """target.quantizer=modelopt needs modelopt, and settings it can serve; FP8 needs compute
+        capability >= 8.9, and its scales come from ranges, not int8's histograms."""
+        if precision != "fp8":
+            return tensorrt_qdq.refusal(config)
+        wanted = [str(c) for c in (self.settings.get("compute_capabilities") or [])]
         old = [c for c in wanted if capability_tuple(c) < FP8_MIN]
         if old:
             return (f"FP8 needs compute capability 8.9 or newer, and target.compute_capabilities has "
                     f"{', '.join(old)}", "set target.compute_capabilities to 8.9 and/or 12.0 (or leave it empty: "
                     f"fp8 then builds for {', '.join(FP8_CAPABILITIES)})")
-        method = choice_name(config["calibration"]["method"])
+        method = config["calibration"]["method"]
         if method != "minmax":
             return (f"calibration.method={method} is an int8 histogram recipe; FP8 scales come from each "
                     "tensor's range (modelopt: max; onnxruntime: its distribution)", "set calibration.method=minmax")
@@ -268,7 +267,7 @@ class TensorRTTarget(OnnxTarget):
         mark = len(log.messages)
         builder = trt.Builder(log)
         parsed, parse_dir, quantized = segment, convert_dir, {}
-        precision = precision_name(compile_cfg.precision)
+        precision = compile_cfg.precision
         capabilities = self._capabilities(precision)
         if segment.get("quantize"):  # compile.precision=int8/fp8: a QDQ graph, built strongly typed
             from pipeline.quantize import int8_facts

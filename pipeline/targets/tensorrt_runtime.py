@@ -44,6 +44,10 @@ def logger(library: str):
 
 
 def gpu_capability() -> str | None:
+    from pipeline import env
+
+    if env.gpu_absent():
+        return None
     import torch
 
     if not torch.cuda.is_available():

@@ -23,10 +23,11 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from pipeline import symbolic
-from pipeline.dtypes import ENGINE_DTYPES, PRECISION_DTYPES, compute_dtype, precision_name
+from pipeline.dtypes import ENGINE_DTYPES, PRECISION_DTYPES, compute_dtype
 from pipeline.errors import ArtifactError, ConfigError, first_line
 from pipeline.files import link_or_copy, write_json
 from pipeline.schema import bounded, choice
@@ -45,6 +46,8 @@ LOW_PRECISION = ("float16", "bfloat16")
 BUILDER_ONLY = ("optimization_level", "workspace_size", "immutable_weights", "hardware_compatible",
                 "version_compatible", "pass_through_build_failures", "timing_cache_path", "cache_built_engines",
                 "reuse_cached_engines", "engine_cache_dir", "engine_cache_size")
+# Settings only its partitioner reads: out of the convert and build keys (equal splits share engines).
+PARTITION_ONLY = ("min_block_size", "torch_executed_ops", "require_full_compilation", "use_fast_partitioner")
 
 
 @dataclass
@@ -63,7 +66,7 @@ class Settings(TargetSettings):
     # Let Torch-TensorRT run chosen layers of an fp32 model in a lower precision.
     enable_autocast: bool = False
     # float16 | bfloat16 (with enable_autocast)
-    autocast_low_precision_type: str | None = choice(None, ("float16", "bfloat16"))
+    autocast_low_precision_type: str | None = choice(None, LOW_PRECISION)
     # Regexes of node names and op names (aten.softmax.int) kept in fp32 by autocast.
     autocast_excluded_nodes: list[str] = field(default_factory=list)
     autocast_excluded_ops: list[str] = field(default_factory=list)
@@ -99,7 +102,6 @@ def installed_version() -> tuple[str, tuple[int, int], bool] | None:
     return None
 
 
-
 def translate(compile_cfg: dict[str, Any], target_cfg: dict[str, Any], version: tuple[int, int],
               rtx: bool = False) -> dict[str, Any]:
     """Our compile/target config as CompilationSettings fields of torch_tensorrt `version`.
@@ -111,7 +113,7 @@ def translate(compile_cfg: dict[str, Any], target_cfg: dict[str, Any], version: 
     if version < OLDEST:
         raise ConfigError(f"{label} is older than this pipeline supports ({OLDEST[0]}.{OLDEST[1]}).",
                           f"upgrade: {INSTALL}.")
-    precision = precision_name(compile_cfg["precision"])
+    precision = compile_cfg["precision"]
     return {**_common(compile_cfg, target_cfg),
             **_typing(target_cfg, precision, version, label),
             **_autocast(target_cfg, precision),
@@ -200,12 +202,6 @@ def _caches(target_cfg: dict[str, Any], rtx: bool) -> dict[str, Any]:
     return out
 
 
-def _modelopt_refusal(config: dict[str, Any], precision: str) -> tuple[str, str] | None:
-    from pipeline.quantize import torch_modelopt
-
-    return torch_modelopt.refusal(config, precision)
-
-
 class TorchTensorRTTarget(Target):
     name = "torch_tensorrt"
     Settings = Settings
@@ -220,21 +216,24 @@ class TorchTensorRTTarget(Target):
     # compile.precision=int8/fp8: Torch-TensorRT's documented route, modelopt's PTQ on the module
     # before export (pipeline.quantize.torch_modelopt); its quantize ops become Q/DQ layers.
     quantizes_module = ("int8", "fp8")
-    quantizer = ("nvidia-modelopt's mtq.quantize (INT8_DEFAULT_CFG, max calibration) on the module before export; "
-                 "Torch-TensorRT builds its quantize ops as explicit INT8")
-    fp8_quantizer = ("nvidia-modelopt's mtq.quantize (FP8_DEFAULT_CFG) on the module before export; "
-                     "Torch-TensorRT builds its quantize ops as FP8 (E4M3)")
+    quantizers = MappingProxyType({
+        "int8": "nvidia-modelopt's mtq.quantize (INT8_DEFAULT_CFG, max calibration) on the module before export; "
+                "Torch-TensorRT builds its quantize ops as explicit INT8",
+        "fp8": "nvidia-modelopt's mtq.quantize (FP8_DEFAULT_CFG) on the module before export; "
+               "Torch-TensorRT builds its quantize ops as FP8 (E4M3)"})
 
-    int8_refusal = classmethod(lambda cls, config: _modelopt_refusal(config, "int8"))
-    fp8_refusal = classmethod(lambda cls, config: _modelopt_refusal(config, "fp8"))
+    def quantizer_refusal(self, config: dict[str, Any], precision: str) -> tuple[str, str] | None:
+        from pipeline.quantize import torch_modelopt
+
+        return torch_modelopt.refusal(config, precision)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        import torch
-
         found = installed_version()
         if found is None or importlib.util.find_spec("torch_tensorrt") is None:
             return f"torch_tensorrt is not installed ({INSTALL})"
+        import torch
+
         version, minor, _ = found
         torch_minor = parse_version(torch.__version__)
         if minor != torch_minor:
@@ -258,16 +257,13 @@ class TorchTensorRTTarget(Target):
     def device(self) -> str:
         return "cuda"
 
-    def configure(self, compile_cfg, release: tuple[tuple[int, int], bool] | None = None) -> None:
+    def configure(self, compile_cfg: dict[str, Any], release: tuple[tuple[int, int], bool] | None = None) -> None:
         """Translate for the installed release, or for `release` ((major, minor), is RTX) where none is."""
-        from omegaconf import OmegaConf
-
         minor, rtx = release or installed_version()[1:]
-        plain = OmegaConf.to_container(compile_cfg, resolve=True) if OmegaConf.is_config(compile_cfg) else dict(compile_cfg)
-        self.values = translate(plain, self.settings, minor, rtx)
+        self.values = translate(compile_cfg, self.settings, minor, rtx)
         self.settings = {**self.settings, "translated": self.values}
-        precision = precision_name(plain["precision"])
-        self.module_precision = precision if precision in self.quantizes_module else None
+        precision = compile_cfg["precision"]
+        self.module_precision = precision if self.quantization_route(precision) == "module" else None
 
     def libraries_for(self, aspect: str) -> tuple[str, ...]:
         """modelopt quantizes the module in export (int8/fp8 jobs) and registers the op its converter reads."""
@@ -284,6 +280,13 @@ class TorchTensorRTTarget(Target):
         from pipeline.quantize import torch_modelopt
 
         return torch_modelopt.export_context()
+
+    def build_settings(self) -> dict[str, Any]:
+        """Every setting that changes an engine; not the partitioner's (the recipe keys convert and build)."""
+        settings = {k: v for k, v in super().build_settings().items() if k not in PARTITION_ONLY}
+        if "translated" in settings:
+            settings["translated"] = {k: v for k, v in self.values.items() if k not in PARTITION_ONLY}
+        return settings
 
     def partitioner_settings(self) -> dict[str, Any]:
         """Its partitioner and the converters' capability validators read CompilationSettings."""
@@ -350,8 +353,8 @@ class TorchTensorRTTarget(Target):
 
     def _quantized(self, module, compile_cfg) -> dict[str, Any]:
         """The shares of the segment's compute that read modelopt's quantize ops (int8/fp8 jobs)."""
-        precision = precision_name(compile_cfg.precision)
-        if precision not in self.quantizes_module:
+        precision = compile_cfg.precision
+        if self.quantization_route(precision) != "module":
             return {}
         from pipeline.quantize import torch_modelopt
 
@@ -361,7 +364,7 @@ class TorchTensorRTTarget(Target):
         for key in ("engine", "shapes"):
             link_or_copy(convert_dir / segment[key], out / segment[key])
         description = out / f"{segment['name']}.engine.json"
-        write_json(description, {"library": "torch_tensorrt", "settings": self.values,
+        write_json(description, {"library": "torch_tensorrt", "settings": self.build_settings().get("translated"),
                                  "input_names": segment["input_names"], "output_names": segment["output_names"],
                                  "inputs": segment["inputs"], "outputs": segment["outputs"]})
         # Strongly typed: the engine computes in the dtypes its bindings carry, and in int8/fp8

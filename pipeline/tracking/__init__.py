@@ -14,6 +14,7 @@ retries while SQLite says the database is locked.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -31,16 +32,11 @@ from pipeline.tracking.recovery import (
     process_identity,
 )
 from pipeline.tracking.store import open_sqlite, quiet_mlflow
-from pipeline.tracking.sweeps import (
-    close_orphans,
-    finish_parent,
-    job_record,
-    load_jobs,
-    start_parent,
-)
 
-__all__ = ["TrackingError", "Tracker", "close_orphans", "finish_parent", "job_record", "load_jobs", "make_client",
-           "open_experiment", "start_parent", "tracking_uri", "ui_link", "ui_path", "views"]
+# A sweep's runs are pipeline.tracking.sweeps, a module above this one (it uses make_client and
+# open_experiment), so the package never imports it back.
+__all__ = ["TrackingError", "Tracker", "make_client", "open_experiment", "tracking_uri", "ui_link", "ui_path",
+           "views"]
 
 
 def tracking_uri(settings: dict[str, Any]) -> str:
@@ -243,7 +239,8 @@ class Tracker:
         from pipeline.tracking.registry import register
 
         try:
-            return register(self.settings, run_dir, model_name, alias, self.run_id)
+            return register(tracking_uri(self.settings), self.client or make_client(self.settings), run_dir,
+                            model_name, alias, self.run_id)
         except Exception as err:  # MLflow's own errors, a store gone away
             raise TrackingError(f"the run finished but could not be registered as model {model_name!r} "
                                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).",
@@ -255,6 +252,7 @@ class Tracker:
         client = self.client
         now_ms = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now_ms, 0) for k, v in sorted(result.metrics.items())]
+        metrics += curve_metrics(run_dir, now_ms)
         tags = [RunTag(f"cache.{s.name}", "hit" if s.hit else "miss") for s in result.stages]
         tags += [RunTag("target.reason", result.target_reason[:5000]), RunTag("status", result.status)]
         tags += [RunTag(k, str(v)[:5000]) for k, v in sorted(result.tags.items())]
@@ -275,6 +273,19 @@ class Tracker:
         from pipeline.tracking.artifacts import log_run
 
         log_run(self.client, self.experiment_id, self.run_id, run_dir, keys, self.settings.get("log_engines", True))
+
+
+def curve_metrics(run_dir: Path, now_ms: int) -> list:
+    """validate.throughput's curve as metrics with the batch as step: MLflow charts them against batch."""
+    from mlflow.entities import Metric
+
+    path = run_dir / "validate" / "report.json"
+    found = json.loads(path.read_text()).get("throughput") if path.is_file() else None
+    out = []
+    for point in (found or {}).get("curve", []):
+        out += [Metric(f"throughput_curve.{k}", float(point[k]), now_ms, int(point["batch"]))
+                for k in ("throughput_per_s", "p99_ms", "p50_ms")]
+    return out
 
 
 def download_run(source: str, dst: Path, settings: dict[str, Any] | None = None) -> Path:

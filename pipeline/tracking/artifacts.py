@@ -17,8 +17,9 @@ from typing import Any
 from pipeline import layout
 
 # Small files every run carries (JSON reports and manifests, configs, the log).
-ALWAYS = ("*/manifest.json", "partition/*.json", "validate/report.json", "lower/ops.json", "export/model.json",
-          "convert/segments.json", "build/*.json", layout.RUN_CONFIG, layout.RUN_JSON, layout.CONSOLE_LOG)
+ALWAYS = ("*/manifest.json", "partition/*.json", "validate/report.json", "validate/*.png", "lower/ops.json", "export/model.json",
+          "convert/segments.json", "build/*.json", "payoff/report.json",
+          layout.RUN_CONFIG, layout.RUN_JSON, layout.CONSOLE_LOG)
 # Stages whose files pipeline.load needs, stored once per stage key.
 STORED = ("export", "lower", "build")
 
@@ -34,6 +35,7 @@ def log_run(client, experiment_id: str, run_id: str, run_dir: Path, keys: dict[s
                 sent.add(path)
                 _upload(client, run_id, run_dir, path)
     tags = []
+    local = _local_root(client, run_id)
     for stage in STORED:
         if stage not in keys or (stage == "build" and not log_engines):
             continue
@@ -43,10 +45,33 @@ def log_run(client, experiment_id: str, run_id: str, run_dir: Path, keys: dict[s
             continue
         for path in sorted((run_dir / stage).rglob("*")):
             if path.is_file() and path not in sent:
+                if local is not None:
+                    _link(path, local / path.relative_to(run_dir))
                 _upload(client, run_id, run_dir, path)
         tags.append(RunTag(f"stored.{stage}", keys[stage]))
     if tags:
         client.log_batch(run_id, tags=tags)
+
+
+def _local_root(client, run_id: str) -> Path | None:
+    """The run's artifact folder where it is a local folder (the default store's mlartifacts), else None."""
+    from urllib.parse import urlparse
+
+    uri = urlparse(client.get_run(run_id).info.artifact_uri)
+    return Path(uri.path) if uri.scheme in ("", "file") else None
+
+
+def _link(path: Path, dst: Path) -> None:
+    """A hard link of a stage file where MLflow would copy it (MLflow skips a destination that is
+    the same file): programs and engines of hundreds of MB cost no copy. The files are cache
+    entries, read-only and never edited in place (pipeline.cache). Where linking fails, MLflow copies."""
+    import os
+
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.link(path, dst)
+    except OSError:
+        pass
 
 
 def _upload(client, run_id: str, run_dir: Path, path: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from pipeline import layout
 
@@ -50,12 +49,12 @@ def _signature(run_dir: Path):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    import pipeline
     from pipeline import input_guard, shapes
+    from pipeline.hybrid import load
 
     spec = input_guard.spec_of_run(run_dir)
     sample = shapes.load_samples(run_dir / "export" / layout.EXPORT.example)["opt"]
-    out = pipeline.load(run_dir)(*sample.args, **sample.kwargs)
+    out = load(run_dir)(*sample.args, **sample.kwargs)
     while isinstance(out, (tuple, list)):
         out = out[0]
     out = out.detach().cpu().float().numpy()
@@ -66,15 +65,16 @@ def _signature(run_dir: Path):
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(out.dtype, out_shape)]))
 
 
-def register(settings: dict[str, Any], run_dir: Path, model_name: str, alias: str | None,
+def register(uri: str, client, run_dir: Path, model_name: str, alias: str | None,
              source_run: str | None) -> dict:
-    """Log the compiled program as a pyfunc model, register a version of `model_name`, point `alias` at it."""
+    """Log the compiled program as a pyfunc model, register a version of `model_name`, point `alias` at it.
+
+    `client` is the Tracker's (for the alias), handed down so this module never imports the Tracker's.
+    """
     import mlflow
     import torch
 
-    from pipeline.tracking import make_client, tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri(settings))
+    mlflow.set_tracking_uri(uri)
     # Logged inside the job's own (finished) run: the model sits under the run in the UI, and in
     # its experiment's artifact store, not in MLflow's default experiment.
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=source_run):
@@ -88,5 +88,5 @@ def register(settings: dict[str, Any], run_dir: Path, model_name: str, alias: st
     version = info.registered_model_version
     if not alias:  # MLflow reserves `latest`: models:/<name>/latest already means the newest version
         return {"model": model_name, "version": str(version), "uri": f"models:/{model_name}/{version}"}
-    make_client(settings).set_registered_model_alias(model_name, alias, version)
+    client.set_registered_model_alias(model_name, alias, version)
     return {"model": model_name, "version": str(version), "alias": alias, "uri": f"models:/{model_name}@{alias}"}

@@ -6,6 +6,9 @@ parent run RUNNING. Once the store is back, one command sends what is missing. A
 may be a single run, one job of a sweep, a whole sweep (its parent included) or any
 folder above them: run folders are found by their run.json wherever they are, without
 descending into stores, artifact copies or the stage cache.
+
+Its own module above the package (it uses the Tracker), so that pipeline.tracking's
+recovery helpers, which the Tracker imports, never import the Tracker back.
 """
 
 from __future__ import annotations
@@ -138,8 +141,9 @@ def sync_sweep(sweep_dir: Path, say) -> int:
     """
     from pipeline import compare, sweep
     from pipeline.files import load_json, write_json
-    from pipeline.tracking import make_client, open_experiment, start_parent
+    from pipeline.tracking import make_client, open_experiment
     from pipeline.tracking.recovery import preflight
+    from pipeline.tracking.sweeps import start_parent
 
     info = load_json(sweep_dir / SWEEP_FILE, "sweep description")
     folders = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))

@@ -61,7 +61,8 @@ SETTINGS = {
     "rounds_over_iterations": Case(("validate.rounds=20", "validate.iterations=10"),
                                    ("validate.rounds=20", "validate.iterations=10"), "settings"),
     "warmup_negative": Case(("validate.warmup=-5",), ("validate.warmup=-5", ">= 0"), "settings"),
-    "cv_threshold_0": Case(("validate.cv_warn_threshold=0",), ("validate.cv_warn_threshold=0", "> 0"), "settings"),
+    "spread_threshold_0": Case(("validate.spread_warn_threshold=0",), ("validate.spread_warn_threshold=0", "> 0"),
+                               "settings"),
     "min_seconds_inf": Case(("validate.min_seconds=inf",), ("validate.min_seconds=inf", "finite"), "settings"),
     "tolerance": Case(("validate.tolerances.fp32.min_cosine_similarity=2",),
                       ("validate.tolerances.fp32.min_cosine_similarity=2", "between -1 and 1"), "settings"),
@@ -260,7 +261,7 @@ def test_all_zero_output_is_validated_as_equal_with_a_warning(tmp_path):
 def test_compare_defines_the_cosine_of_zero_outputs():
     import torch
 
-    from stages.validate import compare, is_constant
+    from pipeline.accuracy import compare, is_constant
 
     zeros = [[torch.zeros(2, 10)], [torch.zeros(2, 10)]]
     assert compare(zeros, zeros, True)["cosine_similarity"] == 1.0 and is_constant(zeros)

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from testkit import REPO, cache_entries, clean_env, half_written, run_job
+from testkit import REPO, cache_entries, clean_env, half_written
 
 from pipeline.cache import MARKER, StageCache
 from pipeline.files import read_manifest
@@ -36,18 +36,11 @@ def rows(output: str) -> dict[str, list[str]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def built_cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache-cli")
-    job = run_job(root / "out", "target=onnxruntime", "tracking.enabled=false", cache=root / "cache")
-    return job.cache
-
-
 @pytest.fixture
-def cache(built_cache, tmp_path):
-    """A private copy: prune is destructive."""
+def cache(tiny_cache_as_built, tmp_path):
+    """A private copy of the session's tiny_cnn cache as its one job built it: prune is destructive."""
     copy = tmp_path / "outputs" / "cache"
-    shutil.copytree(built_cache, copy)
+    shutil.copytree(tiny_cache_as_built, copy)
     return copy
 
 

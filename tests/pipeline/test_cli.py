@@ -125,6 +125,8 @@ def test_good_job_prints_a_summary(cli):
     assert run.info.status == "FINISHED" and run.info.run_id in out.output
     assert {run.data.tags[f"cache.{s}"] for s in STAGES[:-1]} == {"hit"}
     assert (out.tmp / "run" / "console.log").read_text().strip()
+    assert not (out.tmp / "run" / "pipeline.log").exists()  # Hydra's log file stayed empty: not written at all
+    assert run.data.tags["speedup"].removesuffix(" ~") == f"{run.data.metrics['speedup']:.2f}x"
     # The direct links: the experiment's runs table (not MLflow's landing page) and the run.
     assert f"#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning" in out.output
     assert f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in out.output
@@ -149,3 +151,21 @@ def test_verbose_shows_the_traceback(cli):
     assert out.returncode != 0
     assert "Traceback" in out.output and "ConfigError" in out.output
     assert "error: compile.torch_executed_ops names 'aten.reluu.default'" in out.output
+
+
+@pytest.mark.parametrize("trusted", [0.0, 1.0])
+def test_the_summary_line_marks_a_speedup_from_an_untrusted_latency(trusted):
+    import io
+
+    from rich.console import Console
+
+    from pipeline.cli import _print_measurements
+
+    console = Console(file=io.StringIO(), width=300, highlight=False)
+    _print_measurements(console, {"max_abs_err": 1e-7, "rel_l2_err": 1e-7, "cosine_similarity": 1.0,
+                                  "latency_p50_ms": 0.2, "latency_p99_ms": 0.3, "eager/latency_p50_ms": 185.15,
+                                  "speedup": 925.75, "throughput_per_s": 5000.0, "latency_trusted": trusted,
+                                  "latency_threads": 2.0})
+    line = console.file.getvalue()
+    assert ("speedup 925.75x ~," in line) is (trusted == 0.0) and "2 thread(s) each" in line
+    assert ("speedup 925.75x," in line) is (trusted == 1.0)

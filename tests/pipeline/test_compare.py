@@ -12,7 +12,8 @@ import pytest
 from rich.console import Console
 from testkit import REPO, clean_env, mlflow_client, mlflow_runs, run_job
 
-from pipeline import compare, tracking
+from pipeline import compare, ranking, tracking
+from pipeline.tracking import sweeps
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STAGE_SECONDS = {f"{s}_seconds": 0.1 * (i + 1) for i, s in enumerate(compare.STAGES)}
@@ -55,6 +56,13 @@ def test_columns_and_formatting(jobs):
     assert first["build s"] == "0.50"
 
 
+def test_a_speedup_text_carries_the_mark_of_an_untrusted_latency():
+    """The single-run summary and the speedup tag print it as the tables do."""
+    assert ranking.speedup_text({"speedup": 925.754, "latency_trusted": 0.0}) == "925.75x ~"
+    assert ranking.speedup_text({"speedup": 1.834, "latency_trusted": 1.0}) == "1.83x"
+    assert ranking.speedup_text({"speedup": 1.834}) == "1.83x" and ranking.speedup_text({}) == "-"
+
+
 def test_missing_metrics_and_not_measured(jobs):
     r = compare.rows(jobs)
     not_here, failed = r[3], r[4]
@@ -93,6 +101,27 @@ def test_table_colours_status_and_marks_the_front(jobs):
     console.print(t)
     text = console.export_text()
     assert "sweep x" in text and "n/m: not measured" in text and "1.83x" in text
+
+
+def test_a_narrow_table_says_which_columns_it_hid_and_how_to_see_them(jobs):
+    def shown(width):
+        console = Console(record=True, width=250, file=io.StringIO())
+        console.print(compare.table(jobs, "sweep x", width))
+        return console.export_text()
+
+    narrow, wide = shown(120), shown(None)
+    assert "hidden: accel ops, engines, build s, p99 ms, top-1 (terminal of 120 columns; COLUMNS=160" in narrow
+    assert "--wide" in narrow and "hidden:" not in wide
+    assert "p99 ms" in [c.header for c in compare.table(jobs, "x", None).columns]
+    assert "p99 ms" not in [c.header for c in compare.table(jobs, "x", 120).columns]
+
+
+def test_a_cached_build_reads_hit_from_a_run_json_record_too(jobs):
+    """The sweep's own table reads run.json, which has no cache.* tags: the build_cache_hit metric says it."""
+    jobs[0]["metrics"].update(build_seconds=0.0, build_cache_hit=1.0)
+    jobs[1]["metrics"].update(build_seconds=3.25, build_cache_hit=0.0)
+    first, second = compare.rows(jobs)[:2]
+    assert (first["build s"], second["build s"]) == ("hit", "3.25")
 
 
 def test_markdown_has_one_line_per_job(jobs):
@@ -206,10 +235,14 @@ def compare_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def two_jobs(tmp_path_factory):
+def two_jobs(tiny_cache_as_built, tmp_path_factory):
+    """Two runs in a store of their own, on a copy of the session's tiny_cnn cache: the onnxruntime job
+    hits every stage but validate, and the eager job's entries stay out of the session's cache (a job
+    there that expects to read the export program would hit eager's lowered one instead)."""
     tmp = tmp_path_factory.mktemp("compare")
-    jobs = [run_job(tmp, "compile.min_block_size=1", run_dir=tmp / "run0"),
-            run_job(tmp, "target=eager", run_dir=tmp / "run1")]
+    shutil.copytree(tiny_cache_as_built, tmp / "cache")
+    jobs = [run_job(tmp, "target=onnxruntime", run_dir=tmp / "run0", cache=tmp / "cache"),
+            run_job(tmp, "target=eager", run_dir=tmp / "run1", cache=tmp / "cache")]
     return tmp, jobs
 
 
@@ -225,6 +258,13 @@ def test_cli_compares_every_run(two_jobs):
     assert "every run of experiment 'pipeline'" in proc.stdout
     assert sorted(p.name for p in (tmp / "report").iterdir()) == [
         "comparison.csv", "comparison.md", "pareto.png", "stage_times.png"]
+    piped = {k: v for k, v in clean_env().items() if k != "COLUMNS"}  # 120 columns, as when piped
+    narrow = subprocess.run([sys.executable, "-m", "pipeline.compare", "--store", str(tmp / "mlflow.db")], cwd=REPO,
+                            env=piped, capture_output=True, text=True, timeout=120)
+    wide = subprocess.run([sys.executable, "-m", "pipeline.compare", "--store", str(tmp / "mlflow.db"), "--wide"],
+                          cwd=REPO, env=piped, capture_output=True, text=True, timeout=120)
+    # --wide keeps every column in 120 (rich folds the long headers, "p99 ms" over two lines).
+    assert "hidden: accel ops" in narrow.stdout and "hidden:" not in wide.stdout and "p99" in wide.stdout
 
 
 def test_cli_compares_the_latest_sweep(two_jobs, tmp_path):
@@ -232,14 +272,14 @@ def test_cli_compares_the_latest_sweep(two_jobs, tmp_path):
     store = tmp_path / "mlflow.db"
     shutil.copy(two_jobs[0] / "mlflow.db", store)
     settings = {"store": str(store), "experiment": "pipeline", "artifacts": str(tmp_path / "mlartifacts")}
-    parent = tracking.start_parent(settings, "s1", {"sweep.overrides": "target=onnxruntime,eager"})
+    parent = sweeps.start_parent(settings, "s1", {"sweep.overrides": "target=onnxruntime,eager"})
     client = mlflow_client(uri=f"sqlite:///{store}")
     runs = sorted((r for r in mlflow_runs(client) if r.info.run_id != parent["run_id"]), key=lambda r: r.info.start_time)
     for number, run in enumerate(runs):
         for key, value in {"sweep.id": "s1", "sweep.job": str(number),
                            "sweep.overrides": f"target={run.data.tags['target']}"}.items():
             client.set_tag(run.info.run_id, key, value)
-    tracking.finish_parent(settings, parent["run_id"], "FINISHED", {}, {}, [])
+    sweeps.finish_parent(settings, parent["run_id"], "FINISHED", {}, {}, [])
     proc = compare_cli("--store", str(store), "--sweep", "latest")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("sweep s1") and f"parent run: {parent['run_id']} (FINISHED)" in proc.stdout

@@ -78,7 +78,6 @@ def assert_matches(got: torch.Tensor, ref: torch.Tensor):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
-@pytest.mark.slow  # the module fixture builds the ResNet-18 hybrid
 def test_reload_resnet18_hybrid_in_a_fresh_process(reloaded):
     jobs, refs, out = reloaded
     job, got = jobs["resnet18_hybrid"], out["resnet18_hybrid"]
@@ -90,7 +89,6 @@ def test_reload_resnet18_hybrid_in_a_fresh_process(reloaded):
     assert_matches(got["y"], refs["resnet18_hybrid"])
 
 
-@pytest.mark.slow  # the module fixture builds the ResNet-18 hybrid
 def test_reload_imports_the_custom_op_module(reloaded):
     _, refs, out = reloaded
     got = out["custom_op"]
@@ -99,14 +97,12 @@ def test_reload_imports_the_custom_op_module(reloaded):
     assert_matches(got["y"], refs["custom_op"])
 
 
-@pytest.mark.slow  # the module fixture builds the ResNet-18 hybrid
 def test_reload_tiny(reloaded):
     _, refs, out = reloaded
     assert list(out["tiny"]["engines"]) == ["accel_0"]
     assert_matches(out["tiny"]["y"], refs["tiny"])
 
 
-@pytest.mark.slow
 def test_load_an_eager_run(resnet18_eager):
     module = pipeline.load(resnet18_eager.run_dir)
     assert not any(isinstance(m, EngineModule) for m in module.modules())

@@ -25,6 +25,7 @@ import pytest
 from testkit import clean_env
 
 from pipeline import compare, tracking
+from pipeline.tracking import sweeps
 
 CHROMIUM = "/usr/bin/chromium"
 # Chromium on a machine without a display, a GPU or a network.
@@ -114,14 +115,14 @@ def parent(server, tmp_path_factory):
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = server
     try:
-        parent = tracking.start_parent(settings, "ui-test", {"sweep.overrides": "compile.min_block_size=0,1,2"},
+        parent = sweeps.start_parent(settings, "ui-test", {"sweep.overrides": "compile.min_block_size=0,1,2"},
                                        run_name="sweep min_block_size=0,1,2 target=onnxruntime,eager")
         add_children(MlflowClient(server), parent, jobs)
         title = "sweep ui-test: 3 jobs, 1 failed"
         files = compare.write_report(jobs, tmp, title)
         note = compare.note(jobs, title, lambda run_id: tracking.ui_path(parent["experiment_id"], run_id))
         summary = sweep.summarise(jobs, sweep.best_job(jobs), tmp)
-        tracking.finish_parent(settings, parent["run_id"], "FAILED", summary["metrics"], summary["tags"], files,
+        sweeps.finish_parent(settings, parent["run_id"], "FAILED", summary["metrics"], summary["tags"], files,
                                note=note, child_tags=summary["child_tags"])
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI")
@@ -200,3 +201,14 @@ def test_comparison_md_reads_one_job_a_line_in_the_artifact_pane(parent, server,
     lines = code.inner_text().splitlines()
     assert any("onnxruntime" in line and "FINISHED" in line and "0.430" in line for line in lines), lines
     assert page.get_by_text("Errors of the failed jobs, in full").count() == 1
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_ui_starts_the_ui_alone():
+    """No job-execution workers (MLflow 3 starts 7 huey processes), one web worker, the Starlette warning filtered."""
+    repo = Path(__file__).resolve().parents[2]
+    recipe = subprocess.run(["make", "-n", "ui", "PY=python"], cwd=repo, capture_output=True, text=True,
+                            check=True).stdout
+    server = next(line for line in recipe.replace("\\\n", " ").splitlines() if "mlflow ui" in line)
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in server and "--workers 1" in server
+    assert 'PYTHONWARNINGS="ignore:starlette.middleware.wsgi is deprecated"' in server

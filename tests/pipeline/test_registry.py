@@ -12,7 +12,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
 import torch
 from testkit import REPO, clean_env, cli_command, mlflow_client
 
@@ -36,7 +35,6 @@ def post(port: int, payload: dict) -> tuple[int, str]:
         return error.code, error.read().decode()
 
 
-@pytest.mark.slow
 def test_a_registered_model_serves_the_engine_over_rest(tmp_path):
     job = subprocess.run(cli_command(tmp_path, "experiment=smoke", "target=onnxruntime", "register=true"),
                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from testkit import (
     REPO,
+    STAGES,
     clean_env,
     cli_command,
     free_port,
@@ -187,15 +188,50 @@ def test_two_processes_creating_a_new_sqlite_store_both_succeed(tmp_path, attemp
     assert sorted(r.info.run_name for r in runs) == ["job0", "job1"]
 
 
-def test_an_unreachable_tracking_server_fails_in_seconds_before_any_stage(tmp_path):
-    started = time.monotonic()
-    proc = run(tmp_path, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}")
-    elapsed = time.monotonic() - started
+def test_an_unreachable_tracking_server_fails_before_any_stage(tmp_path):
+    """The preflight's refusal comes before the run folder's files, the stage worker's work and the cache."""
+    port = free_port()
+    proc = run(tmp_path, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 2 and elapsed < 20, (elapsed, output[-2000:])
+    assert proc.returncode == 2, output[-2000:]
     (line,) = error_lines(output)
-    assert "does not answer" in line and "Traceback" not in output
+    assert f"the MLflow server at http://127.0.0.1:{port} does not answer" in line, line
+    assert "tracking.enabled=false" in line and "Traceback" not in output
     assert not (tmp_path / "cache").exists()  # nothing was built
+    assert not (tmp_path / "run" / "run.json").exists()  # the job never got as far as its first stage
+    assert [stage for stage in STAGES if (tmp_path / "run" / stage).exists()] == []
+
+
+def test_the_preflight_gives_up_on_a_silent_server_after_its_own_timeout(monkeypatch):
+    """A port that accepts connections and never answers: the wait is bounded by PREFLIGHT_SECONDS.
+
+    The socket's timeout is read as the connection is made (its value, not the time taken):
+    without one a silent server would hold the job before its first stage for ever.
+    """
+    from pipeline.tracking import recovery
+
+    timeouts = []
+    connect = socket.create_connection
+
+    def recording(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, *args, **kwargs):
+        timeouts.append(timeout)
+        return connect(address, timeout, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", recording)
+    monkeypatch.setattr(recovery, "PREFLIGHT_SECONDS", 0.5)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(120)  # a preflight without a timeout of its own fails below instead of hanging
+    try:
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(1)  # the kernel completes the handshake; nothing ever reads or answers
+            url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+            with pytest.raises(recovery.StoreUnavailable) as err:
+                recovery.preflight(url)
+    finally:
+        socket.setdefaulttimeout(previous)
+    assert timeouts == [0.5]
+    assert f"the MLflow server at {url} does not answer (timed out)" in err.value.one_line()
 
 
 def test_an_unwritable_sqlite_store_fails_before_any_stage(tmp_path):
@@ -208,16 +244,16 @@ def test_an_unwritable_sqlite_store_fails_before_any_stage(tmp_path):
 
 
 def server_and_slow_job(tmp_path: Path):
-    """A real mlflow server on a free port, and a job tracking to it that builds for a few seconds."""
+    """A real mlflow server on a free port, and a job tracking to it that builds until tmp_path/go exists."""
     port, root = free_port(), tmp_path / "server"
     root.mkdir()
     uri = f"http://127.0.0.1:{port}"
     server = start_server(port, root)
-    job = start(tmp_path, "model._target_=testkit.slow_tiny", "+model.kwargs.seconds=8", MLFLOW_TRACKING_URI=uri)
+    job = start(tmp_path, "model._target_=testkit.slow_tiny", "+model.kwargs.seconds=600",
+                f"+model.kwargs.until={tmp_path / 'go'}", MLFLOW_TRACKING_URI=uri)
     return port, root, uri, server, job
 
 
-@pytest.mark.slow
 def test_a_server_lost_mid_run_loses_nothing_and_sync_sends_it(tmp_path):
     port, root, uri, server, job = server_and_slow_job(tmp_path)
     try:
@@ -226,6 +262,7 @@ def test_a_server_lost_mid_run_loses_nothing_and_sync_sends_it(tmp_path):
         wait_for(lambda: any(r.info.status == "RUNNING" and r.data.params for r in mlflow_runs(client)),
                  what="the job's run")
         stop(server)
+        (tmp_path / "go").touch()  # the job builds on, and finds the store gone when it records
         assert job.wait(300) == 4
         output = (tmp_path / "job.log").read_text()
         (line,) = error_lines(output)
@@ -246,13 +283,13 @@ def test_a_server_lost_mid_run_loses_nothing_and_sync_sends_it(tmp_path):
         job.kill()
 
 
-@pytest.mark.slow
 def test_a_store_lost_while_the_run_opens_still_keeps_the_results(tmp_path):
     """The server answers the preflight, then is gone before the run is open: exit 4, sync later."""
     _, _, _, server, job = server_and_slow_job(tmp_path)
     try:
         wait_for(lambda: (tmp_path / "run" / "run.json").is_file(), what="the job's run.json")
         stop(server)  # right after the preflight: opening the run fails in the background
+        (tmp_path / "go").touch()
         assert job.wait(300) == 4
         record = run_json(tmp_path)
         assert record["status"] == "FINISHED" and record["tracking"]["recorded"] is False

@@ -122,6 +122,22 @@ def test_validate_report(tiny_job):
         assert stats["cv"] == pytest.approx(stats["std_ms"] / stats["mean_ms"])
     assert lat["speedup"] == pytest.approx(lat["eager"]["p50_ms"] / lat["compiled"]["p50_ms"])
     assert tiny_job.result.metrics["speedup"] == pytest.approx(lat["speedup"])
+    # One thread budget for both sides, at most the cores this process may use, recorded with its reason.
+    assert 1 <= lat["threads"]["threads"] <= len(os.sched_getaffinity(0))
+    assert lat["threads"]["reason"].startswith("auto: ")
+    assert tiny_job.result.metrics["latency_threads"] == lat["threads"]["threads"]
+
+
+def test_eager_and_the_engine_get_one_thread_budget(tiny_job, tmp_path):
+    """validate.threads sizes torch and ONNX Runtime's pool alike; a pool size the user fixed is given to eager too."""
+    one = run_job(tmp_path / "a", "target=onnxruntime", "validate.threads=1", "tracking.enabled=false",
+                  cache=tiny_job.cache)
+    assert one.json("validate/report.json")["latency"]["threads"] == {"threads": 1, "reason": "validate.threads=1"}
+    assert one.result.metrics["latency_threads"] == 1
+    fixed = run_job(tmp_path / "b", "target=onnxruntime", "validate.threads=1", "target.intra_op_num_threads=2",
+                    "tracking.enabled=false", cache=tiny_job.cache)
+    threads = fixed.json("validate/report.json")["latency"]["threads"]
+    assert threads["threads"] == 2 and "so eager gets 2 too" in threads["reason"]
 
 
 def test_build_has_the_engines(tiny_job):
@@ -304,3 +320,11 @@ def test_unknown_target_fails_before_any_run(tmp_path):
         make_runner(tmp_path, "target.name=nope")
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "cache").exists()
 
+
+
+def test_sweep_preloads_name_modules_that_exist():
+    """Target.sweep_preload is imported by name in the stage worker's server: a typo would fail every sweep."""
+    for name, cls in targets.registry().items():
+        for module in cls.sweep_preload:
+            assert importlib.util.find_spec(module) is not None, f"{name}: {module}"
+    assert targets.target_class("onnxruntime").sweep_preload  # the ONNX registry partition needs

@@ -2,7 +2,7 @@
 
 The in-process part composes the real config with each wrong value and runs what the
 job runs before any stage (Hydra's composition and the entry point's one-line report,
-then pipeline.checks.check_settings); a few real `python -m pipeline` jobs show the
+then pipeline.checks.check_target); a few real `python -m pipeline` jobs show the
 same as the user sees it: one `error:` line, exit 2, no stage started.
 """
 
@@ -57,7 +57,7 @@ CASES = list(cases())
 def refusal(tmp: Path, target: str, key: str, value: str) -> str | None:
     """The one line the job prints before any stage for target.key=value (None: it was accepted)."""
     from pipeline.__main__ import request_error
-    from pipeline.checks import check_settings
+    from pipeline.checks import check_target
     from pipeline.errors import PipelineError
     from pipeline.runner import Runner
 
@@ -71,7 +71,7 @@ def refusal(tmp: Path, target: str, key: str, value: str) -> str | None:
 
     try:
         runner = Runner(cfg, tmp / "run", Console(record=True))
-        check_settings(runner.config)
+        check_target(runner.config)
     except PipelineError as err:
         return err.one_line()
     return None

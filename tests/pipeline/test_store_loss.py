@@ -85,7 +85,6 @@ def make_immutable(folder: Path) -> None:
     pytest.skip(f"cannot make a folder unwritable here (chattr: {proc.stderr.strip() or proc.returncode})")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["deleted", "immutable", "server killed"])
 def test_a_sweep_that_loses_its_store_says_so_and_one_sync_sends_everything(tmp_path, loss):
     uri = server = None

@@ -42,7 +42,7 @@ def failing_sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     # A loaded machine must not turn the one finished job's latency untrusted (no winner is named on noise).
     proc = run_sweep(tmp, "compile.torch_executed_ops=[aten.relu.default]",
-                     "compile.require_full_compilation=false,true", "register=true", "validate.cv_warn_threshold=100")
+                     "compile.require_full_compilation=false,true", "register=true", "validate.spread_warn_threshold=100")
     return tmp, proc
 
 

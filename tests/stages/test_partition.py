@@ -66,7 +66,6 @@ def assert_passed(job):
 
 # --- (a) torch_executed_ops ---------------------------------------------------------------
 
-@pytest.mark.slow
 def test_torch_executed_ops_splits_resnet18(resnet18_hybrid):
     job = resnet18_hybrid
     report = check_accounting(job)
@@ -94,7 +93,6 @@ def test_torch_executed_ops_splits_resnet18(resnet18_hybrid):
 
 # --- (b) min_block_size -------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_min_block_size_larger_than_any_block(resnet18_no_blocks):
     job = resnet18_no_blocks
     report = check_accounting(job)
@@ -112,7 +110,6 @@ def test_min_block_size_larger_than_any_block(resnet18_no_blocks):
     assert job.record("export").hit and job.record("lower").hit
 
 
-@pytest.mark.slow
 def test_min_block_size_only_changes_partition_onwards(resnet18_hybrid, resnet18_no_blocks):
     for stage in ("export", "lower"):
         assert resnet18_no_blocks.record(stage).key == resnet18_hybrid.record(stage).key
@@ -121,7 +118,6 @@ def test_min_block_size_only_changes_partition_onwards(resnet18_hybrid, resnet18
 
 # --- (c) require_full_compilation ---------------------------------------------------------
 
-@pytest.mark.slow
 def test_require_full_compilation_with_a_fallback_fails(resnet18_cache, resnet18_hybrid, tmp_path):
     from pipeline.tracking import Tracker
 
@@ -157,7 +153,6 @@ def test_custom_op_stays_in_pytorch_between_two_engines(custom_op_job):
 
 # --- (e) the eager target -----------------------------------------------------------------
 
-@pytest.mark.slow
 def test_eager_target_accelerates_nothing(resnet18_eager):
     job = resnet18_eager
     report = check_accounting(job)

@@ -1,4 +1,5 @@
-"""The int8 (and fp8) build: calibrate every segment with its real inputs, then rounds that buy accuracy back.
+"""The int8 (and fp8) build (stages/build.py): calibrate every segment with its real inputs, then rounds
+that buy accuracy back. Orchestration beside the build stage; the tools it drives are pipeline.quantize.
 
 Round 0 quantizes every layer the target can. Where the engines can run here, the
 program (engines plus the PyTorch segments between them) is checked against the fp32
@@ -17,12 +18,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from pipeline import calibration, layout, programs, segments, shapes
-from pipeline.dtypes import choice_name, precision_name
+from pipeline import calibration, layer_paths, layout, programs, segments, shapes, task_metrics
+from pipeline.accuracy import compare, failures, figures
 from pipeline.errors import ConfigError
 from pipeline.files import load_json, write_json
+from pipeline.models import flat_outputs
 from pipeline.quantize import QuantizeRequest, strip
-from pipeline.quantize.accuracy import Evaluation
 
 REPORT = "quantization.json"
 
@@ -30,25 +31,27 @@ REPORT = "quantization.json"
 def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(engines.json entries, metrics) of the int8 (or fp8) build, after the accuracy-aware rounds."""
     cfg, target, q = ctx.config, ctx.target, ctx.config.quantize
-    precision = precision_name(cfg.compile.precision)
-    batches, digest = calibration.load_checked(cfg.calibration, cfg.input)
+    precision = cfg.compile.precision
+    batches, digest = calibration.load_checked(cfg.calibration, cfg.input, cfg.data)
     batches = [b.to(target.trace_device()) for b in batches]  # where the lowered program lives (a GPU's)
     recipe = load_json(ctx.inputs["partition"] / layout.PARTITION.recipe, "partition recipe")
     gm = segments.fuse(target.graph_module(programs.load(ctx.inputs["lower"])), recipe)
     inputs = calibration.segment_inputs(gm, batches)
     cal = cfg.calibration
-    dynamic = choice_name(q.mode) == "dynamic"  # ranges at run time: the batches only check
-    ctx.console.print(f"calibration: {choice_name(cal.source)}, {len(batches)} batches, "
+    dynamic = q.mode == "dynamic"  # ranges at run time: the batches only check
+    ctx.console.print(f"calibration: {cal.source}, {len(batches)} batches, "
                       + ("quantize.mode=dynamic (activation scales per batch at run time; the batches check "
-                         "accuracy)" if dynamic else f"method {choice_name(cal.method)}")
+                         "accuracy)" if dynamic else f"method {cal.method}")
                       + f", per_channel={cal.per_channel}, sha256 {digest[:12]}", markup=False, highlight=False)
     evaluation = None
     if target.can_execute() is None:
         tolerance = dict(cfg.validate.tolerances[precision])
         evaluation = Evaluation(gm, batches[: int(q.eval_samples)], tolerance, cfg.model.task == "classification",
-                                int(q.latency_iterations), shapes.batch_size(cfg.input, batches[0].dims))
+                                int(q.latency_iterations), shapes.batch_size(cfg.input, batches[0].dims),
+                                task_metrics.round_gate(cfg, int(q.eval_samples)))
     excluded, rounds = list(q.exclude), []
     check_excluded(target, converted, ctx.inputs["convert"], excluded)
+    paths = layer_paths.of_segments(converted, ctx.inputs["convert"])  # names users wrote
     with tempfile.TemporaryDirectory(prefix="quantize-") as scratch:
         def build(number: int, kept: list[str]) -> list[dict[str, Any]]:
             with ctx.console.status(f"{precision} round {number}: quantizing and building with {target.name}"):
@@ -65,23 +68,26 @@ def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any
             ctx.console.print(_describe(record, precision), markup=False, highlight=False)
             if evaluation is None or record["passed"] or number == int(q.max_rounds):
                 break
-            worst = _worst_layers(engines, inputs, excluded, int(q.layers_per_round), ctx, Path(scratch))
+            worst = _worst_layers(engines, inputs, excluded, int(q.layers_per_round), ctx, Path(scratch), paths)
             if not worst:
                 break
             excluded += worst
-        best = max(rounds, key=lambda r: (bool(r.get("passed")), r.get("cosine_similarity", 0.0)))
+        best = max(rounds, key=lambda r: (bool(r.get("passed")), -(task_metrics.round_drop(r) or 0.0),
+                                          r.get("cosine_similarity", 0.0)))
         if best is not rounds[-1]:  # no round passed and the last bought nothing: keep the best one's layers
             excluded = list(best["kept_fp32"])
             ctx.console.print(f"{precision}: no round passed; keeping round {best['round']}, the most accurate",
                               markup=False, highlight=False)
             engines = build(best["round"], excluded)
     engines = [strip(e) for e in engines]
+    modules = {layer: layer_paths.module_of(layer, paths) for layer in excluded}
     report = {"calibration": OmegaConf.to_container(cal, resolve=True), "rounds": rounds, "kept_fp32": excluded,
-              "chosen_round": best["round"], "passed": best.get("passed"),
+              "kept_fp32_modules": modules, "chosen_round": best["round"], "passed": best.get("passed"),
               "gate": dict(cfg.validate.tolerances[precision]) if evaluation else None}
     write_json(ctx.out / REPORT, report)
     # A text metric becomes an MLflow tag: the params are logged before the digest is known.
-    return engines, {**_metrics(rounds, best, excluded, precision), "calibration.sha256": digest}
+    return engines, {**_metrics(rounds, best, excluded, precision), "calibration.sha256": digest,
+                     "quantize.kept_fp32_modules": ",".join(m or "?" for m in modules.values()) or "none"}
 
 
 def check_excluded(target, converted: list[dict[str, Any]], convert_dir: Path, excluded: list[str]) -> None:
@@ -89,10 +95,11 @@ def check_excluded(target, converted: list[dict[str, Any]], convert_dir: Path, e
 
     A misspelt name would otherwise quantize the layer it meant to keep, silently.
     """
-    names_of = getattr(target, "layer_names", None)
-    if not excluded or names_of is None:
+    if not excluded:
         return
-    found = {seg["name"]: names_of(seg, convert_dir) for seg in converted}
+    found = {seg["name"]: target.layer_names(seg, convert_dir) for seg in converted}
+    if any(names is None for names in found.values()):  # the target cannot tell: its tool checks
+        return
     unknown = [e for e in excluded
                if ("/" in e and e.split("/", 1)[1] not in found.get(e.split("/", 1)[0], (set(), []))[0])
                or ("/" not in e and not any(e in names for names, _ in found.values()))]
@@ -107,9 +114,9 @@ def _request(name: str, inputs: dict[str, list[tuple]], cfg, excluded: list[str]
     """The segment's request: layers excluded by bare name (every segment) or as segment/layer."""
     mine = [e.split("/", 1)[1] if "/" in e else e for e in excluded if "/" not in e or e.startswith(f"{name}/")]
     cal = cfg.calibration
-    return QuantizeRequest(inputs=inputs.get(name, []), method=choice_name(cal.method),
+    return QuantizeRequest(inputs=inputs.get(name, []), method=cal.method,
                            per_channel=bool(cal.per_channel), exclude=mine, op_types=list(cfg.quantize.op_types),
-                           mode=choice_name(cfg.quantize.mode), workdir=Path(scratch))
+                           mode=cfg.quantize.mode, workdir=Path(scratch))
 
 
 def fractions(engines: list[dict[str, Any]], precision: str) -> dict[str, Any]:
@@ -121,7 +128,8 @@ def fractions(engines: list[dict[str, Any]], precision: str) -> dict[str, Any]:
             f"{precision}_mac_fraction": sum(s.get(f"{precision}_macs", 0) for s in stats) / macs if macs else 0.0}
 
 
-def _worst_layers(engines, inputs, excluded: list[str], count: int, ctx, scratch: Path) -> list[str]:
+def _worst_layers(engines, inputs, excluded: list[str], count: int, ctx, scratch: Path,
+                  paths: dict[str, str]) -> list[str]:
     """The `count` layers whose int8 versions add the most noise, over every segment, as segment/layer."""
     from pipeline.quantize import sensitivity
 
@@ -138,7 +146,8 @@ def _worst_layers(engines, inputs, excluded: list[str], count: int, ctx, scratch
     found.sort(key=lambda item: item[1])
     worst = [item for item in found if item[0] not in excluded and item[1] < sensitivity.EXACT_DB][:count]
     for layer, db in worst:
-        ctx.console.print(f"int8: keeping {layer} in fp32 (it adds noise at SQNR {db:.1f} dB)",
+        ctx.console.print(f"int8: keeping {layer_paths.named(layer, paths)} in fp32 (it adds noise at "
+                          f"SQNR {db:.1f} dB)",
                           markup=False, highlight=False)
     return [layer for layer, _ in worst]
 
@@ -169,6 +178,8 @@ def _describe(record: dict[str, Any], precision: str) -> str:
     if "cosine_similarity" in record:
         text += (f", cosine {record['cosine_similarity']:.5f}, rel L2 {record['rel_l2_err']:.3g}"
                  + (f", top-1 {record['top1_agreement']:.2f}" if "top1_agreement" in record else "")
+                 + (f", task drop {task_metrics.round_drop(record):.2f} points"
+                    if task_metrics.round_drop(record) is not None else "")
                  + (f", p50 {record['latency_p50_ms']:.2f} ms" if "latency_p50_ms" in record else "")
                  + (" (passes)" if record["passed"] else " (fails: " + "; ".join(record["failures"]) + ")"))
     return text
@@ -181,7 +192,58 @@ def _metrics(rounds: list[dict[str, Any]], last: dict[str, Any], excluded: list[
                                "quantize_rounds": float(len(rounds) - 1), "quantize_layers_fp32": float(len(excluded)),
                                "quantize.kept_fp32": ",".join(excluded) or "none"}
     for record in rounds:
-        for key in ("cosine_similarity", "rel_l2_err", "top1_agreement", "latency_p50_ms", fractions[1]):
+        for key in ("cosine_similarity", "rel_l2_err", "top1_agreement", "latency_p50_ms", fractions[1],
+                    "task/top1_drop", "task/cosine_mean", "task/cosine_mean_drop"):
             if key in record:
                 metrics[f"quantize/round{record['round']}_{key}"] = record[key]
     return metrics
+
+
+class Evaluation:
+    """The fp32 program's outputs on a few batches, and the check of each round's engines against them."""
+
+    def __init__(self, gm, batches, tolerance: dict[str, Any], classifier: bool, latency_iterations: int,
+                 batch_size: int, task=None):
+        import torch
+
+        # task: a pipeline.task_metrics.RoundGate; with labels the task's drop gates, not the tolerances.
+        self.gm, self.batches, self.tolerance, self.classifier, self.task = gm, batches, tolerance, classifier, task
+        self.latency_iterations, self.batch_size = latency_iterations, batch_size
+        with torch.no_grad():
+            self.reference = [flat_outputs(b(gm)) for b in batches]
+
+    def check(self, target, engines: list[dict[str, Any]], build_dir) -> dict[str, Any]:
+        """Swap the segments for this round's engines, then accuracy (and latency) of the program."""
+        import torch
+
+        from pipeline.hybrid import EngineModule
+
+        options = {**target.runtime_options(self.gm), "trusted": True}
+        for entry in engines:
+            setattr(self.gm, entry["name"], EngineModule(target.load_engine(entry, build_dir, options)))
+        with torch.no_grad():
+            got = [flat_outputs(b(self.gm)) for b in self.batches]
+        acc = compare(self.reference, got, self.classifier)
+        found = failures(acc, self.tolerance)
+        record: dict[str, Any] = {**figures(acc), "passed": not found, "failures": found}
+        if self.task is not None:
+            task, found = self.task.check(self.reference, got)
+            record.update({**task, "passed": not found, "failures": found})
+        if self.latency_iterations:
+            record["latency_p50_ms"] = self._latency()
+        return record
+
+    def _latency(self) -> float:
+        import torch
+
+        from pipeline.timing import measure
+
+        sample = self.batches[0]
+
+        def call():
+            with torch.no_grad():
+                sample(self.gm)
+
+        stats = measure({"int8": call}, warmup=min(3, self.latency_iterations), iterations=self.latency_iterations,
+                        rounds=1, min_seconds=0.0, batch_size=self.batch_size, cuda=False)
+        return stats["int8"].p50_ms
