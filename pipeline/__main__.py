@@ -15,9 +15,14 @@ import os
 import sys
 from pathlib import Path
 
-import hydra
+if __name__ == "__main__":  # before anything that takes time: a signal in the first second is recorded too
+    from pipeline.errors import hold_signals
 
-import pipeline.config  # noqa: F401  (registers the schemas)
+    hold_signals()
+
+import hydra  # noqa: E402
+
+import pipeline.config  # noqa: E402, F401  (registers the schemas)
 
 # Frames from these folders are the job's own code: its errors are not Hydra's to explain.
 JOB_CODE = tuple(str(Path(__file__).resolve().parents[1] / d) + os.sep for d in ("pipeline", "stages"))
@@ -111,6 +116,8 @@ def install_error_report():
     """
     from hydra._internal import utils
 
+    from pipeline.errors import PipelineError
+
     original = getattr(utils, "run_and_report", None)
     if original is None:  # another Hydra: its own report stands
         return lambda: None
@@ -122,6 +129,9 @@ def install_error_report():
         def guarded():
             try:
                 return func()
+            except PipelineError as err:  # raised before any job: a sweep's store that cannot be used
+                print(f"error: {err.one_line()}", file=sys.stderr, flush=True)
+                sys.exit(err.exit_code)
             except Exception as err:
                 line = request_error(err)
                 if line is None:
@@ -136,17 +146,28 @@ def install_error_report():
 
 
 def entry() -> None:
-    """Run Hydra; after a sweep, finish its summary (even if Hydra failed) and exit 1 if a job failed."""
+    """Run Hydra; after a sweep, finish its summary (even if Hydra failed) and exit with its status
+    (1: a job failed, 4: results that did not reach MLflow, see sweep.finalize)."""
+    import signal
+
     from pipeline import sweep
+    from pipeline.errors import held_signal
 
     restore = install_error_report()
     try:
         main()
+    except KeyboardInterrupt as err:  # between a sweep's jobs (each job handles its own)
+        signum = signal.SIGTERM if getattr(err, "signal_name", "") == "SIGTERM" else signal.SIGINT
+        print(f"error: interrupted by {signal.Signals(signum).name}.", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
     finally:
         restore()
-        failed = sweep.finalize() if sweep.STATE else 0
-    if failed:
-        sys.exit(1)
+        status = sweep.finalize() if sweep.STATE else 0
+    if held_signal():  # arrived before any job could record it
+        print(f"error: interrupted by {signal.Signals(held_signal()).name}.", file=sys.stderr, flush=True)
+        sys.exit(128 + held_signal())
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import calibration, data
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TargetUnavailable
 from pipeline.models import check_weights
 
 # Dotted key -> (lowest allowed, highest allowed or None, whether the lowest is excluded).
@@ -52,6 +52,16 @@ TOLERANCES: dict[str, tuple[float, float | None]] = {
 }
 
 
+def check_target(config: dict[str, Any]) -> None:
+    """The target's settings against the choices and ranges its Settings declare, and the device it asks
+    for: before the target is made, so a wrong value is one line, not an error from inside the target."""
+    from pipeline import schema, targets
+
+    target = config["target"]
+    schema.check("target", targets.target_class(target["name"]).Settings, target)  # enums and ranges declared there
+    check_device(target.get("device"))
+
+
 def check_settings(config: dict[str, Any], target) -> None:
     """Every cheap check of the resolved config, in the order a user reads the settings.
 
@@ -74,6 +84,16 @@ def check_settings(config: dict[str, Any], target) -> None:
     calibration.check(config)  # int8/fp8: the data loads and fits; keyed by its sha256
     for key in ("paths.outputs", "paths.cache"):
         check_writable_dir(key, _get(config, key))
+
+
+def check_device(asked: str | None) -> None:
+    """A device asked for by name must be here, for every target: refused now, not at build (or never)."""
+    from pipeline import targets
+
+    missing = targets.cuda_missing() if asked == "cuda" else None
+    if missing:
+        raise TargetUnavailable(f"target.device=cuda was asked for, but there is {missing}.",
+                                "use target.device=auto or cpu here, or run on a machine with a CUDA GPU.")
 
 
 def check_quantization(config: dict[str, Any], target) -> None:

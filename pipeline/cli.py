@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline import layout
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, arm_signals
 
 
 def job_dir() -> tuple[Path, bool]:
@@ -36,6 +36,8 @@ def run_job(cfg: DictConfig) -> float | None:
     context = sweep.job_context(run_dir) if in_sweep else None
     debug = cfg.verbose or os.environ.get("PIPELINE_DEBUG") == "1"
     try:
+        record_start(run_dir)
+        arm_signals()  # a signal held while Hydra composed raises here, with the record there to say KILLED
         label_custom_model(cfg)
         runner = Runner(cfg, run_dir, console, sweep=context)  # resolves the target: no torch, no stage
         # The stage worker's server imports torch (and, in a sweep, what the target's jobs all redo) while
@@ -45,6 +47,7 @@ def run_job(cfg: DictConfig) -> float | None:
         result = runner.run(Tracker(runner.config["tracking"]))
     except KeyboardInterrupt as err:  # SIGINT, or SIGTERM (errors.Terminated): recorded KILLED by the runner
         name = getattr(err, "signal_name", "SIGINT")
+        record_end(run_dir, "KILLED", f"interrupted by {name}")
         console.print("[red]error:[/] " + escape(f"interrupted by {name}; the run is recorded KILLED ({run_dir})."))
         _save_log(console, run_dir)
         if debug:
@@ -59,11 +62,8 @@ def run_job(cfg: DictConfig) -> float | None:
         _save_log(console, run_dir)
         if debug:
             raise
+        record_end(run_dir, "FAILED", line)  # failed before the runner took over the record
         if in_sweep:
-            if not (run_dir / layout.RUN_JSON).is_file():  # failed before the runner could record it
-                from pipeline.files import write_json
-
-                write_json(run_dir / layout.RUN_JSON, {"status": "FAILED", "error": line, "target": None, "metrics": {}})
             if sweep.is_search():
                 raise  # the Optuna sweeper marks the trial failed (max_failure_rate lets the search go on)
             return sweep.failed_value()
@@ -77,6 +77,33 @@ def run_job(cfg: DictConfig) -> float | None:
                                 "search with targets whose engines run on this machine.")
         return sweep.failed_value()
     return latency
+
+
+def record_start(run_dir: Path) -> None:
+    """run.json (RUNNING, with this process's identity) from the job's first moment: a job killed while it
+    still composes or checks is a record the next job closes, or one a signal turns KILLED."""
+    from pipeline.files import write_json
+    from pipeline.tracking.recovery import process_identity
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / layout.RUN_JSON, {"status": "RUNNING", "error": None, "target": None, "metrics": {},
+                                               "process": process_identity()})
+    except OSError:  # the runner's own checks name the folder that cannot be written, in one line
+        pass
+
+
+def record_end(run_dir: Path, status: str, error: str) -> None:
+    """A job that ended before the runner took over its record (which writes its own): run.json says how."""
+    from pipeline.files import load_json, write_json
+
+    path = run_dir / layout.RUN_JSON
+    try:
+        record = load_json(path, "run record") if path.is_file() else {}
+    except PipelineError:  # a damaged record: replaced
+        record = {}
+    if record.get("status", "RUNNING") == "RUNNING" and run_dir.is_dir():
+        write_json(path, {"target": None, "metrics": {}, **record, "status": status, "error": error})
 
 
 def label_custom_model(cfg: DictConfig) -> None:

@@ -6,7 +6,7 @@ Pareto front of latency against accuracy error: the only jobs worth choosing bet
 Jobs whose engines cannot run on this machine (validated=0) say "n/m" instead of "-", so
 "not measured here" is never read as "failed".
 
-The inputs are job records (pipeline.tracking.job_record, or the sweep's own from run
+The inputs are job records (pipeline.tracking.sweeps.job_record, or the sweep's own from run
 folders), so the same code serves the end of a sweep and the command line. matplotlib is
 imported only to plot, and mlflow only by pipeline.tracking: the table stays quick.
 """
@@ -353,7 +353,7 @@ def fail(what: str, fix: str) -> NoReturn:
 def main(argv: list[str] | None = None) -> None:
     from pipeline.cache.cli import Parser
     from pipeline.config import PathsConfig, TrackingConfig
-    from pipeline.tracking import experiment_name, load_jobs, tracking_uri
+    from pipeline.tracking import experiment_name, sweeps, tracking_uri
 
     store, artifacts = (p.replace("${paths.outputs}", PathsConfig.outputs)
                         for p in (TrackingConfig.store, TrackingConfig.artifacts))
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"no MLflow store at {uri.removeprefix('sqlite:///')}",
              "run a job first, or pass --store PATH (or set MLFLOW_TRACKING_URI)")
     try:
-        parent, jobs = load_jobs(settings, args.sweep, experiment)
+        parent, jobs = sweeps.load_jobs(settings, args.sweep, experiment)
     except Exception as err:  # a store MLflow cannot read: say so in one line, like every other error
         if os.environ.get("PIPELINE_DEBUG") == "1":
             raise

@@ -77,6 +77,96 @@ def terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+# Signals that arrived before the job could record them (held), and whether they raise now.
+_SIGNALS: dict[str, object] = {"armed": False, "pending": None}
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _on_signal(signum, frame):
+    if not _SIGNALS["armed"]:
+        _SIGNALS["pending"] = signum  # raised by arm_signals() once the job's record exists
+        return
+    raise _interrupt(signum)
+
+
+def hold_signals() -> None:
+    """At the process's first moment: SIGTERM and SIGINT are held while Hydra composes, then raised.
+
+    Without this, SIGTERM in the first seconds (imports, composing) ends the process with
+    no record at all, and SIGINT prints a traceback from whatever was importing.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+
+
+def arm_signals() -> None:
+    """The job's record exists: signals raise from now on, and one held meanwhile raises now."""
+    _SIGNALS["armed"] = True
+    pending, _SIGNALS["pending"] = _SIGNALS["pending"], None
+    if pending is not None:
+        raise _interrupt(pending)
+
+
+def held_signal() -> int | None:
+    """A signal held and never raised (the process ended before a job could record it)."""
+    return _SIGNALS["pending"]
+
+
+@contextlib.contextmanager
+def signals_blocked():
+    """Signals wait while a KILLED record is written (a second SIGTERM must not cut it short)."""
+    blocked = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        yield
+    finally:
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+        except KeyboardInterrupt:  # the one that waited: the job is ending for a signal anyway
+            pass
+
+
+_DEFERRED: dict[str, int | None] = {"signal": None, "active": False}
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """While a job records itself, SIGTERM and SIGINT stop it between two store calls, not inside one.
+
+    A signal raised inside a SQLite write leaves that connection mid-transaction: the
+    KILLED record written next would wait on the job's own lock. Store calls check
+    `raise_deferred()` first (pipeline.tracking's client), and the end of the block raises
+    a signal that came after the last one, so the record still ends KILLED.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def hold(signum, frame):
+        _DEFERRED["signal"] = signum
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGTERM, signal.SIGINT)}
+    _DEFERRED.update(signal=None, active=True)
+    try:
+        yield
+        raise_deferred()
+    finally:
+        _DEFERRED["active"] = False
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def raise_deferred() -> None:
+    """Raise the signal held by signals_deferred, at a point where stopping is safe (main thread only)."""
+    if _DEFERRED["signal"] is not None and threading.current_thread() is threading.main_thread():
+        signum, _DEFERRED["signal"] = _DEFERRED["signal"], None
+        raise _interrupt(signum)
+
+
 def first_line(err: BaseException) -> str:
     """An exception's first message line (its type's name when the message is empty), for one-line errors."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -46,7 +46,7 @@ def _factory(target: str):
         raise ConfigError(f"model._target_={target!r} is not a dotted path to a factory.", fix)
     try:
         module = importlib.import_module(module_name)
-    except Exception as err:
+    except (Exception, SystemExit) as err:  # sys.exit() at import: a broken module like any other
         missing = isinstance(err, ModuleNotFoundError) and (module_name + ".").startswith(f"{err.name}.")
         why = "is not found" if missing else f"fails at import: {_first_line(err)}"
         raise ConfigError(f"model._target_={target!r} cannot be imported: module {module_name!r} {why.rstrip('.')}.",
@@ -85,8 +85,8 @@ def build_model(model_cfg: DictConfig):
                 "use model.weights=null for random weights, or run where the weights can be downloaded.",
             ) from None
         raise _factory_failed(model_cfg, err) from err
-    except Exception as err:  # the factory's own failure: the user's code (or kwargs) to fix
-        raise _factory_failed(model_cfg, err) from err
+    except (Exception, SystemExit) as err:  # the factory's own failure (sys.exit() too): the user's code to fix
+        raise _factory_failed(model_cfg, err) from None
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(
             f"model._target_={model_cfg._target_!r} returned {type(model).__name__}, not an nn.Module.",
@@ -142,7 +142,7 @@ def check_weights(config: dict[str, Any]) -> None:
     model["weights_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _factory_failed(model_cfg: DictConfig, err: Exception) -> ConfigError:
+def _factory_failed(model_cfg: DictConfig, err: BaseException) -> ConfigError:
     return ConfigError(
         f"model {model_cfg.name}: the factory model._target_={model_cfg._target_!r} raised {_first_line(err).rstrip('.')}.",
         f"fix the factory or model.kwargs (calling {model_cfg._target_}(...) in Python shows the traceback).",

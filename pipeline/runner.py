@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +22,18 @@ from rich.markup import escape
 
 from pipeline import env, layout, naming, ops, payoff, shapes, targets
 from pipeline.cache import StageCache, select
-from pipeline.checks import check_settings
+from pipeline.checks import check_settings, check_target
 from pipeline.config import check_known_keys
-from pipeline.errors import CompileError, PipelineError, terminate_as_interrupt
+from pipeline.errors import (
+    CompileError,
+    PipelineError,
+    signals_blocked,
+    signals_deferred,
+    terminate_as_interrupt,
+)
 from pipeline.files import load_json, write_json
 from pipeline.stage import StageSpec
-from pipeline.tracking.recovery import process_identity
+from pipeline.tracking.recovery import close_dead_folders, process_identity
 from pipeline.worker import MEMORY_CHECK, Request, StageWorker, disk_full, reraise
 
 
@@ -122,6 +129,9 @@ class Runner:
         started = time.perf_counter()
         # Started first: the child's start overlaps opening MLflow and the checks below.
         self.worker = StageWorker()
+        # Run folders of jobs killed outright (tracked or not) closed FAILED, while this job works.
+        tidy = threading.Thread(target=close_dead_folders, args=(Path(self.config["paths"]["outputs"]),), daemon=True)
+        tidy.start()
         self.console.print(f"[bold]target[/]: {escape(self.target_reason)}")
         self.current_stage = "checks"
         if self.sweep:
@@ -150,6 +160,7 @@ class Runner:
             raise
         finally:
             self.worker.close()
+            tidy.join(10)  # a job that fails in a second still closes what dead jobs left
             result.wall_seconds = time.perf_counter() - started
             self.finish(result, tracker)
         return result
@@ -214,6 +225,7 @@ class Runner:
 
         pipeline.load rebuilds engines from config.yaml's target, so it must name the device used.
         """
+        check_target(self.config)  # declared choices and ranges, the device asked for: before the target
         target = targets.make(self.target_name, self.config["target"])  # device resolved once, here
         check_settings(self.config, target)  # ranges, paths, what its quantizer serves: before any stage
         target.configure(self.config["compile"])  # the plain resolved dict: no DictConfig round trip
@@ -277,11 +289,12 @@ class Runner:
         """Run files first, then MLflow; a tracking error never hides the job's own error."""
         self.write_run_files(result)
         try:
-            recorded = tracker.finish(result, self.run_dir)
-            if recorded:
-                result.tracking = {**result.tracking, **recorded, "recorded": True}
-            if recorded and result.status == "FINISHED" and self.config["register"] and not self.sweep:
-                self.register(result, tracker)
+            with signals_deferred():  # a signal while MLflow records the job: recorded KILLED
+                recorded = tracker.finish(result, self.run_dir)
+                if recorded:
+                    result.tracking = {**result.tracking, **recorded, "recorded": True}
+                if recorded and result.status == "FINISHED" and self.config["register"] and not self.sweep:
+                    self.register(result, tracker)
         except PipelineError as err:
             result.tracking.update(recorded=False, error=err.one_line())
             write_json(self.run_dir / layout.RUN_JSON, result.as_dict())
@@ -289,6 +302,13 @@ class Runner:
                 raise  # exit 4: finished, results on disk, not in MLflow (python -m pipeline.tracking sync)
             self.console.print(f"[yellow]warning:[/] {escape(err.one_line())}")
             return
+        except KeyboardInterrupt as err:  # the job ends for the signal, its record first
+            result.status = "KILLED"
+            result.error = f"interrupted by {getattr(err, 'signal_name', 'SIGINT')} while recording the run"
+            with signals_blocked():
+                write_json(self.run_dir / layout.RUN_JSON, result.as_dict())
+                tracker.killed(result)
+            raise
         write_json(self.run_dir / layout.RUN_JSON, result.as_dict())
 
     def register(self, result: JobResult, tracker) -> None:

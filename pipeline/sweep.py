@@ -51,7 +51,7 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from rich.console import Console
 
-        from pipeline import tracking
+        from pipeline.tracking import sweeps
 
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -62,13 +62,13 @@ class SweepCallback(Callback):
         swept = naming.swept_keys(overrides, search if is_search(config.hydra) else None)
         info: dict[str, Any] = {"id": sweep_id, "dir": str(sweep_dir), "started": time.time(),
                                 "overrides": overrides, "swept": swept, "autotune": is_search(config.hydra),
-                                "parent": None}
+                                "parent": None, "tracking": _settings(config)}
         if config.tracking.enabled:
             params = {"sweep.overrides": " ".join(overrides),
                       "sweep.sweeper": OmegaConf.select(config, "hydra.sweeper._target_", default=""),
                       "sweep.launcher": OmegaConf.select(config, "hydra.launcher._target_", default="")}
             name = naming.sweep_name(overrides, swept, search)
-            info["parent"] = tracking.start_parent(_settings(config), sweep_id, params, name)
+            info["parent"] = sweeps.start_parent(_settings(config), sweep_id, params, name)
         write_json(sweep_dir / SWEEP_FILE, info)
         STATE.clear()
         STATE.update(info=info, config=config, finalized=False)
@@ -186,7 +186,8 @@ def disk_records(sweep_dir: Path) -> list[dict[str, Any]]:
             record.update(target=run.get("target") or "", status=run["status"], error=run.get("error"),
                           metrics=run.get("metrics", {}), tags=run.get("tags", {}), build_key=build.get("key"),
                           run_id=(run.get("tracking") or {}).get("run_id"),
-                          run_name=(run.get("tracking") or {}).get("run_name"))
+                          run_name=(run.get("tracking") or {}).get("run_name"),
+                          recorded=bool((run.get("tracking") or {}).get("recorded")))
         records.append(record)
     return records
 
@@ -199,23 +200,24 @@ def best_job(jobs: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def finalize() -> int:
-    """Summarise the sweep started in this process once: table, report, parent run. Failed job count."""
+    """Summarise the sweep started in this process once: table, report, parent run. Its exit status.
+
+    The table comes from the jobs' run folders, so it is printed even when the store is
+    gone. The status reflects every job: 1 if a job failed (in a search: if none worked),
+    else 4 if results did not reach MLflow (a job's, or the parent's), as for one job.
+    """
     if not STATE or STATE.get("finalized"):
-        return STATE.get("failed", 0)
+        return STATE.get("exit", 0)
     from rich.console import Console
 
-    from pipeline import compare, tracking
+    from pipeline import compare
 
     STATE["finalized"] = True
     info, config = STATE["info"], STATE["config"]
     sweep_dir = Path(info["dir"])
     # Tables fit the terminal, and 120 columns when the output goes to a file or a pipe.
     console = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120)
-    if info["parent"]:
-        orphans = tracking.close_orphans(_settings(config), info["id"],
-                                         "the job's worker stopped before it recorded a result")
-        if orphans:
-            console.print(f"[yellow]warning:[/] {len(orphans)} job run(s) left RUNNING by a dead worker, marked FAILED")
+    lost = close_orphan_jobs(config, info, console)
     jobs = disk_records(sweep_dir)
     failed = [j for j in jobs if j["status"] != "FINISHED"]
     title = f"sweep {info['id']}: {len(jobs)} jobs, {len(failed)} failed"
@@ -226,25 +228,87 @@ def finalize() -> int:
     for line in summary["lines"]:
         console.print(line)
     console.print("report: " + escape(str(sweep_dir / "compare")))
-    if info["parent"]:
-        status = "FAILED" if failed and not info["autotune"] else "FINISHED"
-        parent = info["parent"]
-        note = compare.note(jobs, title, lambda run_id: tracking.ui_path(parent["experiment_id"], run_id))
-        tracking.finish_parent(_settings(config), parent["run_id"], status, summary["metrics"],
-                               summary["tags"], files, note=note, child_tags=summary["child_tags"])
-        console.print(f"mlflow: parent run {parent['run_id']} in experiment {parent['experiment']!r}", markup=False)
-        view = tracking.views.sweep_key(info["id"])
-        console.print(f"  runs table: {tracking.ui_link(parent['tracking_uri'], parent['experiment_id'], view=view)}",
-                      markup=False)
-        console.print("  the sweep:  "
-                      + tracking.ui_link(parent["tracking_uri"], parent["experiment_id"], parent["run_id"]), markup=False)
-        if config.register and best:
-            register_best(config, best, console)
-    write_json(sweep_dir / SWEEP_FILE, {**info, "finished": time.time(), "jobs": len(jobs), "failed": len(failed)})
+    if info["parent"] and lost is None:
+        lost = tracking_step(lambda: record_parent(_settings(config), info, jobs, summary, files, title))
+        if lost is None:
+            print_parent(console, info["parent"], info["id"])
+            if config.register and best:
+                lost = tracking_step(lambda: register_best(config, best, console))
+    unsynced = [j for j in jobs if j.get("recorded") is False] if info["parent"] else []
+    if unsynced or lost:
+        say_sync(console, sweep_dir, unsynced, lost, parent_open=lost is not None)
+    write_json(sweep_dir / SWEEP_FILE, {**info, "finished": time.time(), "jobs": len(jobs), "failed": len(failed),
+                                        "unsynced": [j["job"] for j in unsynced]})
     # An autotune search expects failed trials; it fails only when nothing worked.
     # A noisy machine may leave it without a named winner; that is no failure of the search.
-    STATE["failed"] = (0 if compare.candidates(jobs) else len(jobs)) if info["autotune"] else len(failed)
-    return STATE["failed"]
+    broken = not compare.candidates(jobs) if info["autotune"] else bool(failed)
+    STATE["exit"] = 1 if broken else 4 if (unsynced or lost) else 0
+    return STATE["exit"]
+
+
+def tracking_step(step) -> str | None:
+    """Run a step that talks to MLflow; its failure (the store gone) as one line, never a traceback."""
+    from pipeline.errors import PipelineError, first_line
+
+    try:
+        step()
+        return None
+    except PipelineError as err:
+        return err.one_line()
+    except Exception as err:  # MLflow's own errors: the store deleted, read-only, a server gone
+        return f"{type(err).__name__}: {first_line(err)}"
+
+
+def close_orphan_jobs(config: DictConfig, info: dict[str, Any], console) -> str | None:
+    """Job runs of this sweep left RUNNING by a dead worker, marked FAILED; the store's error if it is gone."""
+    from pipeline.tracking import sweeps
+
+    if not info["parent"]:
+        return None
+    closed: list[str] = []
+    lost = tracking_step(lambda: closed.extend(sweeps.close_orphans(
+        _settings(config), info["id"], "the job's worker stopped before it recorded a result")))
+    if closed:
+        console.print(f"[yellow]warning:[/] {len(closed)} job run(s) left RUNNING by a dead worker, marked FAILED")
+    return lost
+
+
+def record_parent(settings: dict[str, Any], info: dict[str, Any], jobs: list[dict[str, Any]],
+                  summary: dict[str, Any], files: list[Path], title: str) -> None:
+    """Close the sweep's parent run with the comparison: at the end of the sweep, or by sync."""
+    from pipeline import compare, tracking
+    from pipeline.tracking import sweeps
+
+    parent = info["parent"]
+    failed = any(j["status"] != "FINISHED" for j in jobs)
+    status = "FAILED" if failed and not info["autotune"] else "FINISHED"
+    note = compare.note(jobs, title, lambda run_id: tracking.ui_path(parent["experiment_id"], run_id))
+    sweeps.finish_parent(settings, parent["run_id"], status, summary["metrics"], summary["tags"], files,
+                         note=note, child_tags=summary["child_tags"])
+
+
+def print_parent(console, parent: dict[str, str], sweep_id: str) -> None:
+    from pipeline import tracking
+
+    console.print(f"mlflow: parent run {parent['run_id']} in experiment {parent['experiment']!r}", markup=False)
+    view = tracking.views.sweep_key(sweep_id)  # the runs table in the sweep's saved view
+    console.print(f"  runs table: {tracking.ui_link(parent['tracking_uri'], parent['experiment_id'], view=view)}",
+                  markup=False)
+    console.print("  the sweep:  "
+                  + tracking.ui_link(parent["tracking_uri"], parent["experiment_id"], parent["run_id"]), markup=False)
+
+
+def say_sync(console, sweep_dir: Path, unsynced: list[dict[str, Any]], error: str | None, parent_open: bool) -> None:
+    """One line: which runs MLflow does not have, and the one command that sends them all."""
+    what = []
+    if unsynced:
+        what.append(f"job(s) {', '.join(str(j['job']) for j in unsynced)}")
+    if parent_open:
+        what.append("the sweep's parent run")
+    why = f" ({error})" if error else ""
+    console.print(f"[yellow]warning:[/] MLflow does not have the results of {' and '.join(what)}{escape(why)}; "
+                  "they are on disk. Once the store is back, send them with: "
+                  + escape(f"python -m pipeline.tracking sync {sweep_dir}"), soft_wrap=True)
 
 
 # The best job's figures copied onto the parent run, as best/<metric>.

@@ -171,9 +171,9 @@ class StageWorker:
         with _standard_start_method():
             self.process.start()
         child.close()
-        self.oom_kills = peaks.oom_kills()  # the kernel's count now: a rise means our child was killed for memory
 
     def run(self, request: Request) -> Reply:
+        oom_before = peaks.oom_kills()  # the kernel's count now: a rise while this stage ran means it was killed for memory
         try:
             self.conn.send(request)
             while not self.conn.poll(POLL_SECONDS):
@@ -182,7 +182,7 @@ class StageWorker:
             reply: Reply = self.conn.recv()
         except (EOFError, OSError):
             self.process.join(5)
-            raise crashed(request, self.process.exitcode, self.oom_kills) from None
+            raise crashed(request, self.process.exitcode, oom_before) from None
         except BaseException:  # interrupted (SIGINT, SIGTERM): stop the stage before its staging is removed
             self.kill()
             raise

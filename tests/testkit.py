@@ -9,8 +9,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +156,53 @@ def run_cli(tmp: Path, *extra: str, cache: Path | None = None, timeout: float = 
                           capture_output=True, text=True, timeout=timeout)
 
 
+# --- waiting, ports and a real MLflow server ---------------------------------------------
+
+def wait_for(predicate, timeout: float = 120, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int, root: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root}/server.db", "--default-artifact-root", f"{root}/artifacts",
+           "--workers", "1"]
+    server = subprocess.Popen(cmd, cwd=root, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            import urllib.request
+
+            urllib.request.urlopen(f"{url}/health", timeout=2).close()
+            return True
+        except OSError:
+            return False
+
+    wait_for(up, timeout=240, what="mlflow server")
+    return server
+
+
+def stop(server: subprocess.Popen) -> None:
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:  # stopped already
+        pass
+    server.wait(30)
+
+
 # --- models for input-spec tests ----------------------------------------------------------
 
 def batch_branch_net():
@@ -216,6 +266,17 @@ def slow_tiny(seconds: float = 60.0, until: str | None = None):
     return tiny_cnn()
 
 
+def memory_hog(gib: float = 4.0):
+    """tiny_cnn, after its factory touched `gib` GiB: a build that cannot fit in a small memory limit."""
+    import torch
+
+    from pipeline.zoo import tiny_cnn
+
+    hog = torch.ones(int(gib * 2**30), dtype=torch.uint8)  # every page written: really resident
+    del hog
+    return tiny_cnn()
+
+
 def segfault_net(crash: bool = True):
     """A model whose forward dies in native code (a NULL read through ctypes), as a broken compiler would."""
     import ctypes
@@ -256,6 +317,13 @@ def zeros_net():
 def raising_net():
     """A factory that fails while building the model, with brackets in its message."""
     raise RuntimeError(BRACKETS)
+
+
+def exiting_net():
+    """A factory that calls sys.exit() (a script's main() used as a factory): a bad model, not an exit."""
+    import sys
+
+    sys.exit(3)
 
 
 def none_net():

@@ -34,6 +34,13 @@ TIERS: dict[str, tuple[str, ...]] = {
         "stages/test_truncate.py::test_tensorrt_builds_float64_segments_as_float32",
         "pipeline/test_hybrid.py::test_a_raw_transformers_model_works_from_a_cached_export_and_in_a_fresh_process",
         "pipeline/test_reliability.py",
+        # issues 26 and 29: stores lost and created, signals, orphans, OOM, settings refused by real jobs
+        "pipeline/test_store_loss.py",
+        "pipeline/test_store_creation.py",
+        "pipeline/test_signals.py",
+        "pipeline/test_orphans.py",
+        "pipeline/test_oom.py",
+        "pipeline/test_settings_walk.py::test_a_job_refuses_it_in_one_line_with_exit_2",
         "pipeline/test_sweep.py",
         "pipeline/test_tracking.py::test_pipeline_load_of_an_mlflow_run_in_a_fresh_process",
         "test_device_path.py::test_compile_cache_builds_validates_and_reports",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.targets import Target, TargetSettings
+from pipeline.schema import choice
+from pipeline.targets import DEVICES, Target, TargetSettings
 
 
 @dataclass
@@ -13,7 +14,7 @@ class Settings(TargetSettings):
 
     name: str = "eager"
     # auto: CUDA where torch sees a GPU, else the CPU (the baseline runs where the engines would).
-    device: str = "auto"
+    device: str = choice("auto", DEVICES)
 
 
 class EagerTarget(Target):

@@ -27,7 +27,8 @@ from typing import Any
 from pipeline.errors import ArtifactError, CompileError, ConfigError, first_line
 from pipeline.quantize import torchao_gpu
 from pipeline.quantize.pt2e import QUANTIZER
-from pipeline.targets import Target, TargetSettings
+from pipeline.schema import choice
+from pipeline.targets import DEVICES, Target, TargetSettings
 from pipeline.targets.inductor_runtime import CUDAGRAPH_MODES
 from pipeline.targets.onnx_base import value_info
 
@@ -42,18 +43,18 @@ class Settings(TargetSettings):
 
     name: str = "inductor"
     # auto: CUDA where torch sees a GPU, else the CPU.
-    device: str = "auto"
+    device: str = choice("auto", DEVICES)
     # torch.compile's mode: auto | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     # (on CUDA, reduce-overhead and max-autotune replay CUDA graphs). auto: reduce-overhead for
     # static shapes on CUDA, default elsewhere (choose_mode says why); max-autotune is never
     # chosen for you: its compile costs minutes.
-    mode: str = "auto"
+    mode: str = choice("auto", MODES)
     # Why `mode` is what it is (filled in when the job settles its target; not a setting).
     mode_reason: str = ""
     # contiguous | channels_last: weights and 4-D inputs in this layout (GPU convolutions prefer channels_last).
-    memory_format: str = "contiguous"
+    memory_format: str = choice("contiguous", MEMORY_FORMATS)
     # auto | aoti | compile_cache: auto is aoti on the CPU, compile_cache on CUDA.
-    artifact: str = "auto"
+    artifact: str = choice("auto", ARTIFACTS)
     # AOTInductor packages: Inductor's `freezing` (weights folded in as constants, inference only).
     # None: on for the CPU, where oneDNN then prepacks convolution and GEMM weights (ResNet-50
     # fp32 on this project's 2-core CPU: 60.3 -> 40.4 ms p50), off on CUDA.
@@ -63,10 +64,7 @@ class Settings(TargetSettings):
 def choose_artifact(settings: dict[str, Any]) -> str:
     """The artifact build makes: asked for, or by device; refusing the pairs that cannot work."""
     asked, device, mode = settings["artifact"], settings["device"], settings["mode"]
-    for key, allowed in (("artifact", ARTIFACTS), ("mode", MODES), ("memory_format", MEMORY_FORMATS)):
-        if settings[key] not in allowed:
-            raise ConfigError(f"target.{key}={settings[key]!r} is not one of {', '.join(allowed)}.",
-                              f"set target.{key} to one of {', '.join(allowed)}.")
+    # artifact, mode and memory_format are among their choices (Settings, checked before any stage).
     chosen = asked if asked != "auto" else ("compile_cache" if device == "cuda" else "aoti")
     if chosen == "aoti" and device == "cuda" and mode in CUDAGRAPH_MODES:
         raise ConfigError(f"target.mode={mode} replays CUDA graphs, which an AOTInductor package cannot hold.",

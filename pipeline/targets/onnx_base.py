@@ -17,6 +17,9 @@ from pipeline.errors import CompileError, first_line
 from pipeline.targets import Target
 
 # Protobuf cannot hold a model over 2 GiB; keep weights beside it from well below that.
+# The lowest target.opset: torch.onnx writes opset 18 and converts down with ONNX's version
+# converter, which fails on lower opsets (opset=5: a traceback at convert, then exit 0).
+MIN_OPSET = 18
 EXTERNAL_DATA_BYTES = 1 << 30
 
 

@@ -16,8 +16,9 @@ from types import MappingProxyType
 from typing import Any
 
 from pipeline.errors import CompileError, ConfigError, TargetUnavailable, first_line
-from pipeline.targets import TargetSettings, resolve_device
-from pipeline.targets.onnx_base import OnnxTarget, check_external_data
+from pipeline.schema import bounded, choice
+from pipeline.targets import DEVICES, TargetSettings, resolve_device
+from pipeline.targets.onnx_base import MIN_OPSET, OnnxTarget, check_external_data
 from pipeline.targets.onnxruntime_session import GPU_PROVIDERS
 
 LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
@@ -36,25 +37,25 @@ def available_providers() -> list[str]:
 class Settings(TargetSettings):
     name: str = "onnxruntime"
     # auto: CUDA where torch sees a GPU and onnxruntime has its CUDA provider, else the CPU.
-    device: str = "auto"
+    device: str = choice("auto", DEVICES)
     # Empty: from the device (cpu: CPU; cuda: CUDA, then CPU for what CUDA lacks). Named
     # providers decide the device themselves (TensorrtExecutionProvider or CUDA: the GPU).
     providers: list[str] = field(default_factory=list)
     # Bind inputs and outputs where they live instead of copying through NumPy (always on a GPU).
     io_binding: bool = False
     # disable | basic | extended | all
-    graph_optimization_level: str = "all"
+    graph_optimization_level: str = choice("all", LEVELS)
     # 0 lets ONNX Runtime choose (one thread per physical core); validate gives it validate.threads.
-    intra_op_num_threads: int = 0
-    inter_op_num_threads: int = 0
+    intra_op_num_threads: int = bounded(0, low=0)
+    inter_op_num_threads: int = bounded(0, low=0)
     # sequential | parallel
-    execution_mode: str = "sequential"
+    execution_mode: str = choice("sequential", MODES)
     # Let idle worker threads spin: lower latency for one session alone, but they steal the
     # cores from PyTorch ops and other engines of a hybrid program. None: spin only when the
     # whole program is a single engine.
     allow_spinning: bool | None = None
     # ONNX opset for the exporter; None uses torch.onnx's default.
-    opset: int | None = None
+    opset: int | None = bounded(None, low=MIN_OPSET)
 
 
 def session_options(settings: dict[str, Any], allow_spinning: bool | None = None):

@@ -34,8 +34,9 @@ from pipeline.dtypes import tensorrt_name
 from pipeline.errors import ArtifactError, CompileError, ConfigError, TargetUnavailable
 from pipeline.files import write_json
 from pipeline.quantize import tensorrt_qdq
+from pipeline.schema import bounded, choice
 from pipeline.targets import TargetSettings
-from pipeline.targets.onnx_base import OnnxTarget
+from pipeline.targets.onnx_base import MIN_OPSET, OnnxTarget
 from pipeline.targets.tensorrt_runtime import (
     LIBRARIES,
     TensorRTEngine,
@@ -59,17 +60,17 @@ class Settings(TargetSettings):
 
     name: str = "tensorrt"
     # auto | tensorrt | tensorrt_rtx; auto takes the full TensorRT where it is installed.
-    library: str = "auto"
+    library: str = choice("auto", ("auto", *LIBRARIES))
     # Timing cache file, read and updated by every build (full TensorRT only: any
     # timing-cache call breaks TensorRT-RTX's CPU-only build).
     timing_cache: str | None = None
     # TensorRT-RTX only: GPUs to build for, e.g. ["8.6", "8.9", "12.0"]; [] is the library default.
     compute_capabilities: list[str] = field(default_factory=list)
     # ONNX opset for the exporter; None uses torch.onnx's default.
-    opset: int | None = None
+    opset: int | None = bounded(None, low=MIN_OPSET)
     # What writes int8/fp8 QDQ graphs: auto (modelopt where it imports, else onnxruntime),
     # modelopt (NVIDIA Model Optimizer's ONNX PTQ) or onnxruntime (ORT's quantize_static).
-    quantizer: str = "auto"
+    quantizer: str = choice("auto", tensorrt_qdq.TOOLS)
 
 
 def onnx_node_origins(path: Path) -> list[tuple[str, str, str | None]]:
@@ -115,12 +116,9 @@ class TensorRTTarget(OnnxTarget):
 
     def __init__(self, settings: dict[str, Any]):
         super().__init__(settings)
-        choice = settings.get("library", "auto")
-        if choice not in ("auto", *LIBRARIES):
-            raise ConfigError(f"target.library={choice!r} is not a TensorRT library.",
-                              "use target.library=auto, tensorrt or tensorrt_rtx.")
-        self.library = choice
-        if choice == "auto":
+        # library and quantizer are among their choices (Settings, checked before any stage).
+        self.library = settings.get("library", "auto")
+        if self.library == "auto":
             self.library = "tensorrt" if importlib.util.find_spec("tensorrt") else "tensorrt_rtx"
         if importlib.util.find_spec(self.library) is None:
             raise TargetUnavailable(f"target.library={self.library} but {self.library} is not installed.",
@@ -129,9 +127,6 @@ class TensorRTTarget(OnnxTarget):
             raise ConfigError("target.timing_cache is set, but TensorRT-RTX has no timing cache "
                               "(any timing-cache call breaks its CPU-only build).",
                               "remove target.timing_cache, or use target.library=tensorrt.")
-        if settings.get("quantizer", "auto") not in tensorrt_qdq.TOOLS:
-            raise ConfigError(f"target.quantizer={settings.get('quantizer')!r} is not a QDQ tool.",
-                              f"use target.quantizer={' or '.join(tensorrt_qdq.TOOLS)}.")
         if self.library == "tensorrt" and settings.get("compute_capabilities"):
             raise ConfigError("target.compute_capabilities is set, but full TensorRT builds for the GPU it runs on.",
                               "remove target.compute_capabilities, or use target.library=tensorrt_rtx.")

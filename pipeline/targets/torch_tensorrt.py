@@ -30,6 +30,7 @@ from pipeline import symbolic
 from pipeline.dtypes import ENGINE_DTYPES, PRECISION_DTYPES, compute_dtype
 from pipeline.errors import ArtifactError, ConfigError, first_line
 from pipeline.files import link_or_copy, write_json
+from pipeline.schema import bounded, choice
 from pipeline.targets import PLACING, Target, TargetSettings
 from pipeline.targets.onnx_base import value_info
 
@@ -45,7 +46,6 @@ LOW_PRECISION = ("float16", "bfloat16")
 BUILDER_ONLY = ("optimization_level", "workspace_size", "immutable_weights", "hardware_compatible",
                 "version_compatible", "pass_through_build_failures", "timing_cache_path", "cache_built_engines",
                 "reuse_cached_engines", "engine_cache_dir", "engine_cache_size")
-
 # Settings only its partitioner reads: out of the convert and build keys (equal splits share engines).
 PARTITION_ONLY = ("min_block_size", "torch_executed_ops", "require_full_compilation", "use_fast_partitioner")
 
@@ -66,16 +66,16 @@ class Settings(TargetSettings):
     # Let Torch-TensorRT run chosen layers of an fp32 model in a lower precision.
     enable_autocast: bool = False
     # float16 | bfloat16 (with enable_autocast)
-    autocast_low_precision_type: str | None = None
+    autocast_low_precision_type: str | None = choice(None, LOW_PRECISION)
     # Regexes of node names and op names (aten.softmax.int) kept in fp32 by autocast.
     autocast_excluded_nodes: list[str] = field(default_factory=list)
     autocast_excluded_ops: list[str] = field(default_factory=list)
-    autocast_max_output_threshold: float = 512.0
+    autocast_max_output_threshold: float = bounded(512.0, low=0)
     # false builds refittable engines (weights can be swapped without a rebuild).
     immutable_weights: bool = True
     # Torch-TensorRT's own engine cache (in addition to the pipeline's stage cache).
     engine_cache_dir: str | None = None
-    engine_cache_size: int = 1 << 30
+    engine_cache_size: int = bounded(1 << 30, low=0)
     # Timing cache file (not used by TensorRT-RTX, which does not autotune).
     timing_cache_path: str | None = None
     use_fast_partitioner: bool = True

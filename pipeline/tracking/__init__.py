@@ -14,7 +14,6 @@ retries while SQLite says the database is locked.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import random
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import raise_deferred
 from pipeline.tracking import views
 from pipeline.tracking.recovery import (
     TrackingError,
@@ -31,6 +31,12 @@ from pipeline.tracking.recovery import (
     preflight,
     process_identity,
 )
+from pipeline.tracking.store import open_sqlite, quiet_mlflow
+
+# A sweep's runs are pipeline.tracking.sweeps, a module above this one (it uses make_client and
+# open_experiment), so the package never imports it back.
+__all__ = ["TrackingError", "Tracker", "make_client", "open_experiment", "tracking_uri", "ui_link", "ui_path",
+           "views"]
 
 
 def tracking_uri(settings: dict[str, Any]) -> str:
@@ -101,6 +107,7 @@ class RetryingClient:
 
         def call(*args, **kwargs):
             for attempt in range(self._attempts):
+                raise_deferred()  # a signal while the job records itself stops it here, between calls
                 try:
                     return method(*args, **kwargs)
                 except Exception as err:
@@ -113,10 +120,8 @@ class RetryingClient:
 
 
 def make_client(settings: dict[str, Any]) -> RetryingClient:
-    """A client whose store exists: a new SQLite store is created under a file lock.
+    """A client whose store exists: a new SQLite store is created whole, under a file lock (tracking.store).
 
-    MLflow creates and migrates a SQLite store's tables without a lock: jobs that open a
-    new store at once crash in alembic ("table _alembic_tmp_experiments already exists").
     HTTP retries are bounded so a dead server costs seconds, not minutes.
     """
     from mlflow.tracking import MlflowClient
@@ -125,14 +130,9 @@ def make_client(settings: dict[str, Any]) -> RetryingClient:
         os.environ.setdefault(name, value)
     uri = tracking_uri(settings)
     if not uri.startswith("sqlite:///"):
+        quiet_mlflow()
         return RetryingClient(MlflowClient(uri))
-    db = Path(uri.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(f".{db.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        client = RetryingClient(MlflowClient(uri))
-        client.search_experiments(max_results=1)  # creates and migrates the tables, under the lock
-    return client
+    return RetryingClient(open_sqlite(Path(uri.removeprefix("sqlite:///"))))
 
 
 def open_experiment(client, settings: dict[str, Any]) -> str:
@@ -223,6 +223,18 @@ class Tracker:
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).",
                 f"once the store is back: python -m pipeline.tracking sync {run_dir}") from None
 
+    def killed(self, result) -> None:
+        """A signal while the run was being recorded: close it KILLED, best effort (the store may be slow)."""
+        if not self.enabled or self.run_id is None or self.client is None:
+            return
+        from mlflow.entities import RunTag
+
+        try:
+            self.client.log_batch(self.run_id, tags=[RunTag("status", "KILLED"), RunTag("error", result.error or "")])
+            self.client.set_terminated(self.run_id, status="KILLED")
+        except Exception:  # the next job closes it (close_dead_runs), as for a SIGKILL
+            pass
+
     def register(self, run_dir: Path, model_name: str, alias: str | None = None) -> dict[str, str]:
         from pipeline.tracking.registry import register
 
@@ -274,110 +286,6 @@ def curve_metrics(run_dir: Path, now_ms: int) -> list:
         out += [Metric(f"throughput_curve.{k}", float(point[k]), now_ms, int(point["batch"]))
                 for k in ("throughput_per_s", "p99_ms", "p50_ms")]
     return out
-
-
-# --- sweeps -------------------------------------------------------------------------------
-
-def start_parent(settings: dict[str, Any], sweep_id: str, params: dict[str, Any],
-                 run_name: str | None = None) -> dict[str, str]:
-    """Create the store, the experiment and the sweep's parent run (in the launching process)."""
-    from mlflow.entities import Param
-
-    client = make_client(settings)
-    experiment_id = open_experiment(client, settings)
-    tags = {"sweep.id": sweep_id, "sweep.role": "parent"}
-    commit = git_commit()
-    if commit:
-        tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
-    run = client.create_run(experiment_id, run_name=run_name or f"sweep {sweep_id}", tags=tags)
-    views.save(client, experiment_id, views.sweep_key(sweep_id), views.sweep_state(sweep_id))
-    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
-    for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[i:i + 100])
-    return {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri(settings),
-            "experiment": experiment_name(settings)}
-
-
-def finish_parent(settings: dict[str, Any], run_id: str, status: str, metrics: dict[str, float],
-                  tags: dict[str, str], files: list[Path], note: str = "",
-                  child_tags: dict[str, dict[str, str]] | None = None) -> None:
-    """The sweep's winner on its parent (best/ metrics, best.* tags, the comparison as its description)."""
-    from mlflow.entities import Metric, RunTag
-
-    client = make_client(settings)
-    now_ms = int(time.time() * 1000)
-    if note:
-        tags = {**tags, "mlflow.note.content": note}
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now_ms, 0) for k, v in sorted(metrics.items())],
-                     tags=[RunTag(k, str(v)[:5000] if k != "mlflow.note.content" else str(v)) for k, v in
-                           sorted(tags.items())])
-    for child, values in (child_tags or {}).items():
-        values = dict(values)
-        if "mlflow.runName" in values:  # a tag alone would leave the run's name (its own column) as it was
-            client.update_run(child, name=values.pop("mlflow.runName"))
-        client.log_batch(child, tags=[RunTag(k, v) for k, v in sorted(values.items())])
-    for path in files:
-        client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id, status=status)
-
-
-def close_orphans(settings: dict[str, Any], sweep_id: str, reason: str) -> list[str]:
-    """Children of the sweep still RUNNING after the sweep ended: their worker died. Mark them FAILED."""
-    from mlflow.entities import RunTag
-
-    client = make_client(settings)
-    closed = []
-    for run in _search(client, settings, f"tags.`sweep.id` = '{sweep_id}' and attributes.status = 'RUNNING'"):
-        if run.data.tags.get("sweep.role") == "parent":
-            continue
-        client.log_batch(run.info.run_id, tags=[RunTag("error", reason), RunTag("status", "FAILED")])
-        client.set_terminated(run.info.run_id, status="FAILED")
-        closed.append(run.info.run_id)
-    return closed
-
-
-def _search(client, settings: dict[str, Any], filter_string: str, experiment: str | None = None) -> list:
-    exp = client.get_experiment_by_name(experiment or experiment_name(settings))
-    if exp is None:
-        return []
-    runs, token = [], None
-    while True:
-        page = client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000,
-                                  page_token=token, order_by=["attributes.start_time ASC"])
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def job_record(run) -> dict[str, Any]:
-    """An MLflow run as the comparison reads it (the same shape sweep.disk_records gives from run.json)."""
-    tags = run.data.tags
-    job = tags.get("sweep.job")
-    return {"job": int(job) if job is not None and job.isdigit() else None,
-            "name": run.info.run_name, "run_id": run.info.run_id,
-            "overrides": tags.get("sweep.overrides", ""), "target": tags.get("target", ""),
-            "status": run.info.status, "error": tags.get("error"), "metrics": dict(run.data.metrics),
-            "tags": dict(tags)}
-
-
-def load_jobs(settings: dict[str, Any], sweep_id: str | None = None,
-              experiment: str | None = None) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """(parent record or None, job records): a sweep by id, the latest sweep ('latest'), or every run."""
-    client = make_client(settings)
-    if sweep_id == "latest":
-        parents = _search(client, settings, "tags.`sweep.role` = 'parent'", experiment)
-        if not parents:
-            return None, []
-        sweep_id = parents[-1].data.tags["sweep.id"]
-    if sweep_id is None:
-        runs = _search(client, settings, "", experiment)
-        return None, [job_record(r) for r in runs if r.data.tags.get("sweep.role") != "parent"]
-    runs = _search(client, settings, f"tags.`sweep.id` = '{sweep_id}'", experiment)
-    parent = next((job_record(r) for r in runs if r.data.tags.get("sweep.role") == "parent"), None)
-    jobs = sorted((job_record(r) for r in runs if r.data.tags.get("sweep.role") != "parent"),
-                  key=lambda j: (j["job"] is None, j["job"] or 0))
-    return parent, jobs
 
 
 def download_run(source: str, dst: Path, settings: dict[str, Any] | None = None) -> Path:

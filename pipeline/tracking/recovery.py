@@ -6,24 +6,24 @@
 - `close_dead_runs`: a job records its host, pid and the pid's start time on its run;
   the next job that opens the store closes runs of this host whose process is gone as
   FAILED, fixes their run.json and removes the staging folder they left.
-- `sync`: a job whose results are on disk but not in MLflow (the server died mid-run)
-  is uploaded from its run folder: `python -m pipeline.tracking sync <run_dir>`.
+- `sync` (pipeline.tracking.sync): a job whose results are on disk but not in MLflow
+  (the server died mid-run) is uploaded from its run folder.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 from pipeline.errors import PipelineError
 
-PREFLIGHT_SECONDS = 5.0
+PREFLIGHT_SECONDS = 10.0
 
 
 class StoreUnavailable(PipelineError):
@@ -83,24 +83,43 @@ def _check_sqlite(path: Path) -> None:
 
 
 def _check_server(uri: str) -> None:
-    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1")
+    """The URI must answer MLflow's REST API as MLflow does (JSON listing experiments), not just answer.
+
+    A proxy, a UI-only server or a wrong port answers HTTP 404 (or a web page) to everything:
+    caught here, not after every stage has run and the results cannot be recorded.
+    """
+    path = "/api/2.0/mlflow/experiments/search?max_results=1"
+    request = urllib.request.Request(f"{uri}{path}")
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
     if user:
         token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     try:
-        urllib.request.urlopen(request, timeout=PREFLIGHT_SECONDS).close()
+        with urllib.request.urlopen(request, timeout=PREFLIGHT_SECONDS) as response:
+            answer = response.read(1 << 20)
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
             raise StoreUnavailable(f"the MLflow server at {uri} refused the credentials (HTTP {err.code}).",
-                                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.") from None
-        # Any other answer means a server is there; MLflow itself will say what it dislikes.
+                                   "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.") from None
+        raise not_mlflow(uri, f"{path.split('?')[0]} answered HTTP {err.code}") from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise StoreUnavailable(f"the MLflow server at {uri} does not answer ({reason}).",
-                            "start it (see README, MLflow), fix MLFLOW_TRACKING_URI, or set "
-                            "tracking.enabled=false; results of a run can be sent later with "
-                            "python -m pipeline.tracking sync <run_dir>.") from None
+                               "start it (see README, MLflow), fix MLFLOW_TRACKING_URI, or set "
+                               "tracking.enabled=false; results of a run can be sent later with "
+                               "python -m pipeline.tracking sync <run_dir>.") from None
+    try:
+        listing = json.loads(answer)
+    except ValueError:
+        listing = None
+    if not isinstance(listing, dict) or not isinstance(listing.get("experiments", []), list):
+        raise not_mlflow(uri, f"{path.split('?')[0]} answered something other than MLflow's JSON")
+
+
+def not_mlflow(uri: str, what: str) -> StoreUnavailable:
+    return StoreUnavailable(f"{uri} is not an MLflow tracking server: {what}.",
+                            "point MLFLOW_TRACKING_URI at the MLflow server itself (mlflow server prints "
+                            "its address), or set tracking.enabled=false.")
 
 
 def close_dead_runs(client, experiment_id: str) -> list[str]:
@@ -135,8 +154,6 @@ def mark_failed(run_dir: Path, reason: str) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
     record = run_dir / layout.RUN_JSON
     try:
-        import json
-
         data = json.loads(record.read_text()) if record.is_file() else {}
     except (OSError, ValueError):
         data = {}
@@ -144,15 +161,44 @@ def mark_failed(run_dir: Path, reason: str) -> None:
         write_json(record, {**data, "status": "FAILED", "error": reason})
 
 
-def recorded_result(run_dir: Path) -> Any:
-    """A run folder's run.json as the object Tracker.finish logs (for sync)."""
-    import json
-    from types import SimpleNamespace
+# Folders under an outputs folder that hold copies of run files (artifacts), or no runs at all.
+NOT_RUNS = {"mlartifacts", "mlruns", "artifacts", "cache", "compare", "__pycache__"}
 
+
+def run_folders(root: Path):
+    """Every run folder (a run.json) at or under `root`, sweep jobs included; stores and the cache skipped."""
     from pipeline import layout
 
-    data = json.loads((run_dir / layout.RUN_JSON).read_text())
-    stages = [SimpleNamespace(name=s["name"], hit=s["hit"], key=s.get("key")) for s in data.get("stages", [])]
-    return SimpleNamespace(status=data.get("status", "FAILED"), error=data.get("error"), stages=stages,
-                           metrics=data.get("metrics", {}), tags=data.get("tags", {}),
-                           target_reason=data.get("target_reason") or "", raw=data)
+    for folder, subfolders, files in os.walk(root):
+        if layout.RUN_JSON in files:
+            subfolders.clear()  # stage folders hold no runs
+            yield Path(folder)
+        else:
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d not in NOT_RUNS)
+
+
+def close_dead_folders(root: Path) -> list[Path]:
+    """run.json files still RUNNING whose process died (SIGKILL, out of memory) marked FAILED.
+
+    Done by every job on its outputs folder whether it tracks or not: with tracking off,
+    the run folder is the only record there is.
+    """
+    closed: list[Path] = []
+    if not root.is_dir():
+        return closed
+    for run_dir in run_folders(root):
+        try:
+            data = json.loads((run_dir / "run.json").read_text())
+        except (OSError, ValueError):
+            continue
+        process = data.get("process") or {}
+        if data.get("status") != "RUNNING" or not process or is_alive(process):
+            continue
+        try:
+            mark_failed(run_dir, f"its process (pid {process.get('pipeline.pid')} on {process.get('pipeline.host')}) "
+                                 "ended without closing the run: killed or crashed")
+        except OSError:  # someone else's folder: theirs to close
+            continue
+        closed.append(run_dir)
+    return closed
+

@@ -32,6 +32,13 @@ from testkit import (
     overrides,
 )
 
+
+def torch_sees_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 BROKEN_MODULE = "raise RuntimeError('cannot load [libfoo.so]: missing')\n"
 
 
@@ -69,6 +76,7 @@ SETTINGS = {
 MODELS = {
     "factory_raises": Case(("model._target_=testkit.raising_net",),
                            ("testkit.raising_net", "RuntimeError", BRACKETS), "run"),
+    "factory_exits": Case(("model._target_=testkit.exiting_net",), ("testkit.exiting_net", "SystemExit: 3"), "run"),
     "factory_import_fails": Case(("model._target_=broken_models.build",),
                                  ("broken_models", "fails at import", "[libfoo.so]"), "run"),
     "factory_missing": Case(("model._target_=testkit.no_such_factory",),
@@ -82,7 +90,11 @@ MODELS = {
     "validation_fails": Case(("target=onnxruntime", "validate.tolerances.fp32.rel_l2_err=1e-30"),
                              ("validation failed", "rel_l2_err"), "run", exit_code=3),
     "torch_tensorrt_missing": Case(("target=torch_tensorrt",), ("pip install -e '.[torch-tensorrt]'",), "run",
-                                   extra={"skip": importlib.util.find_spec("torch_tensorrt") is not None}),
+                                   extra={"skip": importlib.util.find_spec("torch_tensorrt") is not None
+                                          and "torch_tensorrt is installed here: the install hint is not printed"}),
+    # An asked device that is absent, for targets that checked it late (inductor: at build) or never (eager).
+    **{f"{name}_cuda_absent": Case((f"target={name}", "target.device=cuda"), ("target.device=cuda", "no CUDA GPU"),
+                                   "settings", extra={"skip": torch_sees_cuda() and "a CUDA GPU is here"}) for name in ("eager", "inductor")},
     "bad_interpolation": Case(("paths.cache=${nope}",), ("Interpolation key 'nope' not found",), "early"),
 }
 COMPOSE = {
@@ -160,7 +172,7 @@ def error_line(out: Outcome) -> str:
 def test_bad_input_prints_one_error_line(cli, name):
     case = CASES[name]
     if case.extra.get("skip"):
-        pytest.skip("torch_tensorrt is installed here: the install hint is not printed")
+        pytest.skip(case.extra["skip"])
     out = cli[name]
     line = error_line(out)
     assert out.returncode == case.exit_code, out.output

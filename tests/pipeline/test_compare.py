@@ -13,6 +13,7 @@ from rich.console import Console
 from testkit import REPO, clean_env, mlflow_client, mlflow_runs, run_job
 
 from pipeline import compare, ranking, tracking
+from pipeline.tracking import sweeps
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STAGE_SECONDS = {f"{s}_seconds": 0.1 * (i + 1) for i, s in enumerate(compare.STAGES)}
@@ -271,14 +272,14 @@ def test_cli_compares_the_latest_sweep(two_jobs, tmp_path):
     store = tmp_path / "mlflow.db"
     shutil.copy(two_jobs[0] / "mlflow.db", store)
     settings = {"store": str(store), "experiment": "pipeline", "artifacts": str(tmp_path / "mlartifacts")}
-    parent = tracking.start_parent(settings, "s1", {"sweep.overrides": "target=onnxruntime,eager"})
+    parent = sweeps.start_parent(settings, "s1", {"sweep.overrides": "target=onnxruntime,eager"})
     client = mlflow_client(uri=f"sqlite:///{store}")
     runs = sorted((r for r in mlflow_runs(client) if r.info.run_id != parent["run_id"]), key=lambda r: r.info.start_time)
     for number, run in enumerate(runs):
         for key, value in {"sweep.id": "s1", "sweep.job": str(number),
                            "sweep.overrides": f"target={run.data.tags['target']}"}.items():
             client.set_tag(run.info.run_id, key, value)
-    tracking.finish_parent(settings, parent["run_id"], "FINISHED", {}, {}, [])
+    sweeps.finish_parent(settings, parent["run_id"], "FINISHED", {}, {}, [])
     proc = compare_cli("--store", str(store), "--sweep", "latest")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("sweep s1") and f"parent run: {parent['run_id']} (FINISHED)" in proc.stdout

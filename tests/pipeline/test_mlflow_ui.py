@@ -25,6 +25,7 @@ import pytest
 from testkit import clean_env
 
 from pipeline import compare, tracking
+from pipeline.tracking import sweeps
 
 CHROMIUM = "/usr/bin/chromium"
 # Chromium on a machine without a display, a GPU or a network.
@@ -114,14 +115,14 @@ def parent(server, tmp_path_factory):
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = server
     try:
-        parent = tracking.start_parent(settings, "ui-test", {"sweep.overrides": "compile.min_block_size=0,1,2"},
+        parent = sweeps.start_parent(settings, "ui-test", {"sweep.overrides": "compile.min_block_size=0,1,2"},
                                        run_name="sweep min_block_size=0,1,2 target=onnxruntime,eager")
         add_children(MlflowClient(server), parent, jobs)
         title = "sweep ui-test: 3 jobs, 1 failed"
         files = compare.write_report(jobs, tmp, title)
         note = compare.note(jobs, title, lambda run_id: tracking.ui_path(parent["experiment_id"], run_id))
         summary = sweep.summarise(jobs, sweep.best_job(jobs), tmp)
-        tracking.finish_parent(settings, parent["run_id"], "FAILED", summary["metrics"], summary["tags"], files,
+        sweeps.finish_parent(settings, parent["run_id"], "FAILED", summary["metrics"], summary["tags"], files,
                                note=note, child_tags=summary["child_tags"])
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI")

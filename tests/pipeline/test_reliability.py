@@ -18,7 +18,19 @@ import time
 from pathlib import Path
 
 import pytest
-from testkit import REPO, STAGES, clean_env, cli_command, half_written, mlflow_client, mlflow_runs
+from testkit import (
+    REPO,
+    STAGES,
+    clean_env,
+    cli_command,
+    free_port,
+    half_written,
+    mlflow_client,
+    mlflow_runs,
+    start_server,
+    stop,
+    wait_for,
+)
 
 SLOW = ("model._target_=testkit.slow_tiny", "+model.kwargs.seconds=120")
 
@@ -37,16 +49,6 @@ def run(tmp: Path, *extra: str, timeout: float = 300, cache: Path | None = None,
         **env_extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command(tmp, *extra, cache=cache or tmp / "cache"), cwd=REPO, env=env(**env_extra),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def wait_for(predicate, timeout: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def error_lines(text: str) -> list[str]:
@@ -188,12 +190,6 @@ def test_two_processes_creating_a_new_sqlite_store_both_succeed(tmp_path, attemp
     assert sorted(r.info.run_name for r in runs) == ["job0", "job1"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_unreachable_tracking_server_fails_before_any_stage(tmp_path):
     """The preflight's refusal comes before the run folder's files, the stage worker's work and the cache."""
     port = free_port()
@@ -247,35 +243,6 @@ def test_an_unwritable_sqlite_store_fails_before_any_stage(tmp_path):
     assert proc.returncode == 2, output[-2000:]
     (line,) = error_lines(output)
     assert "cannot be written" in line and not (tmp_path / "cache").exists()
-
-
-def start_server(port: int, root: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{root}/server.db", "--default-artifact-root", f"{root}/artifacts",
-           "--workers", "1"]
-    server = subprocess.Popen(cmd, cwd=root, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            import urllib.request
-
-            urllib.request.urlopen(f"{url}/health", timeout=2).close()
-            return True
-        except OSError:
-            return False
-
-    wait_for(up, timeout=90, what="mlflow server")
-    return server
-
-
-def stop(server: subprocess.Popen) -> None:
-    try:
-        os.killpg(server.pid, signal.SIGKILL)
-    except ProcessLookupError:  # stopped already
-        pass
-    server.wait(30)
 
 
 def server_and_slow_job(tmp_path: Path):
