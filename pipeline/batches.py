@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline import shapes
 from pipeline.dtypes import torch_dtype
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, typed_line
 
 
 def call_factory(group: str, target: str | None, kwargs: dict[str, Any], limit: int | None, fix: str) -> list:
@@ -25,13 +25,7 @@ def call_factory(group: str, target: str | None, kwargs: dict[str, Any], limit: 
         factory = getattr(importlib.import_module(module_name), attr)
         return list(itertools.islice(iter(factory(**kwargs)), limit))
     except Exception as err:  # the user's code: any failure means the same thing
-        raise ConfigError(f"{group} factory {target} failed: {error_line(err)}.", fix) from None
-
-
-def error_line(err: BaseException) -> str:
-    """`Type: first line` of a user's exception (its type says as much as its text)."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        raise ConfigError(f"{group} factory {target} failed: {typed_line(err)}.", fix) from None
 
 
 def to_sample(obj, input_cfg, where: str) -> shapes.Sample:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import shapes
-from pipeline.batches import call_factory, error_line, to_sample
+from pipeline.batches import call_factory, to_sample
 from pipeline.dtypes import is_quantized
-from pipeline.errors import ArtifactError, ConfigError
+from pipeline.errors import ArtifactError, ConfigError, typed_line
 
 SUFFIXES = (".npy", ".pt")
 # Loop settings -> lowest allowed value (a ConfigError names the setting otherwise).
@@ -113,7 +113,7 @@ def _read(path: Path):
             return np.load(path, allow_pickle=False)
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # numpy and torch raise many types for a bad file
-        raise ConfigError(f"calibration file {path} cannot be read: {error_line(err)}.",
+        raise ConfigError(f"calibration file {path} cannot be read: {typed_line(err)}.",
                           "save batches with numpy.save (no pickles) or torch.save of tensors.") from None
 
 

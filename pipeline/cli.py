@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline import layout
-from pipeline.errors import PipelineError, arm_signals
+from pipeline.errors import PipelineError, arm_signals, typed_line
 
 
 def job_dir() -> tuple[Path, bool]:
@@ -56,7 +56,7 @@ def run_job(cfg: DictConfig) -> float | None:
     except Exception as err:
         if not isinstance(err, PipelineError) and not in_sweep:
             raise  # a bug: the traceback is the useful message
-        line = err.one_line() if isinstance(err, PipelineError) else f"{type(err).__name__}: {err}".splitlines()[0]
+        line = err.one_line() if isinstance(err, PipelineError) else typed_line(err)
         if not getattr(err, "reported", False):  # the runner prints the errors it records
             console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
         _save_log(console, run_dir)

@@ -170,3 +170,9 @@ def raise_deferred() -> None:
 def first_line(err: BaseException) -> str:
     """An exception's first message line (its type's name when the message is empty), for one-line errors."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def typed_line(err: BaseException) -> str:
+    """`Type: first line` of a third party's exception, whose type often says as much as its text."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

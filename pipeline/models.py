@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.dtypes import model_dtype
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, typed_line
 
 
 def caster(precision: str):
@@ -48,7 +48,7 @@ def _factory(target: str):
         module = importlib.import_module(module_name)
     except (Exception, SystemExit) as err:  # sys.exit() at import: a broken module like any other
         missing = isinstance(err, ModuleNotFoundError) and (module_name + ".").startswith(f"{err.name}.")
-        why = "is not found" if missing else f"fails at import: {_first_line(err)}"
+        why = "is not found" if missing else f"fails at import: {typed_line(err)}"
         raise ConfigError(f"model._target_={target!r} cannot be imported: module {module_name!r} {why.rstrip('.')}.",
                           fix) from err
     if not hasattr(module, attr):
@@ -57,9 +57,6 @@ def _factory(target: str):
     return getattr(module, attr)
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def build_model(model_cfg: DictConfig):
@@ -124,7 +121,7 @@ def load_weights(model, path, name: str) -> None:
             state = torch.load(path, weights_only=True, map_location="cpu")
         model.load_state_dict(state, strict=True)
     except Exception as err:  # a missing file, a pickle, a mismatched key: the weights are the user's to fix
-        raise ConfigError(f"model {name}: model.weights={path} cannot be loaded: {_first_line(err)}.", fix) from None
+        raise ConfigError(f"model {name}: model.weights={path} cannot be loaded: {typed_line(err)}.", fix) from None
 
 
 def check_weights(config: dict[str, Any]) -> None:
@@ -144,7 +141,7 @@ def check_weights(config: dict[str, Any]) -> None:
 
 def _factory_failed(model_cfg: DictConfig, err: BaseException) -> ConfigError:
     return ConfigError(
-        f"model {model_cfg.name}: the factory model._target_={model_cfg._target_!r} raised {_first_line(err).rstrip('.')}.",
+        f"model {model_cfg.name}: the factory model._target_={model_cfg._target_!r} raised {typed_line(err).rstrip('.')}.",
         f"fix the factory or model.kwargs (calling {model_cfg._target_}(...) in Python shows the traceback).",
     )
 

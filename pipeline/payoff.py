@@ -13,8 +13,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from pipeline import targets
 from pipeline.dtypes import is_quantized
 
@@ -39,13 +37,14 @@ def run(runner, result, tracker, keys: dict[str, str], target, by_name: dict[str
     config = copy.deepcopy(runner.config)
     config["compile"]["precision"] = baseline_precision(target.device())
     base_target = targets.make(runner.target_name, config["target"])
-    base_target.configure(OmegaConf.create(config["compile"]))
+    base_target.configure(config["compile"])  # the plain resolved dict, as the job's own target
+    resolved = runner.resolve(base_target, config)  # once for the chain
     base_dir = runner.run_dir / BASELINE
     base_keys: dict[str, str] = {}
     for name in BASELINE_STAGES:
         spec = by_name[name]
         base_keys[name] = runner.record_stage(
-            result, tracker, spec, lambda s=spec: runner.run_stage(s, base_keys, base_target, config, base_dir),
+            result, tracker, spec, lambda s=spec: runner.run_stage(s, base_keys, base_target, config, base_dir, resolved),
             label=f"{BASELINE}/{name}")
     upstream = {**keys, **{f"{BASELINE}/{k}": v for k, v in base_keys.items()}}
     spec = by_name["payoff"]

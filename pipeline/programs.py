@@ -42,7 +42,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline import symbolic
-from pipeline.errors import ArtifactError
+from pipeline.errors import ArtifactError, typed_line
 from pipeline.layout import ProgramFiles
 
 PROGRAM, IMPORTS = ProgramFiles.program, ProgramFiles.imports
@@ -206,9 +206,8 @@ def load_program(path: Path):
         raise ArtifactError(f"{path} cannot be loaded without unpickling: {err}.",
                             "rebuild the run with this pipeline; never load programs from unknown sources.") from None
     except (RuntimeError, ValueError, KeyError, OSError, NotImplementedError) as err:
-        text = str(err).splitlines()[0] if str(err) else ""
         raise ArtifactError(
-            f"{path} cannot be loaded ({type(err).__name__}: {text}).",
+            f"{path} cannot be loaded ({typed_line(err)}).",
             "run the pipeline again to rebuild it; programs from another torch version must be re-exported.",
         ) from None
 

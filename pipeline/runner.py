@@ -91,12 +91,12 @@ class Runner:
         self.resolved: dict[str, Any] = {}
 
     def run_stage(self, spec: StageSpec, keys: dict[str, str], target, config: dict[str, Any] | None = None,
-                  run_dir: Path | None = None) -> StageRecord:
+                  run_dir: Path | None = None, resolved: dict[str, Any] | None = None) -> StageRecord:
         """One stage through the cache: linked if an entry exists, else run by the worker and published.
 
-        `config` and `run_dir` differ from the job's for the baseline chain of an int8 job (pipeline.payoff)."""
-        config, run_dir = config or self.config, run_dir or self.run_dir
-        resolved = self.resolved if config is self.config else self.resolve(target, config)
+        `config`, `run_dir` and `resolved` differ from the job's for the baseline chain of an int8 job
+        (pipeline.payoff), which resolves its own once."""
+        config, run_dir, resolved = config or self.config, run_dir or self.run_dir, resolved or self.resolved
         reads = spec.reads_for(config, target)  # once: it keys the stage and is all the stage sees
         material = self.cache.material(spec, config, target, run_dir, keys, reads)
         visible = select(config, reads + spec.labels)

@@ -107,8 +107,9 @@ def _lost(error: BaseException, where: str):
     """What a lost job of the current sweep returns to the sweeper (a Hydra JobReturn), after one warning line."""
     from hydra.core.utils import JobReturn, JobStatus
 
-    first = (str(error).strip().splitlines() or [""])[0]
-    print(f"warning: {where} ended without a result ({type(error).__name__}: {first}); the sweep goes on",
+    from pipeline.errors import typed_line
+
+    print(f"warning: {where} ended without a result ({typed_line(error)}); the sweep goes on",
           file=sys.stderr, flush=True)
     if STATE.get("info", {}).get("autotune"):
         return JobReturn(status=JobStatus.FAILED, _return_value=error)
@@ -248,7 +249,7 @@ def finalize() -> int:
 
 def tracking_step(step) -> str | None:
     """Run a step that talks to MLflow; its failure (the store gone) as one line, never a traceback."""
-    from pipeline.errors import PipelineError, first_line
+    from pipeline.errors import PipelineError, typed_line
 
     try:
         step()
@@ -256,7 +257,7 @@ def tracking_step(step) -> str | None:
     except PipelineError as err:
         return err.one_line()
     except Exception as err:  # MLflow's own errors: the store deleted, read-only, a server gone
-        return f"{type(err).__name__}: {first_line(err)}"
+        return typed_line(err)
 
 
 def close_orphan_jobs(config: DictConfig, info: dict[str, Any], console) -> str | None:

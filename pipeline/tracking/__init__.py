@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import raise_deferred
+from pipeline.errors import raise_deferred, typed_line
 from pipeline.tracking import views
 from pipeline.tracking.recovery import (
     TrackingError,
@@ -220,7 +220,7 @@ class Tracker:
         except Exception as err:  # the server went away, the disk filled up...
             raise TrackingError(
                 f"the run's results are in {run_dir} but MLflow at {tracking_uri(self.settings)} did not take them "
-                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).",
+                f"({typed_line(err)}).",
                 f"once the store is back: python -m pipeline.tracking sync {run_dir}") from None
 
     def killed(self, result) -> None:
@@ -243,7 +243,7 @@ class Tracker:
                             model_name, alias, self.run_id)
         except Exception as err:  # MLflow's own errors, a store gone away
             raise TrackingError(f"the run finished but could not be registered as model {model_name!r} "
-                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).",
+                                f"({typed_line(err)}).",
                                 "check the tracking store, or run again with register=false.") from None
 
     def _record(self, result, run_dir: Path) -> dict[str, str]:

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.errors import PipelineError, first_line
+from pipeline.errors import PipelineError, typed_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +78,7 @@ def _guarded(folder: Path, step) -> int:
         print(f"error: {err.one_line()}", file=sys.stderr)
         return err.exit_code
     except Exception as err:  # MLflow's own errors: the store still away, a broken store
-        print(f"error: {folder} could not be sent to MLflow ({type(err).__name__}: {first_line(err)}). "
+        print(f"error: {folder} could not be sent to MLflow ({typed_line(err)}). "
               f"Fix: check the tracking store, then run python -m pipeline.tracking sync {folder} again.",
               file=sys.stderr)
         return 4

@@ -66,7 +66,7 @@ def recorded_result(run_dir: Path) -> Any:
     except (OSError, ValueError) as err:
         raise ArtifactError(f"{run_dir / layout.RUN_JSON} cannot be read ({err}).",
                             "pass a run folder whose job ended (its run.json is whole).") from None
-    stages = [SimpleNamespace(**{"seconds": 0.0, "metrics": {}, "notes": [], **s}) for s in data.get("stages", [])]
+    stages = [SimpleNamespace(**{"seconds": 0.0, "hit": False, "metrics": {}, "notes": [], **s}) for s in data.get("stages", [])]
     return SimpleNamespace(status=data.get("status") or "FAILED", error=data.get("error"), stages=stages,
                            metrics=data.get("metrics") or {}, tags=data.get("tags") or {},
                            target=data.get("target") or "", target_reason=data.get("target_reason") or "",

@@ -73,9 +73,9 @@ def run_description(result) -> str:
     MLflow shows a run's description above its ~40 tags and its metrics in alphabetical
     order; this puts the verdict (status, latency, speedup, accuracy, trust) on its first lines.
     """
-    m, error = result.metrics, getattr(result, "error", None)  # sync's records carry what run.json holds
+    m, error = result.metrics, result.error  # a JobResult, or sync's record of run.json with the same fields
     noisy = " ~" if m.get("latency_trusted") == 0 else ""
-    target = getattr(result, "target", None) or (getattr(result, "raw", None) or {}).get("target") or "its target"
+    target = result.target or "its target"
     lines = [f"**{result.status.lower()}** on {target}" + (f": {error}" if error else "")]
     if m.get("validated") and "latency_p50_ms" in m:
         lines.append(f"latency p50 **{m['latency_p50_ms']:.3g} ms**{noisy} (p99 {m.get('latency_p99_ms', 0):.3g}), "
@@ -89,7 +89,6 @@ def run_description(result) -> str:
     elif "validated" in m:
         lines.append("not validated: the engines cannot run on this machine")
     if "accelerated_op_fraction" in m:
-        stages = ", ".join(f"{s.name} " + ("hit" if s.hit else f"{getattr(s, 'seconds', 0.0):.1f}s")
-                           for s in getattr(result, "stages", []))
+        stages = ", ".join(f"{s.name} " + ("hit" if s.hit else f"{s.seconds:.1f}s") for s in result.stages)
         lines.append(f"{m['accelerated_op_fraction']:.0%} of ops in {m.get('num_engines', 0):.0f} engine(s); {stages}")
     return "\n\n".join(lines)
