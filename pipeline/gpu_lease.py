@@ -141,8 +141,12 @@ def take(config: dict[str, Any], device: str, worker, say: Callable[[str], None]
     if not slots:
         return None
     lease = acquire(slots, say=say)
-    worker.gpu = lease.slot
-    lease.tags.update(worker.ask_gpu())
+    try:
+        worker.gpu = lease.slot
+        lease.tags.update(worker.ask_gpu())
+    except BaseException:  # the runner never got the lease: free it here (a joblib worker lives on)
+        lease.release()
+        raise
     if "gpu.name" in lease.tags:  # the card this job ran on, which may not be the node's GPU 0
         lease.tags["device.name"] = lease.tags["gpu.name"]
     say(f"gpu: {lease.slot} of {','.join(slots)} ({lease.tags.get('gpu.name', 'no CUDA device seen')}"
