@@ -142,6 +142,9 @@ def print_summary(console: Console, result) -> None:
     for key, why in result.tags.items():  # what the target chose for this job's input, and why
         if key.endswith(".reason") and key[:-7] in result.tags:
             console.print(f"{key[:-7]}: {result.tags[key[:-7]]} ({why})", markup=False)
+    if "gpu.index" in result.tags:  # the GPU this job leased (pipeline.gpu_lease)
+        console.print(f"gpu: {result.tags['gpu.index']} ({result.tags.get('gpu.name', '?')}, "
+                      f"{result.tags.get('gpu.uuid', 'uuid unknown')})", markup=False)
     console.print(f"artifacts: {result.run_dir}", markup=False)
     if result.tracking.get("recorded"):
         from pipeline.tracking import ui_link

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from pipeline import gpu_lease
 from pipeline.layout import STAGES
 from pipeline.ranking import (  # noqa: F401  (pareto_front, shown_overrides, winner: the comparison's API)
     AXES,
@@ -58,7 +59,7 @@ METRIC_COLUMNS = {
 }
 # Measured by validate: "n/m" rather than "-" when the engines could not run here.
 MEASURED = ("p50 ms", "p99 ms", "speedup", "rel L2", "cosine", "top-1", "task top-1", "drop")
-COLUMNS = ("job", "overrides", "target", "status", *METRIC_COLUMNS, "error")
+COLUMNS = ("job", "overrides", "target", "status", *METRIC_COLUMNS, "gpu", "error")
 NOT_MEASURED = ("n/m: not measured (the engines cannot run on this machine); "
                 "~: latency varies too much to trust (latency.trusted=false)")
 FRONT_NOTE = ("best: the winner (the fastest trusted job with an engine that passed its accuracy check); "
@@ -99,7 +100,7 @@ def rows(jobs: list[Job]) -> list[dict[str, str]]:
         cached = (job.get("tags") or {}).get("cache.build") == "hit" or metric_value(job, "build_cache_hit") == 1
         if metric_value(job, "build_seconds") is not None and cached:  # MLflow's tag, or run.json's metric
             row["build s"] = "hit"
-        row["error"] = short_error(job.get("error"))
+        row["gpu"], row["error"] = gpu_lease.label(job), short_error(job.get("error"))
         out.append(row)
     return out
 
@@ -113,7 +114,7 @@ def marks(jobs: list[Job]) -> list[str]:
 
 def notes(jobs: list[Job]) -> list[str]:
     """What the marks mean, and which jobs are one engine: printed under every table."""
-    lines = [FRONT_NOTE, REFERENCE_NOTE, NOT_MEASURED]
+    lines = [*gpu_lease.mixed(jobs), FRONT_NOTE, REFERENCE_NOTE, NOT_MEASURED]
     shared: dict[str, list[str]] = {}
     for label, job in zip(labels(jobs), jobs, strict=True):
         if id(job) in engine_groups(jobs):
@@ -136,7 +137,7 @@ def table(jobs: list[Job], title: str, width: int | None = None) -> Table:
     In a narrow terminal (or 120 columns when piped) the secondary columns are left out, so
     the overrides and errors keep room to read instead of wrapping a few letters a line.
     """
-    shown = [c for c in COLUMNS if c not in TASK_COLUMNS or any(metric_value(j, METRIC_COLUMNS[c][0]) is not None for j in jobs)]
+    shown = gpu_lease.shown([c for c in COLUMNS if c not in TASK_COLUMNS or any(metric_value(j, METRIC_COLUMNS[c][0]) is not None for j in jobs)], jobs)
     columns = [c for c in shown if width is None or width >= WIDE or c not in SECONDARY]
     hidden = [c for c in shown if c not in columns]
     caption = "\n".join(notes(jobs))
@@ -162,7 +163,7 @@ NOTE_COLUMNS = ("job", "overrides", "target", "status", "p50 ms", "speedup", "re
 # comparison.md: the figures that pick a winner first (what MLflow's pane shows before it
 # scrolls sideways), the long overrides after them; errors follow the table in full.
 REPORT_COLUMNS = ("job", "target", "status", "p50 ms", "speedup", "rel L2", "top-1", "task top-1", "drop",
-                  "overrides", "cosine", "p99 ms", "accel ops", "engines", "build s")
+                  "overrides", "cosine", "p99 ms", "accel ops", "engines", "build s", "gpu")
 
 
 def _md_cell(text: str) -> str:
@@ -173,8 +174,7 @@ def _md_cell(text: str) -> str:
 
 def _failures(jobs: list[Job]) -> list[str]:
     """Every failed job's full error, fix included: prose that wraps to any pane, escaped so it is never markup."""
-    failed = [(label, j, o) for label, j, o in zip(labels(jobs), jobs, varying_overrides(jobs), strict=True)
-              if j.get("error")]
+    failed = [(label, j, o) for label, j, o in zip(labels(jobs), jobs, varying_overrides(jobs), strict=True) if j.get("error")]
     lines = ["", "Errors of the failed jobs, in full:", ""] if failed else []
     for label, job, overrides in failed:
         lines.append(f"- job {label}" + (f" ({_md_cell(overrides)})" if overrides else "") + f": {_md_cell(job['error'])}")
@@ -188,7 +188,7 @@ def markdown(jobs: list[Job], title: str) -> str:
     its ~500-pixel pane left a few letters a line (`compil/e.min/_block/...`). A code
     block keeps each job on one line (the pane scrolls sideways) and reads the same in a terminal.
     """
-    columns = REPORT_COLUMNS
+    columns = gpu_lease.shown(REPORT_COLUMNS, jobs)
     grid = [("", *columns)] + [(mark, *(row[c] for c in columns)) for mark, row in zip(marks(jobs), rows(jobs), strict=True)]
     widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
     right = [c == "job" or c in METRIC_COLUMNS for c in ("", *columns)]

@@ -318,6 +318,9 @@ class Config:
     register: bool = False
     # Estimate the host and GPU memory the job needs before any stage and refuse it if it cannot fit.
     check_memory: bool = True
+    # The GPUs (CUDA indices) this node's CUDA jobs share, one job a GPU at a time (pipeline.gpu_lease);
+    # None: CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists.
+    gpus: list[int] | None = None
 
 
 def register() -> None:

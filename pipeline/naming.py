@@ -16,7 +16,7 @@ from typing import Any
 # Hydra's sweep functions in an override's value.
 SWEEP_FUNCTION = re.compile(r"^(choice|range|interval|tag|glob)\(")
 DROPPED_PREFIXES = ("paths.", "tracking.", "hydra.", "resolved.")
-DROPPED_KEYS = ("verbose", "check_memory")
+DROPPED_KEYS = ("verbose", "check_memory", "gpus")  # gpus: where it ran is in the tags (gpu.*)
 
 
 def split_override(text: str) -> tuple[str, str]:

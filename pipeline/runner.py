@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline import env, layout, naming, ops, payoff, shapes, targets
+from pipeline import env, gpu_lease, layout, naming, ops, payoff, shapes, targets
 from pipeline.cache import StageCache, select
 from pipeline.checks import check_settings, check_target
 from pipeline.config import check_known_keys
@@ -89,6 +89,7 @@ class Runner:
         self.target_name = name
         self.cache = StageCache(Path(container["paths"]["cache"]).resolve())
         self.resolved: dict[str, Any] = {}
+        self.lease: gpu_lease.Lease | None = None  # a CUDA job's GPU of this node, held to the job's end
 
     def run_stage(self, spec: StageSpec, keys: dict[str, str], target, config: dict[str, Any] | None = None,
                   run_dir: Path | None = None, resolved: dict[str, Any] | None = None) -> StageRecord:
@@ -160,6 +161,8 @@ class Runner:
             raise
         finally:
             self.worker.close()
+            if self.lease:
+                result.tags.update(self.lease.release())
             tidy.join(10)  # a job that fails in a second still closes what dead jobs left
             result.wall_seconds = time.perf_counter() - started
             self.finish(result, tracker)
@@ -176,6 +179,9 @@ class Runner:
         ops.resolve(self.config["compile"]["torch_executed_ops"])
         shapes.check(OmegaConf.create(self.config["input"]))
         self.cache.remove_dead_staging()  # what jobs killed outright left behind
+        # A CUDA job's GPU, before the memory check that reads its free memory (pipeline.gpu_lease).
+        self.lease = gpu_lease.take(self.config, target.device(), self.worker, self.console.print)
+        result.tags.update(self.lease.tags if self.lease else {})
         if self.config.get("check_memory", True):
             self.current_stage = "memory check"
             result.metrics.update(self.check_memory(target))

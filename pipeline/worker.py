@@ -42,6 +42,8 @@ POLL_SECONDS = 0.2
 LOW_DISK = 64 * 2**20
 # The request that estimates the job's memory before any stage (pipeline.memory), not a stage.
 MEMORY_CHECK = "memory check"
+# The request that reports the GPU the worker sees once pinned (pipeline.gpu_lease), not a stage.
+GPU_CHECK = "gpu check"
 
 
 @dataclass
@@ -55,6 +57,8 @@ class Request:
     job_pid: int
     # What the runner resolved once for the job (Runner.resolve): device, quantization route, ...
     resolved: dict[str, Any] = field(default_factory=dict)
+    # The job's leased GPU (a CUDA_VISIBLE_DEVICES entry), set before CUDA starts in the worker; None: no lease.
+    gpu: str | None = None
 
 
 @dataclass
@@ -103,6 +107,12 @@ def run_request(request: Request) -> Reply:
     from pipeline.stage import StageContext
 
     os.environ["PIPELINE_JOB_PID"] = str(request.job_pid)
+    if request.gpu is not None:
+        from pipeline import gpu_lease
+
+        gpu_lease.pin(request.gpu)
+        if request.stage == GPU_CHECK:
+            return Reply(metrics=gpu_lease.seen(), notes=[])
     console = Console(file=io.StringIO(), record=True, width=120, soft_wrap=True, highlight=False)
     try:
         target = targets.target_class(request.target)(request.settings)
@@ -171,9 +181,19 @@ class StageWorker:
         with _standard_start_method():
             self.process.start()
         child.close()
+        self.gpu: str | None = None  # the job's leased GPU, pinned in the child with every request
+
+    def ask_gpu(self) -> dict[str, str]:
+        """Pin the leased GPU in the child now and read what it sees there (count, UUID, model)."""
+        request = Request(stage=GPU_CHECK, config={}, target="", settings={}, inputs={}, out="", job_pid=os.getpid())
+        reply = self.run(request)
+        if reply.error is not None:
+            reraise(reply, request)
+        return reply.metrics
 
     def run(self, request: Request) -> Reply:
         oom_before = peaks.oom_kills()  # the kernel's count now: a rise while this stage ran means it was killed for memory
+        request.gpu = self.gpu
         try:
             self.conn.send(request)
             while not self.conn.poll(POLL_SECONDS):

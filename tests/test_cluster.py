@@ -43,6 +43,8 @@ STAGES = ("export", "lower", "partition", "convert", "build", "validate")
     ("ray_cluster", {"ray.init.address": "10.0.0.1:6379", "ray.init.object_store_memory": None,
                      "ray.remote.max_retries": 0, "ray.remote.num_gpus": 0,
                      "ray.init.runtime_env.env_vars.MLFLOW_TRACKING_USERNAME": "alice"}),
+    ("ray_cluster_gpu", {"ray.init.address": "10.0.0.1:6379", "ray.remote.num_gpus": 1, "ray.remote.num_cpus": 1,
+                         "ray.remote.max_retries": 0}),
 ])
 def test_launcher_presets_compose_with_the_sweep_callback(launcher, expected, monkeypatch):
     """The presets in conf/hydra/launcher extend the plugins' own configs; the sweep callback stays on."""
@@ -63,6 +65,20 @@ def test_launcher_presets_compose_with_the_sweep_callback(launcher, expected, mo
     if launcher == "ray_cluster":  # the saved config holds a reference to the password, never its value
         raw = OmegaConf.to_yaml(cfg.hydra.launcher, resolve=False)
         assert "MLFLOW_TRACKING_PASSWORD: ${oc.env:MLFLOW_TRACKING_PASSWORD,\"\"}" in raw
+
+
+def test_slurm_gpu_asks_sbatch_for_one_gpu_per_task(tmp_path):
+    """gpus_per_task reaches the sbatch script as --gpus-per-task (SLURM then sets each job's CUDA_VISIBLE_DEVICES)."""
+    import hydra
+    from submitit.slurm.slurm import _make_sbatch_string
+    from testkit import CONF
+
+    import pipeline.config  # noqa: F401  (registers the schemas)
+
+    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra.compose(config_name="config", overrides=["hydra/launcher=slurm_gpu"], return_hydra_config=True)
+    script = _make_sbatch_string(command="true", folder=tmp_path, gpus_per_task=cfg.hydra.launcher.gpus_per_task)
+    assert "#SBATCH --gpus-per-task=1" in script.splitlines()
 
 
 def _started(services: cs.Services, start, *args, **kwargs):

@@ -219,3 +219,34 @@ def test_a_batch_that_cannot_fit_is_refused_before_export(tmp_path):
     assert proc.returncode != 0 and len(errors) == 1, (proc.stdout + proc.stderr)[-3000:]
     assert "needs about" in errors[0] and "at batch 20000" in errors[0] and "is available" in errors[0]
     assert not (tmp_path / "cache" / "export").exists()
+
+
+def test_a_job_sees_exactly_its_one_gpu(cuda_job):
+    """Its stage worker ran pinned to the GPU it leased (pipeline.gpu_lease), and the run names that card."""
+    from pipeline import gpu_lease
+
+    tags = cuda_job.result.tags
+    assert tags["gpu.visible"] == "1" and tags["gpu.cuda_visible_devices"] == tags["gpu.index"], tags
+    props = torch.cuda.get_device_properties(gpu_lease.visible().index(tags["gpu.index"]))  # this process sees them all
+    assert tags["gpu.uuid"] == f"GPU-{props.uuid}" and tags["gpu.name"] == tags["device.name"] == props.name
+    assert float(tags["gpu.lease.end"]) >= float(tags["gpu.lease.start"])
+
+
+def test_a_parallel_sweep_never_puts_two_jobs_on_one_gpu(tmp_path):
+    """Two inductor jobs under joblib: on one GPU they take turns (one's lease ends before the other's
+    starts, read from the order of the lease's own marks); where they overlap they hold distinct GPUs."""
+    import json
+
+    cmd = [sys.executable, "-m", "pipeline", "-m", "sweep=parallel", "hydra.launcher.n_jobs=2", "model=tiny_cnn",
+           "input=image_64", "validate=quick", "target=inductor", "model.seed=0,1", NO_TRACKING,
+           f"paths.outputs={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    a, b = (json.loads((tmp_path / "sweep" / str(i) / "run.json").read_text())["tags"] for i in (0, 1))
+    assert a["gpu.visible"] == b["gpu.visible"] == "1"
+    (first, second) = sorted((a, b), key=lambda t: float(t["gpu.lease.start"]))
+    overlapped = float(second["gpu.lease.start"]) < float(first["gpu.lease.end"])
+    if torch.cuda.device_count() == 1:
+        assert not overlapped and a["gpu.index"] == b["gpu.index"]
+    if overlapped:
+        assert a["gpu.index"] != b["gpu.index"] and a["gpu.uuid"] != b["gpu.uuid"]

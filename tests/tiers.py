@@ -95,6 +95,9 @@ TIERS: dict[str, tuple[str, ...]] = {
         # a dynamic-batch job searched for its best batch; a static one refused the search
         "pipeline/test_throughput.py::test_a_job_searches_on_its_own_engine_and_records_the_curve",
         "pipeline/test_throughput.py::test_a_static_input_is_not_searched_and_says_why",
+        # real jobs beside a process holding the GPU lease (a CUDA job waits, a CPU job does not)
+        "pipeline/test_gpu_lease.py::test_a_cpu_job_takes_no_lease",
+        "pipeline/test_gpu_lease.py::test_a_cuda_job_waits_for_its_gpu_then_records_it",
     ),
     "system": (
         "test_cluster.py::test_slurm_sweep_through_sbatch_matches_the_basic_launcher",

@@ -7,6 +7,7 @@
 #   tools/gpu-machine.sh bench [args]   # there: install .whl/, then bench/gpu.py [args]
 #   tools/gpu-machine.sh bench-quant    # there: install .whl/, then bench/quant.py --gpu (fp8 vs fp16)
 #   tools/gpu-machine.sh smoke          # there: the issue's command, resnet50 fp16 with target=auto
+#   tools/gpu-machine.sh sweep-gpus     # there: issue 24's 4-job joblib sweep on 1 GPU, then on up to 4
 #   tools/gpu-machine.sh fetch-ort      # here: onnxruntime-gpu (CUDA 13, ~255 MB) in five parts -> .ortgpu/pN
 #   tools/gpu-machine.sh join-ort       # there: join the parts and install them into /tmp/site-ort
 #
@@ -34,7 +35,9 @@ PACKAGES=(hydra-core==1.3.2 omegaconf==2.3.0 rich==13.9.4 markdown-it-py==3.0.0 
           pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 scipy==1.18.1
           # target=inductor's fp8/int8 on CUDA (pipeline.quantize.torchao_gpu): torchao 0.17 is built
           # against torch 2.11, the machine's (0.18 needs 2.12+); 3 MB, its CUDA kernels unused.
-          torchao==0.17.0)
+          torchao==0.17.0
+          # sweep=parallel (Hydra's joblib launcher), for the GPU lease's sweep (sweep-gpus, tests/test_gpu.py)
+          hydra-joblib-launcher==1.2.0 joblib==1.5.3)
 
 fetch() {
     mkdir -p "$WHEELS"
@@ -81,6 +84,29 @@ join_ort() {
     PYTHONPATH="$ORT_SITE" $PY -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
 }
 
+# Issue 24: the same 4-job sweep (distinct weights: no job waits on another's build) with gpus=[0] and
+# with up to 4 GPUs, fresh caches each; prints each sweep's wall time and each job's GPU and lease interval.
+sweep_gpus() {
+    local count list n gpus out
+    count=$(nvidia-smi -L | grep -c '^GPU ')
+    list=$(seq -s, 0 $(( (count < 4 ? count : 4) - 1 )))
+    for gpus in $(printf '%s\n' 0 "$list" | uniq); do
+        n=$(echo "$gpus" | tr , '\n' | wc -l)
+        out=/tmp/gl-$n && rm -rf "$out"
+        SECONDS=0
+        TORCHINDUCTOR_CACHE_DIR=$out/inductor PIPELINE_STATE_DIR=$out/state $PY -m pipeline -m sweep=parallel \
+            hydra.launcher.n_jobs=4 model=resnet50 model.seed=0,1,2,3 target=inductor compile.precision=fp16 \
+            "gpus=[$gpus]" tracking.enabled=false paths.outputs="$out" hydra.sweep.dir="$out/sweep" > "$out.log" 2>&1 \
+            || { tail -30 "$out.log"; return 1; }
+        echo "gpus=[$gpus]: wall ${SECONDS} s"
+        $PY -c 'import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/sweep/*/run.json")):
+    r = json.load(open(f)); t = r["tags"]
+    print(f, r["status"], t.get("gpu.index"), t.get("gpu.uuid"), t.get("gpu.visible"), t.get("gpu.lease.start"),
+          t.get("gpu.lease.end"), t.get("gpu.lease.waited_s"), r["metrics"].get("latency_p50_ms"))' "$out"
+    done
+}
+
 case "${1:-}" in
     fetch) fetch ;;
     fetch-ort) fetch_ort ;;
@@ -90,5 +116,6 @@ case "${1:-}" in
     bench-quant) install; shift; PYTHONUNBUFFERED=1 $PY bench/quant.py --gpu "$@" ;;
     smoke) install; PYTHONUNBUFFERED=1 $PY -m pipeline model=resnet50 compile.precision=fp16 tracking.enabled=false \
                paths.outputs="${OUTPUTS:-/tmp/pipeline-outputs}" ;;
-    *) echo "usage: tools/gpu-machine.sh fetch|fetch-ort|join-ort|test|bench [bench/gpu.py args]|bench-quant|smoke" >&2; exit 2 ;;
+    sweep-gpus) install; sweep_gpus ;;
+    *) echo "usage: tools/gpu-machine.sh fetch|fetch-ort|join-ort|test|bench [bench/gpu.py args]|bench-quant|smoke|sweep-gpus" >&2; exit 2 ;;
 esac
