@@ -178,7 +178,10 @@ def start_server(port: int, root: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{root}/server.db", "--default-artifact-root", f"{root}/artifacts",
            "--workers", "1"]
-    server = subprocess.Popen(cmd, cwd=root, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    # Without MLflow 3's job-execution workers (7 huey processes a server): the tests use none, and
+    # on a 2-core CI box they cost every other test its CPU.
+    env = {**clean_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
