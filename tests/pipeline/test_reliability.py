@@ -200,7 +200,8 @@ def test_an_unreachable_tracking_server_fails_before_any_stage(tmp_path):
     assert f"the MLflow server at http://127.0.0.1:{port} does not answer" in line, line
     assert "tracking.enabled=false" in line and "Traceback" not in output
     assert not (tmp_path / "cache").exists()  # nothing was built
-    assert not (tmp_path / "run" / "run.json").exists()  # the job never got as far as its first stage
+    record = run_json(tmp_path)  # the job is on record from its first moment: failed, with the same line
+    assert record["status"] == "FAILED" and record["error"] in line and not record["metrics"]
     assert [stage for stage in STAGES if (tmp_path / "run" / stage).exists()] == []
 
 
@@ -289,7 +290,8 @@ def test_a_store_lost_while_the_run_opens_still_keeps_the_results(tmp_path):
     """The server answers the preflight, then is gone before the run is open: exit 4, sync later."""
     _, _, _, server, job = server_and_slow_job(tmp_path)
     try:
-        wait_for(lambda: (tmp_path / "run" / "run.json").is_file(), what="the job's run.json")
+        # run.json is there from the job's first moment; config.yaml is written after the preflight.
+        wait_for(lambda: (tmp_path / "run" / "config.yaml").is_file(), what="the job's config.yaml")
         stop(server)  # right after the preflight: opening the run fails in the background
         (tmp_path / "go").touch()
         assert job.wait(300) == 4
