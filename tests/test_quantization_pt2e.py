@@ -70,6 +70,12 @@ def test_inductor_int8_engine_loads_and_agrees_with_fp32(pt2e_job):
     assert not torch.equal(got, ref)  # quantized: close, not identical
 
 
+def cuda_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 REFUSED = {
     # On CUDA int8 is torchao's route (pipeline.quantize.torchao_gpu), whose modes are dynamic and weight_only.
     "cuda": (("target.device=cuda",), "its CUDA int8 route (torchao) has no quantize.mode=static"),
@@ -87,6 +93,17 @@ def test_settings_pt2e_cannot_serve_are_one_line_before_any_stage(tmp_path, name
 
     extra, needle = REFUSED[name]
     overrides = [o for o in INT8 if not (name == "cuda" and o.startswith("target.device"))]
+    if name == "cuda" and not cuda_here():
+        # Without a GPU the job refuses target.device=cuda first (tests/pipeline/test_settings_walk.py);
+        # the CUDA route's own refusal is what the target answers with CUDA as its device.
+        from omegaconf import OmegaConf
+
+        from pipeline.targets.inductor import InductorTarget
+
+        config = OmegaConf.to_container(compose(tmp_path, *overrides, *extra), resolve=True, enum_to_str=True)
+        why, fix = InductorTarget(config["target"]).quantizer_refusal(config, "int8")
+        assert needle in why and fix
+        return
     runner, console, _ = make_runner(tmp_path / "out", *overrides, *extra, cache=tmp_path / "cache")
     with pytest.raises(ConfigError) as caught:
         runner.run(Tracker(runner.config["tracking"]))
