@@ -33,7 +33,7 @@ def test_int8_build_runs_in_int8_and_says_so(int8_job):
     assert segment["precision"] == ["int8"] and segment["int8"]["int8_kernels"] > 0
     assert (job.run_dir / "build" / segment["qdq_model"]).is_file()
     assert segment["quantize"] == {"mode": "static", "method": "minmax", "per_channel": True, "num_batches": 16,
-                                   "excluded": [], "op_types": []}
+                                   "excluded": [], "op_types": [], "smooth_alpha": None}
     report = job.json("build/quantization.json")
     assert report["passed"] and report["kept_fp32"] == [] and len(report["rounds"]) == 1
     assert "calibration: random, 16 batches, method minmax, per_channel=True" in job.log
