@@ -62,3 +62,23 @@ def test_smoothing_keeps_fp32_and_helps_dynamic_int8(tmp_path):
                          per_channel=True, op_types_to_quantize=["MatMul"])
         found[name] = cosine(run(tmp_path / f"{name}.int8.onnx", batches), reference)
     assert found["smooth"] > found["plain"] and 1 - found["smooth"] < 0.5 * (1 - found["plain"]), found
+
+
+def test_static_rounds_with_and_without_smoothing_calibrate_their_own_ranges(tmp_path):
+    """Round 0 (plain) and round 1 (smoothed) of a static build share a scratch folder: each model gets
+    ranges of its own tensors (the smoothed one's Mul output included), not the other's cached ones."""
+    from pipeline.quantize import QuantizeRequest, ort_qdq
+
+    rng = np.random.default_rng(2)
+    batches = [(rng.normal(size=(1, 8, 16)).astype(np.float32),) for _ in range(8)]
+    source = outlier_model(tmp_path / "model.onnx")
+    reference = run(source, batches)
+    found = {}
+    for alpha in (None, 0.9):
+        request = QuantizeRequest(inputs=batches, mode="static", smooth_alpha=alpha, op_types=["MatMul"],
+                                  workdir=tmp_path)
+        out = tmp_path / f"out-{alpha}"
+        out.mkdir()
+        found[alpha] = cosine(run(ort_qdq.quantize(source, out, "seg", request), batches), reference)
+    assert len(list(tmp_path.glob("seg.*.ranges.json"))) == 2
+    assert found[0.9] > found[None] > 0.9, found

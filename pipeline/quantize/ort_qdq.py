@@ -193,7 +193,7 @@ def ranges(pre: Path, request, name: str, symmetric: bool) -> Path:
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
-    path = Path(request.workdir) / f"{name}.{request.method}.{'sym' if symmetric else 'asym'}.ranges.json"
+    path = Path(request.workdir) / f"{Path(pre).stem}.{request.method}.{'sym' if symmetric else 'asym'}.ranges.json"
     if path.is_file():
         return path
     options = {"symmetric": symmetric, "moving_average": False, "num_bins": 2048, "num_quantized_bins": 128,
