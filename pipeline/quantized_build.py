@@ -166,7 +166,11 @@ def _worst_layers(engines, inputs, excluded: list[str], count: int, ctx, scratch
         for entry in engines:
             name, request = entry["name"], entry["quantize"]
             sample = request.inputs[: max(1, min(4, len(request.inputs)))]
-            found += [(f"{name}/{layer}", db) for layer, db in _rank(entry, request, sample, ctx, scratch)]
+            # A layer the quantizer left in float (ORT's dynamic route skips attention's two activation
+            # products) adds no int8 noise of its own, whatever its SQNR says: keeping it buys nothing.
+            floats = set((entry.get(ctx.config.compile.precision) or {}).get("fp32_layers", []))
+            found += [(f"{name}/{layer}", db) for layer, db in _rank(entry, request, sample, ctx, scratch)
+                      if layer not in floats]
     found.sort(key=lambda item: item[1])
     worst = [item for item in found if item[0] not in excluded and item[1] < sensitivity.EXACT_DB][:count]
     for layer, db in worst:

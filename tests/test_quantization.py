@@ -7,6 +7,7 @@ builder; bad calibration input is refused in one line before any stage runs.
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 
 import numpy as np
@@ -278,3 +279,11 @@ def test_dynamic_int8_of_a_transformer_runs_integer_matmuls(tmp_path):
     kinds = {n.op_type for n in onnx.load(str(job.run_dir / "build" / segment["qdq_model"])).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= kinds and "QuantizeLinear" not in kinds
     assert job.json("validate/report.json")["passed"]
+    # A gate round 0 cannot pass: each round keeps layers that were int8 (never attention's activation
+    # products, which quantize_dynamic leaves in float), so the int8 share falls round by round.
+    with pytest.raises(CompileError, match="validation failed"):
+        run_job(tmp_path / "strict", "model=bert_tiny", "input=text_dynamic", *INT8, "quantize=transformer",
+                "tracking.enabled=false", "validate.tolerances.int8.rel_l2_err=1e-6", "quantize.max_rounds=1",
+                "quantize.smooth_alpha=null", cache=tmp_path / "cache")
+    rounds = json.loads((tmp_path / "strict" / "run" / "build" / "quantization.json").read_text())["rounds"]
+    assert len(rounds) == 2 and rounds[1]["kept_fp32"] and rounds[1]["int8_op_fraction"] < rounds[0]["int8_op_fraction"]
