@@ -7,7 +7,11 @@
 2. Orchestrator cost. A cold `python -m pipeline model=resnet50` in a subprocess, with
    its own empty cache and MLflow store; the orchestrator's time is the wall time less
    Python start-up plus `import torch` (measured alone) and the six stages' own work (their
-   manifests). It must stay under 10% of the run's wall time.
+   manifests): Hydra, the checks (the memory estimate included), keys, links, MLflow and
+   exit, as far as they hold the run up. It must stay under 5% of the run's wall time
+   (issue 20; 10% before). The job's process never imports torch (its stage worker's
+   forkserver does, started at the process's first moment) and opens MLflow while the
+   stages run, so most of its own work overlaps theirs.
 
     make bench            # or: .venv/bin/python bench/run.py [--iterations N]
 """
@@ -24,6 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The orchestrator's largest share of a cold run's wall time (issue 20, item 7).
+ORCHESTRATOR_SHARE = 0.05
 sys.path.insert(0, str(ROOT))
 
 from pipeline import layout  # noqa: E402
@@ -110,8 +116,8 @@ def main() -> None:
     console.print(f"single run: wall {cost['wall_s']:.1f}s = start-up+import torch {cost['startup_and_import_torch_s']:.1f}s "
                   f"+ stages {cost['stages_s']:.1f}s + orchestrator {cost['orchestrator_s']:.2f}s "
                   f"({cost['orchestrator_fraction']:.1%}) "
-                  f"[{'OK' if cost['orchestrator_fraction'] < 0.10 else 'FAIL'}: must be < 10%]")
-    if ratio < 0.95 or cost["orchestrator_fraction"] >= 0.10:
+                  f"[{'OK' if cost['orchestrator_fraction'] < ORCHESTRATOR_SHARE else 'FAIL'}: must be < {ORCHESTRATOR_SHARE:.0%}]")
+    if ratio < 0.95 or cost["orchestrator_fraction"] >= ORCHESTRATOR_SHARE:
         sys.exit(1)
 
 

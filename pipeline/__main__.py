@@ -19,6 +19,9 @@ if __name__ == "__main__":  # before anything that takes time: a signal in the f
     from pipeline.errors import hold_signals
 
     hold_signals()
+    from pipeline import worker
+
+    worker.start_early(sys.argv[1:])  # torch's import in the stage worker's server overlaps composing
 
 import hydra  # noqa: E402
 
@@ -150,7 +153,7 @@ def entry() -> None:
     (1: a job failed, 4: results that did not reach MLflow, see sweep.finalize)."""
     import signal
 
-    from pipeline import sweep
+    from pipeline import sweep, worker
     from pipeline.errors import held_signal
 
     restore = install_error_report()
@@ -162,6 +165,7 @@ def entry() -> None:
         sys.exit(128 + signum)
     finally:
         restore()
+        worker.stop_unused()
         status = sweep.finalize() if sweep.STATE else 0
     if held_signal():  # arrived before any job could record it
         print(f"error: interrupted by {signal.Signals(held_signal()).name}.", file=sys.stderr, flush=True)

@@ -19,6 +19,7 @@ QUANTIZED_PRECISIONS = {"int8": "float32", "fp8": "float32"}
 DTYPE_PRECISIONS = {**{dtype: precision for precision, dtype in PRECISION_DTYPES.items()}, "int8": "int8"}
 # Names accepted for input tensors (input.tensors[].dtype): torch names and precision shorthands.
 INPUT_DTYPES = {"float32", "float16", "bfloat16", "int64", "int32", "bool"}
+FLOAT_INPUT_DTYPES = {"float32", "float16", "bfloat16"}
 # Compute dtypes a TensorRT engine may run in (Torch-TensorRT's enabled_precisions before 2.13).
 ENGINE_DTYPES = {"float32", "float16", "bfloat16", "float8_e4m3fn", "int8"}
 # trt.DataType member names -> torch dtype names.
@@ -48,10 +49,12 @@ def is_quantized(precision: str) -> bool:
     return precision in QUANTIZED_PRECISIONS
 
 
-def torch_dtype(name: str):
-    """The torch.dtype of an input tensor's dtype name (input.tensors[].dtype)."""
-    import torch
+def input_dtype(name: str) -> str:
+    """The torch name of an input tensor's dtype (input.tensors[].dtype), checked without torch.
 
+    The job's process checks its inputs before any stage, and importing torch there would cost
+    it seconds of CPU the stage worker pays anyway.
+    """
     from pipeline.errors import ConfigError
 
     canon = canonical(name)
@@ -59,7 +62,14 @@ def torch_dtype(name: str):
         choices = sorted(INPUT_DTYPES | {p for p, d in PRECISION_DTYPES.items() if d in INPUT_DTYPES})
         raise ConfigError(f"dtype {name!r} (input.tensors[].dtype) is not a known dtype.",
                           f"use one of {', '.join(choices)}.")
-    return getattr(torch, canon)
+    return canon
+
+
+def torch_dtype(name: str):
+    """The torch.dtype of an input tensor's dtype name (input.tensors[].dtype)."""
+    import torch
+
+    return getattr(torch, input_dtype(name))
 
 
 def name_of(dtype) -> str:

@@ -128,8 +128,6 @@ class Runner:
     def run(self, tracker) -> JobResult:
         result = JobResult(run_dir=self.run_dir, target=self.target_name, target_reason=self.target_reason)
         started = time.perf_counter()
-        # Started first: the child's start overlaps opening MLflow and the checks below.
-        self.worker = StageWorker()
         # Run folders of jobs killed outright (tracked or not) closed FAILED, while this job works.
         tidy = threading.Thread(target=close_dead_folders, args=(Path(self.config["paths"]["outputs"]),), daemon=True)
         tidy.start()
@@ -141,10 +139,13 @@ class Runner:
             name = naming.single_name(self.config["model"]["name"], self.target_name)
         result.tracking["run_name"] = name
         tracker.start(run_name=name, params=naming.params(self.config), tags=self.tags())
+        self.worker = None
         try:
             with terminate_as_interrupt():
                 target = self.settle_target(result)  # before the run files: config.yaml names what it resolved
                 self.write_run_files(result)  # run.json exists (RUNNING) from before the first stage
+                # Forked once the job is checked and MLflow opens: the fork waits for the server's imports.
+                self.worker = StageWorker()
                 self.run_stages(result, tracker, target)
                 self.check_validation()
             result.status = "FINISHED"
@@ -160,7 +161,8 @@ class Runner:
                 err.reported = True
             raise
         finally:
-            self.worker.close()
+            if self.worker is not None:
+                self.worker.close()
             if self.lease:
                 result.tags.update(self.lease.release())
             tidy.join(10)  # a job that fails in a second still closes what dead jobs left

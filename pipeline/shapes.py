@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.dtypes import torch_dtype
+from pipeline.dtypes import FLOAT_INPUT_DTYPES, input_dtype, torch_dtype
 from pipeline.errors import ArtifactError, ConfigError, first_line
 
 CORNERS = ("min", "opt", "max")
@@ -66,7 +66,7 @@ def check(input_cfg) -> None:
         _check_dim(f"input.dims.{name}", dim)
     used = set()
     for i, t in enumerate(tensors):
-        torch_dtype(t.dtype)
+        input_dtype(t.dtype)
         for size in t.shape:
             if isinstance(size, str):
                 if size not in dims:
@@ -76,7 +76,7 @@ def check(input_cfg) -> None:
             elif not isinstance(size, int) or isinstance(size, bool) or size < 1:
                 raise ConfigError(f"input.tensors[{i}] ({t.name}) has size {size!r} in shape {list(t.shape)}.",
                                   "use positive integers, or names of dimensions in input.dims.")
-        if not torch_dtype(t.dtype).is_floating_point and t.low >= t.high:
+        if input_dtype(t.dtype) not in FLOAT_INPUT_DTYPES and t.low >= t.high:
             raise ConfigError(f"input.tensors[{i}] ({t.name}) draws integers from [{t.low}, {t.high}), which is empty.",
                        f"set input.tensors[{i}].high above low (e.g. the vocabulary size).")
     unused = sorted(set(dims) - used)

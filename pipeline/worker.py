@@ -31,8 +31,9 @@ from typing import Any
 from pipeline import env, logs, peaks
 from pipeline.errors import PipelineError, StageCrashed
 
-# Imported once by the forkserver, so each job's worker starts with them loaded.
-PRELOAD = ["torch", "pipeline.worker", "stages"]
+# Imported once by the forkserver, so each job's worker starts with them loaded (the stage modules
+# import torch and pipeline.hybrid only inside their functions: named here so the server has them).
+PRELOAD = ["torch", "pipeline.worker", "stages", "pipeline.hybrid"]
 # And for the jobs of a sweep: torch.export's loader (torch._dynamo, sympy: ~2 s of CPU), which
 # every job imports (in export, or in the first stage that loads a program when export is a
 # cache hit), so each job of a sweep paid it again. A single run imports it in its stage.
@@ -168,6 +169,36 @@ def warm_up(extra: tuple[str, ...] = ()) -> None:
 
     _context(extra)
     forkserver.ensure_running()
+    _SERVER["started"] = True
+
+
+# Whether this process started the forkserver, and whether a job forked a worker from it.
+_SERVER = {"started": False, "used": False}
+
+
+def start_early(args: list[str]) -> None:
+    """`python -m pipeline key=value ...`: start the forkserver (python and torch's import, seconds
+    of CPU) at the process's first moment, so it overlaps Hydra composing and checking the job.
+
+    Only for a plain single run: a flag (-m, --cfg, --help, ...) or a hydra.mode override leaves
+    it to the job (run_job's warm_up, with a sweep's preloads). stop_unused ends it if no job used it.
+    """
+    if any(a.startswith("-") or a.lstrip("+~").startswith("hydra.mode") for a in args):
+        return
+    warm_up()
+
+
+def stop_unused() -> None:
+    """End a forkserver this process started and no job forked from (the request was refused before
+    any job ran): it would otherwise go on importing torch for seconds after the process has exited."""
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if not _SERVER["started"] or _SERVER["used"] or pid is None:
+        return
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 class StageWorker:
@@ -175,6 +206,7 @@ class StageWorker:
 
     def __init__(self):
         ctx = _context()
+        _SERVER["used"] = True
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=serve, args=(child, os.getpid()), daemon=True,
                                    name="pipeline-stage-worker")

@@ -6,7 +6,7 @@ assembled hybrid module to save, so a run's build folder is what users deploy.
 
 from __future__ import annotations
 
-from pipeline import hybrid, layout, shapes
+from pipeline import layout, shapes
 from pipeline.dtypes import QUANTIZED_PRECISIONS
 from pipeline.files import load_json, write_json
 from pipeline.stage import INPUT_KEYS, Metrics, StageContext, StageSpec
@@ -38,6 +38,8 @@ def run(ctx: StageContext) -> Metrics:
     listing = {"target": ctx.target.name, "settings": ctx.target.build_settings(), "segments": engines}
     write_json(ctx.out / FILES.engines, listing)
     if ctx.target.saves_program:
+        from pipeline import hybrid
+
         with ctx.console.status(f"saving the compiled program for {ctx.target.name}"):
             gm = hybrid.assemble(ctx.inputs["lower"], ctx.inputs["partition"], ctx.out, ctx.target)
             example = shapes.load_samples(ctx.inputs["export"] / layout.EXPORT.example)["opt"]

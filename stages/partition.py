@@ -13,8 +13,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from torch.fx.passes.operator_support import OperatorSupportBase
-
 from pipeline import layout, ops, programs, segments
 from pipeline.dtypes import graph_precisions
 from pipeline.errors import CompileError
@@ -24,24 +22,28 @@ from pipeline.targets import PARTITIONING
 
 FILES = layout.PARTITION
 
-class TargetSupport(OperatorSupportBase):
-    """The partitioner's view of the target: supported unless the user keeps the op in torch."""
 
-    def __init__(self, target, executed: set[str]):
-        super().__init__()
-        self.target = target
-        self.executed = executed
+def target_support(target, executed: set[str]):
+    """The partitioner's view of the target: supported unless the user keeps the op in torch.
 
-    def is_node_supported(self, submodules, node) -> bool:
-        if segments.is_compute(node) and segments.op_name(node) in self.executed:
-            return False
-        return self.target.is_supported(node)
+    The class is made here, not at the top: torch.fx imports torch, and the job's process
+    reads this module's SPEC without importing torch (the stage worker runs the stage).
+    """
+    from torch.fx.passes.operator_support import OperatorSupportBase
+
+    class TargetSupport(OperatorSupportBase):
+        def is_node_supported(self, submodules, node) -> bool:
+            if segments.is_compute(node) and segments.op_name(node) in executed:
+                return False
+            return target.is_supported(node)
+
+    return TargetSupport()
 
 
 def propose(gm, target, executed: set[str], min_block_size: int, full: bool) -> list[list]:
     from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 
-    partitioner = CapabilityBasedPartitioner(gm, TargetSupport(target, executed),
+    partitioner = CapabilityBasedPartitioner(gm, target_support(target, executed),
                                              allows_single_node_partition=True)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     blocks = []

@@ -11,7 +11,7 @@ that is not faster is a warning in the summary and MLflow (`quantize/pays`=0); w
 
 from __future__ import annotations
 
-from pipeline import hybrid, shapes, timing
+from pipeline import shapes, timing
 from pipeline.errors import CompileError
 from pipeline.files import write_json
 from pipeline.models import caster
@@ -30,6 +30,8 @@ def verdict(speedup: float, required: bool) -> str:
 
 
 def run(ctx: StageContext) -> Metrics:
+    from pipeline import hybrid
+
     cfg, vcfg = ctx.config, ctx.config.validate
     precision, device = cfg.compile.precision, ctx.target.device()
     base = baseline_precision(device)

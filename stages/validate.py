@@ -18,9 +18,7 @@ import math
 import time
 from typing import Any
 
-import torch
-
-from pipeline import hybrid, layout, shapes, task_metrics, throughput, timing
+from pipeline import layout, shapes, task_metrics, throughput, timing
 from pipeline.accuracy import compare, figures
 from pipeline.accuracy import failures as failures_of
 from pipeline.dtypes import is_quantized, precisions_of
@@ -122,6 +120,8 @@ def set_threads(ctx: StageContext, engines: dict[str, Any]) -> dict[str, Any]:
     A speedup of an engine with every core over eager fighting for them (or the reverse)
     measures the threads, not the engine.
     """
+    import torch
+
     budget, why = timing.thread_budget(int(ctx.config.validate.threads))
     threads = ctx.target.engine_threads(budget, engines)
     if threads != budget:
@@ -141,6 +141,8 @@ def quantization_summary(ctx: StageContext) -> dict[str, Any] | None:
 
 def load_compiled(ctx: StageContext, device: str):
     """The hybrid program on `device`, with how long loading took (engines compiling or warming included)."""
+    from pipeline import hybrid
+
     outside = timing.outside_torch_mb(device)
     before, started = timing.allocated_mb(device) + outside, time.perf_counter()
     with ctx.console.status(f"loading the engines on {device}"):
@@ -174,6 +176,8 @@ def gpu_memory(ctx: StageContext, modules: dict[str, Any], resident: dict[str, f
     the device's free memory: what they took while loading is resident, and what their
     arenas grew by since (calls of accuracy and timing) is transient.
     """
+    import torch
+
     cfg = ctx.config
     sample = shapes.make(cfg.input, shapes.corners(cfg.input)["opt"], 1, seed_offset=1)[0].to(
         "cuda", caster(cfg.compile.precision))
@@ -189,6 +193,8 @@ def gpu_memory(ctx: StageContext, modules: dict[str, Any], resident: dict[str, f
 
 def check_accuracy(ctx: StageContext, reference, compiled, checks, device: str):
     """(accuracy over every shape, per-shape entries, failures), comparing with fp32 eager."""
+    import torch
+
     cfg = ctx.config
     cast = caster(cfg.compile.precision)
     tolerance = dict(cfg.validate.tolerances[cfg.compile.precision])
@@ -218,6 +224,8 @@ def check_accuracy(ctx: StageContext, reference, compiled, checks, device: str):
 
 def time_latency(ctx: StageContext, eager, compiled, checks, device: str) -> dict[str, Any]:
     """Eager and compiled interleaved at opt (and min/max with validate.latency_at_corners)."""
+    import torch
+
     cfg, vcfg = ctx.config, ctx.config.validate
     cast = caster(cfg.compile.precision)
     timed = [c for c in checks if c[0] == "opt" or (vcfg.latency_at_corners and c[0] in ("min", "max"))]
@@ -253,6 +261,8 @@ def time_latency(ctx: StageContext, eager, compiled, checks, device: str) -> dic
 
 def search_throughput(ctx: StageContext, compiled, device: str) -> dict[str, Any] | None:
     """validate.throughput: the batch with the most throughput under the p99 budget, on this one engine."""
+    import torch
+
     cfg, vcfg = ctx.config, ctx.config.validate
     dim = throughput.batch_dim(cfg.input)
     if dim is None:
@@ -282,6 +292,8 @@ def search_throughput(ctx: StageContext, compiled, device: str) -> dict[str, Any
 
 def graph_or_warn(ctx: StageContext, fn):
     """(fn replayed from a CUDA graph, True), or (fn, False) with a warning where it cannot be captured."""
+    import torch
+
     try:
         return timing.cuda_graphed(fn), True
     except Exception as err:  # capture fails in many ways (host syncs, graphs of the module's own)

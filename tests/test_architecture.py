@@ -231,3 +231,23 @@ def test_the_capability_check_catches_getattr_lookups():
 def test_quantization_capabilities_are_declared_not_looked_up(path):
     """Target declares them with defaults (quantizers, quantizer_refusal, ...): code reads them directly."""
     assert capability_lookups(path.read_text()) == [], f"{rel(path)} looks a quantization capability up by name"
+
+
+def test_the_jobs_process_imports_no_torch():
+    """The job's process reads the stages' specs and checks the job; the stage worker, whose server
+    imported torch, runs them. torch imported in the job's process too costs every job seconds of
+    CPU (issue 20: the orchestrator's share of a cold run), so a module-level `import torch`
+    (or of pipeline.hybrid) in a stage, or a check that needs torch, fails here."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom omegaconf import OmegaConf\n"
+            "import pipeline.__main__, pipeline.cli, pipeline.runner, pipeline.sweep, pipeline.tracking, stages\n"
+            "from pipeline import shapes\n"
+            "shapes.check(OmegaConf.create({'tensors': [{'name': 'x', 'shape': [1, 3, 8, 8], 'dtype': 'fp16',\n"
+            "    'low': 0, 'high': 1}, {'name': 'ids', 'shape': [1, 4], 'dtype': 'int64', 'low': 0, 'high': 9}],\n"
+            "    'dims': {}, 'extra_profiles': []}))\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m == 'pipeline.hybrid'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"the job's process imported {out.stdout.strip()}"
