@@ -164,7 +164,7 @@ def _print_measurements(console: Console, m: dict) -> None:
                   f"cosine {m['cosine_similarity']:.6f}{top1}")
     from pipeline.ranking import speedup_text
 
-    noisy = " (~: too noisy to trust; see the warnings above)" if m.get("latency_trusted") == 0 else ""
+    noisy = " (~: too noisy to trust; see the warnings above)" if "~" in speedup_text(m) else ""
     console.print(f"latency p50 {m['latency_p50_ms']:.3f} ms (p99 {m['latency_p99_ms']:.3f}) vs eager "
                   f"{m['eager/latency_p50_ms']:.3f} ms: speedup {speedup_text(m)}, "
                   f"{m['throughput_per_s']:.1f}/s, {m.get('latency_threads', 0):.0f} thread(s) each{noisy}")

@@ -38,6 +38,7 @@ from pipeline.ranking import (  # noqa: F401  (pareto_front, shown_overrides, wi
     metric_value,
     pareto_front,
     shown_overrides,
+    speedup_trusted,
     varying_overrides,
     winner,
     winner_line,
@@ -93,10 +94,9 @@ def rows(jobs: list[Job]) -> list[dict[str, str]]:
                 value, spread = engine_figure(job, jobs, METRIC_COLUMNS[column][0])
                 if value is not None:
                     row[column] = f"{METRIC_COLUMNS[column][1](value)} ±{spread:.0%}"
-        if any(metric_value(j, "latency_trusted") == 0 for j in groups.get(id(job), [job])):
-            # The spread warning fired: neither the latency nor a speedup made of it may look like a quiet one.
-            row["p50 ms"] += " ~" if row["p50 ms"] != "-" else ""
-            row["speedup"] += " ~" if row["speedup"] not in ("-", "n/m") else ""
+        measured = groups.get(id(job), [job])  # a spread warning fired: nothing made of it may look quiet
+        row["p50 ms"] += " ~" if row["p50 ms"] != "-" and any(metric_value(j, "latency_trusted") == 0 for j in measured) else ""
+        row["speedup"] += " ~" if row["speedup"] not in ("-", "n/m") and not all(speedup_trusted(j.get("metrics") or {}) for j in measured) else ""
         cached = (job.get("tags") or {}).get("cache.build") == "hit" or metric_value(job, "build_cache_hit") == 1
         if metric_value(job, "build_seconds") is not None and cached:  # MLflow's tag, or run.json's metric
             row["build s"] = "hit"

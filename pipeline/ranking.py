@@ -155,9 +155,13 @@ def pareto_front(jobs: list[Job]) -> list[Job]:
 
 def speedup_text(metrics: dict[str, Any]) -> str:
     """A job's speedup as its summary line and its MLflow tag print it: ` ~` after it, as in the tables,
-    when a latency behind it varied too much to trust (latency_trusted=0), so a noisy 900x never reads
-    like a measured one."""
+    when a latency behind it, the engine's or eager's, varied too much to trust (speedup_trusted=0; runs
+    recorded before it existed: latency_trusted), so a noisy 900x never reads like a measured one."""
     value = metrics.get("speedup")
     if value is None:
         return "-"
-    return f"{float(value):.2f}x" + (" ~" if metrics.get("latency_trusted") == 0 else "")
+    return f"{float(value):.2f}x" + (" ~" if not speedup_trusted(metrics) else "")
+
+
+def speedup_trusted(metrics: dict[str, Any]) -> bool:
+    return metrics.get("speedup_trusted", metrics.get("latency_trusted")) != 0

@@ -274,9 +274,12 @@ class Runner:
             # (at batch 1 on a GPU it is bound by Python's kernel launches and rarely steady).
             limit = self.config["validate"]["spread_warn_threshold"]
             trusted = m.get("latency_median_spread", 0.0) <= limit
+            eager_trusted = m.get("eager/latency_median_spread", 0.0) <= limit
             tags["latency.trusted"] = "true" if trusted else "false"
-            tags["eager.latency.trusted"] = "true" if m.get("eager/latency_median_spread", 0.0) <= limit else "false"
+            tags["eager.latency.trusted"] = "true" if eager_trusted else "false"
             result.metrics["latency_trusted"] = float(trusted)
+            # A speedup is a ratio of both: either side unsteady and it carries the `~`.
+            result.metrics["speedup_trusted"] = float(trusted and eager_trusted)
             if "speedup" in m:
                 from pipeline.ranking import speedup_text
 

@@ -75,17 +75,18 @@ def run_description(result) -> str:
     """
     m, error = result.metrics, result.error  # a JobResult, or sync's record of run.json with the same fields
     noisy = " ~" if m.get("latency_trusted") == 0 else ""
+    noisy_speedup = " ~" if m.get("speedup_trusted", m.get("latency_trusted")) == 0 else ""
     target = result.target or "its target"
     lines = [f"**{result.status.lower()}** on {target}" + (f": {error}" if error else "")]
     if m.get("validated") and "latency_p50_ms" in m:
         lines.append(f"latency p50 **{m['latency_p50_ms']:.3g} ms**{noisy} (p99 {m.get('latency_p99_ms', 0):.3g}), "
-                     f"eager {m.get('eager/latency_p50_ms', 0):.3g} ms: speedup **{m.get('speedup', 0):.3g}x**{noisy}")
+                     f"eager {m.get('eager/latency_p50_ms', 0):.3g} ms: speedup **{m.get('speedup', 0):.3g}x**{noisy_speedup}")
         accuracy = f"accuracy vs eager: rel L2 {m.get('rel_l2_err', 0):.1e}, cosine {m.get('cosine_similarity', 0):.6f}"
         if "top1_agreement" in m:
             accuracy += f", top-1 agreement {m['top1_agreement']:.0%}"
         lines.append(accuracy + (" (passed)" if m.get("accuracy_passed") else " (failed)"))
-        if noisy:
-            lines.append("~: the latency varies too much to trust (latency.trusted=false)")
+        if noisy or noisy_speedup:
+            lines.append("~: a latency behind it varies too much to trust (latency.trusted, eager.latency.trusted)")
     elif "validated" in m:
         lines.append("not validated: the engines cannot run on this machine")
     if "accelerated_op_fraction" in m:

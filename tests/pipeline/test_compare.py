@@ -61,6 +61,12 @@ def test_a_speedup_text_carries_the_mark_of_an_untrusted_latency():
     assert ranking.speedup_text({"speedup": 925.754, "latency_trusted": 0.0}) == "925.75x ~"
     assert ranking.speedup_text({"speedup": 1.834, "latency_trusted": 1.0}) == "1.83x"
     assert ranking.speedup_text({"speedup": 1.834}) == "1.83x" and ranking.speedup_text({}) == "-"
+    # A steady engine over an unsteady eager: the ratio is still noise, the engine's own latency is not.
+    eager_noisy = {"speedup": 2.37, "latency_trusted": 1.0, "speedup_trusted": 0.0, "latency_p50_ms": 0.5}
+    assert ranking.speedup_text(eager_noisy) == "2.37x ~"
+    job = {"job": 0, "status": "FINISHED", "target": "onnxruntime", "overrides": "", "metrics": eager_noisy}
+    row = compare.rows([job])[0]
+    assert row["speedup"].endswith(" ~") and not row["p50 ms"].endswith("~")
 
 
 def test_missing_metrics_and_not_measured(jobs):
