@@ -132,7 +132,7 @@ def test_device_auto_resolves_and_keys_export_by_device():
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (("target=inductor", "target.device=gpu"), "target.device='gpu' is not a device"),
+    (("target=inductor", "target.device=gpu"), "target.device=gpu is not allowed: it must be one of auto, cpu, cuda"),
     (("target=onnxruntime", "target.providers=[CUDAExecutionProvider]"),
      "onnxruntime here has no CUDAExecutionProvider"),
     (("target=onnxruntime", "target.device=cpu", "target.providers=[CUDAExecutionProvider]"),
