@@ -162,9 +162,9 @@ def _print_measurements(console: Console, m: dict) -> None:
     top1 = f", top-1 agreement {m['top1_agreement']:.0%}" if "top1_agreement" in m else ""
     console.print(f"accuracy vs eager: max abs {m['max_abs_err']:.3g}, rel L2 {m['rel_l2_err']:.3g}, "
                   f"cosine {m['cosine_similarity']:.6f}{top1}")
-    from pipeline.ranking import speedup_text
+    from pipeline.ranking import speedup_text, speedup_trusted
 
-    noisy = " (~: too noisy to trust; see the warnings above)" if "~" in speedup_text(m) else ""
+    noisy = "" if speedup_trusted(m) else " (~: too noisy to trust; see the warnings above)"
     console.print(f"latency p50 {m['latency_p50_ms']:.3f} ms (p99 {m['latency_p99_ms']:.3f}) vs eager "
                   f"{m['eager/latency_p50_ms']:.3f} ms: speedup {speedup_text(m)}, "
                   f"{m['throughput_per_s']:.1f}/s, {m.get('latency_threads', 0):.0f} thread(s) each{noisy}")

@@ -169,11 +169,11 @@ def warm_up(extra: tuple[str, ...] = ()) -> None:
 
     _context(extra)
     forkserver.ensure_running()
-    _SERVER["started"] = True
 
 
-# Whether this process started the forkserver, and whether a job forked a worker from it.
-_SERVER = {"started": False, "used": False}
+# Whether a job of this process forked a worker from the forkserver (warm_up, the one place it is
+# started, leaves its pid in multiprocessing's state).
+_SERVER = {"used": False}
 
 
 def start_early(args: list[str]) -> None:
@@ -194,7 +194,7 @@ def stop_unused() -> None:
     from multiprocessing import forkserver
 
     pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
-    if not _SERVER["started"] or _SERVER["used"] or pid is None:
+    if _SERVER["used"] or pid is None:
         return
     with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGKILL)

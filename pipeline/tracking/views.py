@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipeline.ranking import speedup_trusted
+
 VIEW_TAG = "mlflow.sharedViewState."
 # The experiment-wide view (`make ui`, single runs) and a sweep's own view.
 EXPERIMENT_VIEW = "pipeline-runs"
@@ -75,7 +77,7 @@ def run_description(result) -> str:
     """
     m, error = result.metrics, result.error  # a JobResult, or sync's record of run.json with the same fields
     noisy = " ~" if m.get("latency_trusted") == 0 else ""
-    noisy_speedup = " ~" if m.get("speedup_trusted", m.get("latency_trusted")) == 0 else ""
+    noisy_speedup = "" if speedup_trusted(m) else " ~"
     target = result.target or "its target"
     lines = [f"**{result.status.lower()}** on {target}" + (f": {error}" if error else "")]
     if m.get("validated") and "latency_p50_ms" in m:
