@@ -85,7 +85,8 @@ def test_kernel_count_reads_calls_not_comments():
                       "        extern_kernels._scaled_mm(buf1, arg2_1, buf2, buf3, out_dtype=torch.bfloat16, out=buf4)",
                       "def triton_tem_fused__scaled_mm_0(arg_A, arg_B):",
                       "        triton_tem_fused__scaled_mm_1.run(buf5, arg7_1, buf6, stream=stream0)",
-                      "        buf9 = torch.ops.aten._int_mm.default(buf7, arg8_1)"])
+                      "        buf9 = torch.ops.aten._int_mm.default(buf7, arg8_1)",
+                      "        triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_div_12.run(buf0, buf1, 64, 768)"])
     assert torchao_gpu.kernel_count(code, "fp8") == 2 and torchao_gpu.kernel_count(code, "int8") == 1
 
 

@@ -6,6 +6,8 @@
 #   tools/gpu-machine.sh test           # there: install .whl/ into /tmp/site, then make test-gpu
 #   tools/gpu-machine.sh bench [args]   # there: install .whl/, then bench/gpu.py [args]
 #   tools/gpu-machine.sh bench-quant    # there: install .whl/, then bench/quant.py --gpu (fp8 vs fp16)
+#   tools/gpu-machine.sh pytest [args]  # there: install .whl/, then pytest with these arguments
+#   tools/gpu-machine.sh trust          # there: issue 21's check, 3 default runs in a row at batch 1 and 32
 #   tools/gpu-machine.sh smoke          # there: the issue's command, resnet50 fp16 with target=auto
 #   tools/gpu-machine.sh sweep-gpus     # there: issue 24's 4-job joblib sweep on 1 GPU, then on up to 4
 #   tools/gpu-machine.sh fetch-ort      # here: onnxruntime-gpu (CUDA 13, ~255 MB) in five parts -> .ortgpu/pN
@@ -107,15 +109,46 @@ for f in sorted(glob.glob(sys.argv[1] + "/sweep/*/run.json")):
     done
 }
 
+# Issue 21: ResNet-50 fp16 on the default GPU mode (target=auto), three runs in a row at batch 1 and at
+# batch 32 on one cache; prints each run's GPU compute and host medians, the rounds' spread and whether
+# the tool trusted it, then how far the three medians of each batch lie apart.
+trust() {
+    local out=/tmp/trust b i
+    rm -rf "$out" && mkdir -p "$out"
+    for b in 1 32; do
+        for i in 1 2 3; do
+            $PY -m pipeline model=resnet50 compile.precision=fp16 tracking.enabled=false \
+                "input.tensors=[{name: x, shape: [$b, 3, 224, 224]}]" paths.outputs="$out/b$b-$i" \
+                paths.cache="$out/cache" > "$out/b$b-$i.log" 2>&1 || { tail -20 "$out/b$b-$i.log"; return 1; }
+        done
+    done
+    $PY - "$out" <<'PYEOF'
+import glob, json, sys
+for b in (1, 32):
+    medians = []
+    for i in (1, 2, 3):
+        (f,) = glob.glob(f"{sys.argv[1]}/b{b}-{i}/runs/*/*/run.json")
+        r = json.load(open(f)); m, t = r["metrics"], r["tags"]
+        medians.append(m["latency_p50_ms"])
+        print(f"batch {b} run {i}: {t.get('target.mode')} gpu p50 {m['latency_p50_ms']:.3f} p99 "
+              f"{m['latency_p99_ms']:.3f} host p50 {m.get('host_latency_p50_ms', 0):.3f} ms, rounds' spread "
+              f"{m['latency_median_spread']:.2%}, trusted {t['latency.trusted']}, eager p50 "
+              f"{m['eager/latency_p50_ms']:.3f} ms, speedup {m['speedup']:.2f}x, build {'hit' if m.get('build_cache_hit') else 'built'}")
+    print(f"batch {b}: the three medians lie {(max(medians) - min(medians)) / min(medians):.2%} apart")
+PYEOF
+}
+
 case "${1:-}" in
     fetch) fetch ;;
     fetch-ort) fetch_ort ;;
     join-ort) join_ort ;;
     test) install; make --no-print-directory test-gpu PY="$PY" ;;
+    pytest) install; shift; $PY -m pytest "$@" ;;
     bench) install; shift; PYTHONUNBUFFERED=1 $PY bench/gpu.py "$@" ;;
     bench-quant) install; shift; PYTHONUNBUFFERED=1 $PY bench/quant.py --gpu "$@" ;;
     smoke) install; PYTHONUNBUFFERED=1 $PY -m pipeline model=resnet50 compile.precision=fp16 tracking.enabled=false \
                paths.outputs="${OUTPUTS:-/tmp/pipeline-outputs}" ;;
     sweep-gpus) install; sweep_gpus ;;
-    *) echo "usage: tools/gpu-machine.sh fetch|fetch-ort|join-ort|test|bench [bench/gpu.py args]|bench-quant|smoke|sweep-gpus" >&2; exit 2 ;;
+    trust) install; trust ;;
+    *) echo "usage: tools/gpu-machine.sh fetch|fetch-ort|join-ort|test|pytest [args]|bench [bench/gpu.py args]|bench-quant|smoke|sweep-gpus|trust" >&2; exit 2 ;;
 esac

@@ -42,9 +42,12 @@ INT8_QUANTIZER = "torchao's int8 dynamic activation + int8 weight linears, compi
 WEIGHT_ONLY_QUANTIZER = "torchao's int8 weight-only linears (bf16 compute), compiled by Inductor on CUDA"
 CONV_REASON = "torchao's float8 and int8 configs quantize nn.Linear only, so convolutions run in bf16"
 INSTALL = "pip install torchao (0.17 with torch 2.11; tools/gpu-machine.sh carries it)"
-# Calls of the quantized GEMMs in Inductor's generated code (extern calls, aten ops, Triton templates).
-KERNELS = {"fp8": re.compile(r"_scaled_mm\w*(?:\.default)?(?:\.run)?\("),
-           "int8": re.compile(r"_int_mm\w*(?:\.default)?(?:\.run)?\(")}
+# Calls of the quantized GEMMs in Inductor's generated code: extern calls and aten ops
+# (`extern_kernels._scaled_mm(`, `aten._int_mm.default(`) and GEMM templates (`triton_tem_..._scaled_mm_0.run(`).
+# Pointwise and reduction kernels named after the GEMM they feed (`triton_red_fused__scaled_mm_..._abs_amax`,
+# the activation's row-wise scale on an H200) are quantize kernels, not GEMMs.
+KERNELS = {precision: re.compile(rf"(?<!\w){op}(?:\.default)?\(|triton_tem_\w*{op}\w*\.run\(")
+           for precision, op in (("fp8", "_scaled_mm"), ("int8", "_int_mm"))}
 DTYPE = "bfloat16"
 
 

@@ -228,7 +228,8 @@ class InductorTarget(Target):
 
         spec = torchao_gpu.spec_of(segment["quantize"], compile_cfg.precision)
         built = inductor_runtime.build_compile_cache(segment, convert_dir, out, self.settings, quantized=spec)
-        program = programs.load_program(convert_dir / segment["program"]).graph_module
+        # Unlifted, as prepare() quantizes it: weights are get_attr nodes there, placeholders in graph_module.
+        program = programs.load_program(convert_dir / segment["program"]).module()
         return {**built, **torchao_gpu.facts(program, spec, built.pop("generated_code"))}
 
     def build_aoti(self, segment: dict[str, Any], convert_dir: Path, out: Path) -> dict[str, Any]:
