@@ -223,6 +223,21 @@ def batch_branch_net():
     return BatchBranch()
 
 
+def value_branch_net():
+    """Takes a path by its input's values (Python control flow on data): it cannot run on the meta device."""
+    import torch
+
+    class ValueBranch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else self.conv(-x)
+
+    return ValueBranch()
+
+
 def double_net():
     """Computes in float64 inside (weights and a cast): what truncate_long_and_double is for."""
     import torch

@@ -30,6 +30,27 @@ def test_activations_are_measured_once_per_storage_and_scale_with_the_batch(tmp_
     assert memory.activation_peak_bytes(model, sample) >= 16 * 32 * 32 * 4
 
 
+@pytest.mark.parametrize("target", ["pipeline.zoo.tiny_cnn", "torchvision.models.resnet18",
+                                    "testkit.value_branch_net"])
+def test_the_meta_trace_measures_what_the_cpu_measures(tmp_path, target):
+    """Activations traced on the meta device match the real forward's on the CPU; a model whose
+    Python branches on values cannot run on meta, and is measured on the CPU instead."""
+    from omegaconf import OmegaConf
+
+    from pipeline.models import build_model
+
+    cfg = compose(tmp_path, f"model._target_={target}", "input.tensors=[{name: x, shape: [2, 3, 32, 32]}]")
+    one = memory.at_batch_one(cfg.input, {})
+    on_cpu = memory.activation_peak_bytes(build_model(cfg.model), one)
+    traced = memory.activations_on_meta(build_model(cfg.model), one)
+    weights, estimated = memory.weigh(OmegaConf.to_container(cfg.model, resolve=True), one)
+    assert weights == memory.model_bytes(build_model(cfg.model)) > 0
+    if target.startswith("testkit."):
+        assert traced is None and estimated == on_cpu >= 8 * 32 * 32 * 4
+    else:
+        assert traced == estimated == pytest.approx(on_cpu, rel=0.01)
+
+
 def test_a_job_that_cannot_fit_is_refused_before_any_stage(tmp_path):
     from pipeline.tracking import Tracker
 
