@@ -22,7 +22,7 @@ GOAL_SPEEDUP, GOAL_COSINE = 1.3, 0.999
 # Kernel name fragments -> where CUDA time goes (first match wins). Quantize comes before GEMMs: Inductor
 # names the fused row-wise scale kernel after the GEMM it feeds (`triton_red_fused__scaled_mm_..._abs_amax_...`).
 CLASSES = (("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
-           ("quantize", ("amax", "reciprocal", "float8", "fp8")),
+           ("quantize", ("amax", "clamp", "reciprocal", "float8", "fp8")),
            ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "_scaled_mm", "cublas", "wgmma", "triton_tem")))
 
 

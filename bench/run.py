@@ -7,8 +7,8 @@
 2. Orchestrator cost. A cold `python -m pipeline model=resnet50` in a subprocess, with
    its own empty cache and MLflow store; the orchestrator's time is the wall time less
    Python start-up plus `import torch, torchvision` (measured alone: what any script building
-   ResNet-50 pays) and the six stages' own work (their manifests): Hydra, the checks (the memory estimate included), keys, links, MLflow and
-   exit, as far as they hold the run up. It must stay under 5% of the run's wall time
+   ResNet-50 pays) and the six stages' own work (their manifests): Hydra, the checks (the
+   memory estimate included), keys, links, MLflow and exit, as far as they hold the run up. It must stay under 5% of the run's wall time
    (issue 20; 10% before). The job's process never imports torch (its stage worker's
    forkserver does, started at the process's first moment) and opens MLflow while the
    stages run, so most of its own work overlaps theirs.

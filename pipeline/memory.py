@@ -4,11 +4,11 @@ The estimate: the weights (the fp32 reference, the copies export and the engines
 the eager model at the job's precision), the input batches validate makes, and the
 activations, measured at batch 1 (the live bytes of every tensor an op returns, at
 their peak; traced on the meta device where the model runs there, else on the CPU)
-and scaled to the largest batch the job runs. Validate runs the fp32 reference on the host, so host memory always holds fp32 activations; on a GPU the
-compiled module and eager each take theirs at the job's precision (a CUDA graph's pool
-keeps its peak). It is an estimate: it catches the job that needs ten times what the
-machine has (ResNet-50 at batch 20000) before it spends minutes building, not one that
-misses by a few percent.
+and scaled to the largest batch the job runs. Validate runs the fp32 reference on the
+host, so host memory always holds fp32 activations; on a GPU the compiled module and
+eager each take theirs at the job's precision (a CUDA graph's pool keeps its peak). It
+is an estimate: it catches the job that needs ten times what the machine has (ResNet-50
+at batch 20000) before it spends minutes building, not one that misses by a few percent.
 
 Measured after the fact, per stage: the worker records each stage's peak RSS and GPU
 memory (pipeline.worker).

@@ -133,7 +133,8 @@ for b in (1, 32):
         print(f"batch {b} run {i}: {t.get('target.mode')} gpu p50 {m['latency_p50_ms']:.3f} p99 "
               f"{m['latency_p99_ms']:.3f} host p50 {m.get('host_latency_p50_ms', 0):.3f} ms, rounds' spread "
               f"{m['latency_median_spread']:.2%}, trusted {t['latency.trusted']}, eager p50 "
-              f"{m['eager/latency_p50_ms']:.3f} ms, speedup {m['speedup']:.2f}x, build {'hit' if m.get('build_cache_hit') else 'built'}")
+              f"{m['eager/latency_p50_ms']:.3f} ms, speedup {m['speedup']:.2f}x, "
+              f"build {'hit' if m.get('build_cache_hit') else 'built'}")
     print(f"batch {b}: the three medians lie {(max(medians) - min(medians)) / min(medians):.2%} apart")
 PYEOF
 }
