@@ -95,6 +95,11 @@ def is_dynamic(input_cfg) -> bool:
     return bool(input_cfg.dims)
 
 
+def varying_dims(input_cfg) -> list[str]:
+    """The names of the dims whose min and max differ: what a CUDA graph, captured per shape, cannot serve."""
+    return [str(n) for n, d in (input_cfg.get("dims") or {}).items() if d["min"] != d["max"]]
+
+
 def corners(input_cfg) -> dict[str, dict[str, int]]:
     """The sizes of every dynamic dimension at min, opt and max ({} each for static inputs)."""
     return {c: {name: int(dim[c]) for name, dim in input_cfg.dims.items()} for c in CORNERS}

@@ -55,7 +55,7 @@ def run(ctx: StageContext) -> Metrics:
 
 # Of partition only the recipe matters (for the packaged program).
 SPEC = StageSpec(
-    name="build", version=4, run=run, inputs=("export", "lower", "partition", "convert"),
+    name="build", version=5, run=run, inputs=("export", "lower", "partition", "convert"),
     reads=("compile.optimization_level", "compile.workspace_size", "compile.precision"),
     # int8: the calibration data (by content: calibration.digest), the rounds and their gate.
     # int8 and fp8 go through the same rounds, each gated by its own tolerances.

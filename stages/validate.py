@@ -93,13 +93,14 @@ def run(ctx: StageContext) -> Metrics:
     memory = (gpu_memory(ctx, {"eager": eager, "compiled": compiled}, resident, loading["outside_mb"])
               if device == "cuda" else None)
     best = search_throughput(ctx, compiled, device) if cfg.validate.throughput.enabled else None
+    graphs = engine_graphs(ctx, compiled)
     report = {
         "validated": True, "passed": not failures, "failures": failures,
         "precision": precision, "precision_achieved": achieved, "device": device,
         "num_samples": sum(c[2] for c in checks),
         "accuracy": accuracy, "shapes": per_shape, "tolerance": dict(cfg.validate.tolerances[precision]),
-        "latency": {**latency["opt"], "method": latency_method(device, latency), "threads": threads, "at": latency},
-        "engine_load_seconds": loading["seconds"], "gpu_memory_mb": memory,
+        "latency": {**latency["opt"], "method": latency_method(device, latency, graphs), "threads": threads, "at": latency},
+        "engine_load_seconds": loading["seconds"], "engine_cuda_graphs": graphs, "gpu_memory_mb": memory,
         "quantization": quantization_summary(ctx), "throughput": best, "task": task, "warnings": list(ctx.notes),
     }
     write_json(ctx.out / FILES.report, report)
@@ -160,12 +161,13 @@ def graph_precision(ctx: StageContext) -> str | None:
     return "+".join(report.get("graph_precisions") or []) or None
 
 
-def latency_method(device: str, latency: dict[str, Any]) -> str:
+def latency_method(device: str, latency: dict[str, Any], engine_graphs: int = 0) -> str:
     if device != "cuda":
         return "perf_counter, per call; trusted by the spread of the rounds' medians"
     graphed = latency["opt"].get("cuda_graph")
     return ("GPU compute: CUDA events around each call; host_*: enqueue and wait, wall clock; trusted by the "
-            "spread of the rounds' medians" + (", compiled module replayed from a CUDA graph" if graphed else ""))
+            "spread of the rounds' medians" + (", compiled module replayed from a CUDA graph" if graphed else "")
+            + (f", {engine_graphs} engine(s) replaying CUDA graphs of their own" if engine_graphs else ""))
 
 
 def gpu_memory(ctx: StageContext, modules: dict[str, Any], resident: dict[str, float],
@@ -290,6 +292,19 @@ def search_throughput(ctx: StageContext, compiled, device: str) -> dict[str, Any
     return found
 
 
+def engine_graphs(ctx: StageContext, compiled) -> int:
+    """How many engines replay a CUDA graph of their own (ONNX Runtime's enable_cuda_graph).
+
+    Read after the engines ran: a graph is captured on the first calls, and an engine whose
+    capture failed runs on without one, with a note that becomes a warning here.
+    """
+    runners = [m.runner for m in compiled.modules() if hasattr(m, "runner")]
+    for runner in runners:
+        if getattr(runner, "note", None):
+            ctx.warn(runner.note)
+    return sum(bool(getattr(runner, "cuda_graph", False)) for runner in runners)
+
+
 def graph_or_warn(ctx: StageContext, fn):
     """(fn replayed from a CUDA graph, True), or (fn, False) with a warning where it cannot be captured."""
     import torch
@@ -346,7 +361,7 @@ def shape_checks(input_cfg, vcfg) -> list[tuple[str, dict[str, int], int]]:
 
 # Measurements are of this moment on this machine: reused only with validate.cache=true.
 SPEC = StageSpec(
-    name="validate", version=6, run=run, inputs=("export", "lower", "partition", "build"),
+    name="validate", version=7, run=run, inputs=("export", "lower", "partition", "build"),
     reads=(*MODEL_KEYS, "model.task", *INPUT_KEYS, "compile.precision", "validate", "data"),
     labels=("model.name",), asks=RUNNING, writes=FILES, cacheable="validate.cache",
 )

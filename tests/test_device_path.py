@@ -105,6 +105,38 @@ def test_onnxruntime_io_binding_runs_and_agrees(tmp_path):
     (bound,), (plain,) = session.bound(x), session.plain(x)
     assert isinstance(bound, torch.Tensor) and bound.device.type == "cpu"
     torch.testing.assert_close(bound, plain)
+    # Fixed buffers, what the CUDA provider's graphs replay from: bound once, inputs copied in, outputs cloned out.
+    fixed = OrtSession(job.run_dir / "build" / segment["engine"], ort.SessionOptions(),
+                       ["CPUExecutionProvider"], io_binding=True, fixed=True)
+    assert fixed.fixed and not fixed.cuda_graph and fixed.note is None  # no graph without CUDA
+    (first,) = fixed(x)
+    (second,) = fixed(2 * x + 1)
+    torch.testing.assert_close(first, plain)
+    torch.testing.assert_close(second, session.plain(2 * x + 1)[0])
+    assert not torch.equal(first, second)  # the first call's output was not overwritten by the second
+    inputs, outputs = fixed.buffers
+    assert first.data_ptr() != outputs[0].data_ptr()
+    with pytest.raises(ValueError, match="was built for"):
+        fixed(torch.randn([2 * segment["inputs"][0]["shape"][0], *segment["inputs"][0]["shape"][1:]]))
+
+
+def test_onnxruntime_cuda_graph_rule_says_why():
+    """target.cuda_graph: auto is on for static shapes on the CUDA provider; true where it cannot be is refused."""
+    def choose(varying, **kw):
+        return targets.make("onnxruntime", {**targets.default_settings("onnxruntime"), **kw}).choose_cuda_graph(varying)
+
+    on, why = choose([], device="cuda")
+    assert on and "static shapes on the CUDA provider" in why and "fixed buffers" in why
+    on, why = choose(["batch"], device="cuda")
+    assert not on and "the input's dims batch are dynamic" in why
+    on, why = choose([], device="cuda", providers=["TensorrtExecutionProvider", "CUDAExecutionProvider"])
+    assert not on and "trt_cuda_graph_enable" in why
+    assert choose([], device="cuda", cuda_graph=False) == (False, "target.cuda_graph=false was asked for")
+    assert choose([], device="cpu") == (False, "not on CUDA")
+    with pytest.raises(ConfigError, match="dims seq are dynamic"):
+        choose(["seq"], device="cuda", cuda_graph=True)
+    with pytest.raises(ConfigError, match="needs target.device=cuda"):
+        choose([], device="cpu", cuda_graph=True)
 
 
 def test_auto_walks_the_gpu_preferences_and_says_why():

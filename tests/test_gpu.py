@@ -128,31 +128,43 @@ def cuda_provider_missing() -> str | None:
     return f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider (pip install -e '.[onnxruntime-gpu]')"
 
 
-def test_onnxruntime_on_cuda_keeps_tensors_on_the_gpu(tmp_path):
-    """CUDA provider with IO binding: inputs bound where they live, outputs handed back on the GPU."""
+def test_onnxruntime_on_cuda_keeps_tensors_on_the_gpu_and_replays_a_cuda_graph(tmp_path):
+    """CUDA provider: fixed device buffers replayed from a CUDA graph (static shapes), outputs on the GPU."""
     missing = cuda_provider_missing()
     if missing:
         pytest.skip(missing)
     job = run_job(tmp_path / "out", "target=onnxruntime", "target.device=cuda", "compile.precision=fp16",
-                  NO_TRACKING)
+                  NO_TRACKING, cache=tmp_path / "cache")
     assert job.result.status == "FINISHED", job.log[-3000:]
     report = job.json("validate/report.json")
     assert report["device"] == "cuda" and report["passed"], report["failures"]
     assert report["latency"]["method"].startswith("GPU compute: CUDA events")
     assert report["precision_achieved"] == "fp16"
     assert report["gpu_memory_mb"]["compiled"]["peak"] > 0
-    assert all(s["providers"][0] == "CUDAExecutionProvider" for s in job.json("build/engines.json")["segments"])
+    (segment,) = job.json("build/engines.json")["segments"]
+    assert segment["providers"][0] == "CUDAExecutionProvider" and "no_cuda_graph" not in segment
+    assert job.result.tags["target.cuda_graph"] == "on", job.result.tags.get("target.cuda_graph.reason")
+    assert report["engine_cuda_graphs"] == 1 and not any("CUDA graph" in w for w in report["warnings"])
     import pipeline
 
     module = pipeline.load(job.run_dir)  # ONNX files are data: no trust needed
+    (runner,) = [m.runner for m in module.modules() if hasattr(m, "runner")]
+    assert runner.session.get_provider_options()["CUDAExecutionProvider"]["enable_cuda_graph"] == "1"
     cfg = OmegaConf.load(job.run_dir / "config.yaml")
-    x = torch.randn(list(cfg.input.tensors[0].shape), generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(list(cfg.input.tensors[0].shape), generator=g) for _ in range(3)]
     with torch.no_grad():
-        ref = build_model(cfg.model)(x)
-        y = module(x.half().cuda())
-    y = y[0] if isinstance(y, (tuple, list)) else y
-    assert y.device.type == "cuda"
-    assert float(torch.nn.functional.cosine_similarity(y.float().cpu().flatten(), ref.flatten(), dim=0)) > 0.999
+        refs = [build_model(cfg.model)(x) for x in xs]
+        ys = [module(x.half().cuda()) for x in xs]  # the third call replays the captured graph
+    ys = [y[0] if isinstance(y, (tuple, list)) else y for y in ys]
+    assert runner.cuda_graph and runner.note is None and all(y.device.type == "cuda" for y in ys)
+    for y, ref in zip(ys, refs, strict=True):  # each output its own: no later call overwrote an earlier one
+        assert float(torch.nn.functional.cosine_similarity(y.float().cpu().flatten(), ref.flatten(), dim=0)) > 0.999
+    off = run_job(tmp_path / "off", "target=onnxruntime", "target.device=cuda", "compile.precision=fp16",
+                  "target.cuda_graph=false", NO_TRACKING, cache=tmp_path / "cache")
+    assert off.record("build").hit  # a runtime setting: the same engine
+    assert off.json("validate/report.json")["engine_cuda_graphs"] == 0
+    assert off.result.tags["target.cuda_graph.reason"] == "target.cuda_graph=false was asked for"
 
 
 # feature_extraction: the random head's 16 logits are near ties, so fp8 noise flips top-1 on some
@@ -188,6 +200,23 @@ def test_fp8_with_torchao_passes_the_gate_shows_fp8_gemms_and_reloads(tmp_path):
     assert float(torch.nn.functional.cosine_similarity(got["y"].flatten(), ref.flatten(), dim=0)) > 0.99
     again = run_job(tmp_path / "out2", *FP8, cache=tmp_path / "cache")  # the compile cache's warm start
     assert again.record("build").hit and again.json("validate/report.json")["passed"]
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_int8_with_torchao_on_cuda_passes_the_gate_and_shows_int8(mode, tmp_path):
+    """compile.precision=int8 on CUDA: torchao's int8 linears (quantize.mode picks the config), gated and counted."""
+    overrides = [o.replace("precision=fp8", "precision=int8") for o in FP8]
+    job = run_job(tmp_path / "out", *overrides, f"quantize.mode={mode}")
+    assert job.result.status == "FINISHED", job.log[-3000:]
+    report = job.json("validate/report.json")
+    assert report["passed"], report["failures"]
+    assert set(report["precision_achieved"].split("+")) == {"bf16", "int8"}, report["precision_achieved"]
+    (segment,) = job.json("build/engines.json")["segments"]
+    facts = segment["int8"]
+    assert facts["weight_only"] == (mode == "weight_only")
+    # Dynamic int8's `_int_mm` takes more than 16 rows: the head (8 images, one row each) stays bf16.
+    assert facts["int8_ops"] == (4 if mode == "weight_only" else 3), facts["kept_layers"]
+    assert mode == "weight_only" or facts["int8_kernels"] >= 1, facts  # `_int_mm` in the generated code
 
 
 @pytest.mark.parametrize("model", ["bert_tiny", "bert_base"])

@@ -80,6 +80,18 @@ def test_fp8_keeps_linears_whose_sizes_fp8_gemms_cannot_take():
     assert not kept and all(p.dtype == torch.bfloat16 for p in gm.parameters())
 
 
+def test_dynamic_int8_keeps_linears_with_too_few_rows_for_int_mm():
+    """`_int_mm` on CUDA takes more than 16 rows: the head (one row per image) stays bf16, the rest go int8."""
+    gm, _, _ = exported()
+    spec = {"precision": "int8", "mode": "dynamic", "exclude": []}
+    gm = torchao_gpu.to_bfloat16(gm)  # what prepare does first: the casts it inserts carry no shapes
+    chosen, kept = torchao_gpu.eligible(gm, spec)
+    rows = exported()[1].shape[0]
+    assert set(chosen.values()) == {"mlp.0", "mlp.2", "mlp.4"}
+    assert kept == {"head": f"int8 GEMMs (`_int_mm`) need more than 16 rows, and this layer gets {rows}"}
+    assert torchao_gpu.eligible(gm, {**spec, "mode": "weight_only"})[1] == {}
+
+
 def test_kernel_count_reads_calls_not_comments():
     code = "\n".join(["# Topologically Sorted Source Nodes: [_scaled_mm]",
                       "        extern_kernels._scaled_mm(buf1, arg2_1, buf2, buf3, out_dtype=torch.bfloat16, out=buf4)",

@@ -10,12 +10,13 @@
 #   tools/gpu-machine.sh trust          # there: issue 21's check, 3 default runs in a row at batch 1 and 32
 #   tools/gpu-machine.sh smoke          # there: the issue's command, resnet50 fp16 with target=auto
 #   tools/gpu-machine.sh sweep-gpus     # there: issue 24's 4-job joblib sweep on 1 GPU, then on up to 4
-#   tools/gpu-machine.sh fetch-ort      # here: onnxruntime-gpu (CUDA 13, ~255 MB) in five parts -> .ortgpu/pN
-#   tools/gpu-machine.sh join-ort       # there: join the parts and install them into /tmp/site-ort
+#   tools/gpu-machine.sh fetch-ort      # here: onnxruntime-gpu (CUDA 13) as tar.xz in four parts -> .ortgpu/pN
+#   tools/gpu-machine.sh join-ort       # there: join the parts and unpack them into /tmp/site-ort
 #
-# A device call carries at most 64 MiB, so onnxruntime-gpu travels in five calls, one part each
-# (carry .ortgpu/name and .ortgpu/p1, then .ortgpu/p2, ...; ignored paths stay there between calls of
-# one machine, which goes back after 30 s idle: make the calls back to back);
+# A device call carries at most 64 MiB. The wheel is 255 MB (zip); unpacked, without the TensorRT
+# provider library (no TensorRT there) and recompressed with xz it is 203 MB, so it travels in four
+# calls, one ~48 MiB part each (carry .ortgpu/p1, then .ortgpu/p2, ...; ignored paths stay there between
+# calls of one machine, which goes back after 30 s idle: make the calls back to back);
 # once joined, `test` and `bench` put it ahead of the machine's CPU-only onnxruntime.
 #
 # Wheels are pure Python (the machine has numpy, onnx, onnxscript, onnxruntime, transformers);
@@ -71,19 +72,21 @@ fetch_ort() {
     tmp=$(mktemp -d)
     python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 -d "$tmp" "$ORT_GPU"
+    mkdir "$tmp/site" && (cd "$tmp/site" && python3 -m zipfile -e "$tmp"/*.whl . \
+        && rm -f onnxruntime/capi/libonnxruntime_providers_tensorrt.so)
     rm -rf .ortgpu && mkdir -p .ortgpu
-    (cd .ortgpu && split -n 5 -d -a 1 "$tmp"/*.whl part && for i in 0 1 2 3 4; do
+    tar -C "$tmp/site" -cf - . | xz -T0 -9 > "$tmp/ort.tar.xz"
+    (cd .ortgpu && split -n 4 -d -a 1 "$tmp/ort.tar.xz" part && for i in 0 1 2 3; do
         mkdir -p "p$((i + 1))" && mv "part$i" "p$((i + 1))/"; done)
-    basename "$tmp"/*.whl > .ortgpu/name && rm -rf "$tmp"
+    rm -rf "$tmp"
     du -sh .ortgpu/p*
 }
 
 join_ort() {
-    local whl
-    whl="/tmp/$(cat .ortgpu/name)"
-    cat .ortgpu/p*/part* > "$whl"
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$ORT_SITE" "$whl"
-    PYTHONPATH="$ORT_SITE" $PY -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
+    rm -rf "$ORT_SITE" && mkdir -p "$ORT_SITE"
+    cat .ortgpu/p*/part* | xz -d | tar -C "$ORT_SITE" -xf -
+    # Its CUDA provider loads cuDNN and cuBLAS from the nvidia-* wheels torch brought: import torch first.
+    PYTHONPATH="$ORT_SITE" $PY -c "import torch, onnxruntime as o; print(o.__version__, o.get_available_providers())"
 }
 
 # Issue 24: the same 4-job sweep (distinct weights: no job waits on another's build) with gpus=[0] and

@@ -49,6 +49,8 @@ INSTALL = "pip install torchao (0.17 with torch 2.11; tools/gpu-machine.sh carri
 KERNELS = {precision: re.compile(rf"(?<!\w){op}(?:\.default)?\(|triton_tem_\w*{op}\w*\.run\(")
            for precision, op in (("fp8", "_scaled_mm"), ("int8", "_int_mm"))}
 DTYPE = "bfloat16"
+# torch._int_mm on CUDA takes more than 16 rows only (torchao's dynamic int8 linears call it as is).
+INT_MM_MIN_ROWS = 16
 
 
 def capability() -> tuple[int, int] | None:
@@ -196,9 +198,28 @@ def eligible(gm, spec: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
             kept[path] = "quantize.exclude (or an accuracy round)"
         elif spec["precision"] == "fp8" and (in_f % 16 or out_f % 16):
             kept[path] = f"fp8 GEMMs need sizes divisible by 16 ({in_f}x{out_f})"
+        elif (spec["precision"], spec["mode"]) == ("int8", "dynamic") and (rows := input_rows(node)) is not None \
+                and rows <= INT_MM_MIN_ROWS:
+            kept[path] = f"int8 GEMMs (`_int_mm`) need more than {INT_MM_MIN_ROWS} rows, and this layer gets {rows}"
         else:
             chosen[node_name] = path
     return chosen, kept
+
+
+def input_rows(node) -> int | None:
+    """Rows of a linear's input (all dims but the last, multiplied); None where a dim is symbolic."""
+    arg = node.args[0]
+    while "val" not in getattr(arg, "meta", {}) and getattr(arg, "op", "") == "call_function" and arg.args:
+        arg = arg.args[0]  # through the casts to_bfloat16 inserted, which carry no shapes
+    val = getattr(arg, "meta", {}).get("val")
+    if val is None:
+        return None
+    rows = 1
+    for size in tuple(val.shape)[:-1]:
+        if not isinstance(size, int):
+            return None
+        rows *= size
+    return rows
 
 
 def prepare(gm, spec: dict[str, Any]):

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from pipeline import shapes
 from pipeline.errors import ArtifactError, CompileError, ConfigError, first_line
 from pipeline.quantize import torchao_gpu
 from pipeline.quantize.pt2e import QUANTIZER
@@ -149,8 +150,7 @@ class InductorTarget(Target):
         return None
 
     def settle(self, input_cfg) -> dict[str, str]:
-        dims = input_cfg.get("dims") or {}
-        mode, why = choose_mode(self.settings, [str(n) for n, d in dims.items() if d["min"] != d["max"]])
+        mode, why = choose_mode(self.settings, shapes.varying_dims(input_cfg))
         self.settings.update(mode=mode, mode_reason=why)
         return {"target.mode": mode, "target.mode.reason": why}
 

@@ -15,11 +15,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from pipeline import shapes
 from pipeline.errors import CompileError, ConfigError, TargetUnavailable, first_line
 from pipeline.schema import bounded, choice
 from pipeline.targets import DEVICES, TargetSettings, resolve_device
 from pipeline.targets.onnx_base import MIN_OPSET, OnnxTarget, check_external_data
-from pipeline.targets.onnxruntime_session import GPU_PROVIDERS
+from pipeline.targets.onnxruntime_session import GPU_PROVIDERS, provider_list, static_outputs
 
 LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
           "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -28,9 +29,35 @@ GPU = ["CUDAExecutionProvider"]  # the CUDA variant's first provider (GPU_PROVID
 
 
 def available_providers() -> list[str]:
+    """ONNX Runtime's providers that can start here.
+
+    onnxruntime-gpu lists TensorrtExecutionProvider whether or not TensorRT is installed, and
+    a session asked for it falls back to CUDA with only a logged warning: the job would record
+    an engine TensorRT never built. The provider counts only where its library and TensorRT's
+    libnvinfer both load.
+    """
     import onnxruntime as ort
 
-    return ort.get_available_providers()
+    found = ort.get_available_providers()
+    if "TensorrtExecutionProvider" in found and not tensorrt_loads(Path(ort.__file__).parent / "capi"):
+        found = [p for p in found if p != "TensorrtExecutionProvider"]
+    return found
+
+
+def tensorrt_loads(capi: Path) -> bool:
+    import ctypes
+
+    if not (capi / "libonnxruntime_providers_tensorrt.so").is_file():
+        return False
+    spec = importlib.util.find_spec("tensorrt_libs")  # pip's tensorrt puts libnvinfer there
+    names = [str(Path(spec.origin).parent / "libnvinfer.so.10")] if spec and spec.origin else []
+    for name in [*names, "libnvinfer.so.10"]:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
 
 
 @dataclass
@@ -56,6 +83,9 @@ class Settings(TargetSettings):
     allow_spinning: bool | None = None
     # ONNX opset for the exporter; None uses torch.onnx's default.
     opset: int | None = bounded(None, low=MIN_OPSET)
+    # The CUDA provider replays each engine from a CUDA graph (enable_cuda_graph): one launch per
+    # call. None: on for static shapes on CUDA, off otherwise (a graph holds one shape).
+    cuda_graph: bool | None = None
 
 
 def session_options(settings: dict[str, Any], allow_spinning: bool | None = None):
@@ -79,7 +109,7 @@ class OnnxRuntimeTarget(OnnxTarget):
     Settings = Settings
     libraries = ("onnx", "onnxscript", "onnxruntime")
     runtime_settings = ("intra_op_num_threads", "inter_op_num_threads", "execution_mode", "allow_spinning",
-                        "io_binding")
+                        "io_binding", "cuda_graph")
     # onnxruntime@tensorrt in target=auto's list: TensorRT's provider, CUDA and CPU for the rest.
     VARIANTS = {"tensorrt": ["TensorrtExecutionProvider", *GPU, "CPUExecutionProvider"],
                 "cuda": [*GPU, "CPUExecutionProvider"], "cpu": ["CPUExecutionProvider"]}
@@ -128,14 +158,35 @@ class OnnxRuntimeTarget(OnnxTarget):
         return None
 
     def settle(self, input_cfg) -> dict[str, str]:
+        """target.cuda_graph resolved, and why: graphs replay one shape, on the CUDA provider only."""
+        graph, why = self.choose_cuda_graph(shapes.varying_dims(input_cfg))
+        self.settings["cuda_graph"] = graph
         if self.device() != "cuda":
             return {}
-        # The CUDA provider's enable_cuda_graph replays only with every input and output bound at
-        # the same device address each run; these sessions bind the caller's tensors where they
-        # live and let ONNX Runtime allocate fresh outputs, so earlier outputs are never overwritten.
-        return {"target.cuda_graph": "off", "target.cuda_graph.reason": (
-            "ONNX Runtime's enable_cuda_graph needs inputs and outputs bound at fixed device addresses; "
-            "the IO binding here binds each call's tensors in place and fresh outputs")}
+        return {"target.cuda_graph": "on" if graph else "off", "target.cuda_graph.reason": why}
+
+    def choose_cuda_graph(self, varying: list[str]) -> tuple[bool, str]:
+        asked = self.settings.get("cuda_graph")
+        if self.device() != "cuda":
+            if asked:
+                raise ConfigError("target.cuda_graph=true needs target.device=cuda: CUDA graphs replay GPU work.",
+                                  "drop target.cuda_graph, or run on a GPU with onnxruntime-gpu.")
+            return False, "not on CUDA"
+        if asked is False:
+            return False, "target.cuda_graph=false was asked for"
+        if "CUDAExecutionProvider" not in self.settings["providers"][:1]:
+            reason = (f"the first provider is {self.settings['providers'][0]}, not CUDAExecutionProvider "
+                      "(TensorRT's provider has graphs of its own, trt_cuda_graph_enable, not wired here)")
+        elif varying:
+            reason = (f"the input's dims {', '.join(varying)} are dynamic, and a CUDA graph replays the one "
+                      "shape it was captured with")
+        else:
+            return True, (("target.cuda_graph=true was asked for" if asked else "target.cuda_graph=auto: static "
+                           "shapes on the CUDA provider") + "; inputs are copied into fixed buffers, one launch per call")
+        if asked:
+            raise ConfigError(f"target.cuda_graph=true cannot be served: {reason}.",
+                              "drop target.cuda_graph (auto decides), or give static input shapes.")
+        return False, f"target.cuda_graph=auto: {reason}"
 
     def configure(self, compile_cfg) -> None:
         """A provider this onnxruntime lacks fails here, before any stage: build needs it too."""
@@ -170,18 +221,37 @@ class OnnxRuntimeTarget(OnnxTarget):
             from pipeline.quantize import ort_qdq
 
             source = ort_qdq.quantize(source, out, segment["name"], segment["quantize"])
-        try:
-            session = ort.InferenceSession(str(source), opts, providers=self.settings["providers"])
-        except Exception as err:  # onnxruntime raises its own exception types per failure
-            raise CompileError(
-                f"onnxruntime could not build segment {segment['name']}: {first_line(err)}",
-                "an op or dtype has no kernel in the chosen provider: use compile.precision=fp32 "
-                "on CPU, keep the op in PyTorch with compile.torch_executed_ops, or pick another provider.",
-            ) from err
+        session, no_graph = self.open_for_build(ort, source, opts, segment['name'])
         entry = {**segment, "engine": engine.name, "providers": session.get_providers()}
+        if no_graph:
+            entry["no_cuda_graph"] = no_graph
         if segment.get("quantize"):  # what ORT made of the QDQ graph: int8 kernels, and how much
             entry.update(ort_qdq.inspect(source, engine, segment["quantize"].example))
         return entry
+
+    def open_for_build(self, ort, source: Path, opts, name: str):
+        """(session, why its engine cannot replay a CUDA graph or None).
+
+        On CUDA the build asks for a graph, whatever target.cuda_graph says (a runtime setting, in no
+        cache key): ONNX Runtime refuses one at session creation where a node falls back to the CPU
+        provider, and fixed buffers need outputs of fixed shapes. The engine file is the same either way.
+        """
+        providers = self.settings["providers"]
+        refused = None
+        if self.device() == "cuda" and providers[0] == "CUDAExecutionProvider":
+            try:
+                session = ort.InferenceSession(str(source), opts, providers=provider_list(providers, cuda_graph=True))
+                return session, static_outputs(session)
+            except Exception as err:  # onnxruntime raises its own exception types per failure
+                refused = first_line(err)
+        try:
+            return ort.InferenceSession(str(source), opts, providers=providers), refused
+        except Exception as err:
+            raise CompileError(
+                f"onnxruntime could not build segment {name}: {first_line(err)}",
+                "an op or dtype has no kernel in the chosen provider: use compile.precision=fp32 "
+                "on CPU, keep the op in PyTorch with compile.torch_executed_ops, or pick another provider.",
+            ) from err
 
     def runtime_options(self, gm) -> dict[str, Any]:
         from pipeline import segments
@@ -204,7 +274,12 @@ class OnnxRuntimeTarget(OnnxTarget):
         check_external_data(build_dir / segment["engine"], build_dir)  # before ONNX Runtime opens any of it
         opts = session_options(self.settings, options.get("allow_spinning"))
         binding = bool(self.settings.get("io_binding")) or self.device() == "cuda"
-        return OrtSession(build_dir / segment["engine"], opts, self.settings["providers"], binding)
+        graph = bool(self.settings.get("cuda_graph")) and self.device() == "cuda"
+        session = OrtSession(build_dir / segment["engine"], opts, self.settings["providers"], binding,
+                             fixed=graph and not segment.get("no_cuda_graph"))
+        if graph and segment.get("no_cuda_graph"):
+            session.note = f"segment {segment['name']}: no CUDA graph ({segment['no_cuda_graph']}); it runs without one"
+        return session
 
 
 TARGET = OnnxRuntimeTarget
