@@ -96,8 +96,13 @@ def is_dynamic(input_cfg) -> bool:
 
 
 def varying_dims(input_cfg) -> list[str]:
-    """The names of the dims whose min and max differ: what a CUDA graph, captured per shape, cannot serve."""
-    return [str(n) for n, d in (input_cfg.get("dims") or {}).items() if d["min"] != d["max"]]
+    """The names of the dims whose min and max differ: what a CUDA graph, captured per shape, cannot serve.
+
+    Asked when the target settles, before `check` has judged the spec: a malformed dim counts as
+    varying here, and `check` then refuses it in one line.
+    """
+    return [str(n) for n, d in (input_cfg.get("dims") or {}).items()
+            if not hasattr(d, "get") or d.get("min") is None or d.get("min") != d.get("max")]
 
 
 def corners(input_cfg) -> dict[str, dict[str, int]]:
