@@ -55,7 +55,10 @@ def assert_next_opener_records(db: Path) -> str:
     from testkit import mlflow_client, mlflow_runs
 
     runs = mlflow_runs(mlflow_client(uri=f"sqlite:///{db}"), "creation")
-    assert [r.info.status for r in runs if r.info.run_name == "after"][-1:] == ["FINISHED"]
+    # The newest "after" run is this opener's: a creator killed "after" may have opened one of its own
+    # first (left RUNNING), and the store lists runs newest first.
+    after = sorted((r for r in runs if r.info.run_name == "after"), key=lambda r: r.info.start_time)
+    assert after and after[-1].info.status == "FINISHED", [(r.info.start_time, r.info.status) for r in after]
     return out
 
 
