@@ -9,6 +9,7 @@ that loads it, and are in no cache key.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,9 @@ def available_providers() -> list[str]:
     return found
 
 
+@functools.cache
 def tensorrt_loads(capi: Path) -> bool:
+    """Whether ONNX Runtime's TensorRT provider library and libnvinfer are here (asked once per process)."""
     import ctypes
 
     if not (capi / "libonnxruntime_providers_tensorrt.so").is_file():

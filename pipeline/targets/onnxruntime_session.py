@@ -24,6 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import first_line
+
 # torch dtype name -> NumPy type name IO binding declares for the buffer.
 NUMPY_TYPES = {"float32": "float32", "float16": "float16", "float64": "float64", "int64": "int64",
                "int32": "int32", "int8": "int8", "uint8": "uint8", "bool": "bool_"}
@@ -49,6 +51,14 @@ def provider_list(providers: list[str], device_id: int = 0, stream: int | None =
         else:
             out.append(name)
     return out
+
+
+def bind(bind_fn, name: str, tensor) -> None:
+    """`binding.bind_input` or `bind_output` of `name` to `tensor`'s memory, where it lives."""
+    import numpy as np
+
+    bind_fn(name, tensor.device.type, tensor.device.index or 0,
+            getattr(np, NUMPY_TYPES[str(tensor.dtype).removeprefix("torch.")]), tuple(tensor.shape), tensor.data_ptr())
 
 
 def static_outputs(session) -> str | None:
@@ -131,7 +141,6 @@ class OrtSession:
 
     def bound(self, *args):
         """Inputs bound in place, outputs allocated by ONNX Runtime on the inputs' device, no host copies."""
-        import numpy as np
         import torch
 
         if self.binding is None:
@@ -144,9 +153,7 @@ class OrtSession:
         for name, a in zip(self.input_names, args, strict=False):
             a = a.detach().contiguous()
             kept.append(a)
-            binding.bind_input(name, a.device.type, a.device.index or 0,
-                               getattr(np, NUMPY_TYPES[str(a.dtype).removeprefix("torch.")]),
-                               tuple(a.shape), a.data_ptr())
+            bind(binding.bind_input, name, a)
         device = args[0].device if args else torch.device("cpu")
         for name in self.output_names:
             binding.bind_output(name, device.type, device.index or 0)
@@ -168,21 +175,15 @@ class OrtSession:
         except Exception as err:  # a capture that fails (an op the graph cannot hold) raises ORT's own types
             if not self.cuda_graph:
                 raise
-            self._fall_back((str(err).strip().splitlines() or [type(err).__name__])[0])
+            self._fall_back(first_line(err))
             return self.fixed_call(*args)
         return tuple(o.clone() for o in outputs)
 
     def _bind_buffers(self, args) -> tuple[list, list]:
-        import numpy as np
         import torch
 
         device = torch.device("cuda", torch.cuda.current_device()) if self.stream is not None else torch.device("cpu")
         self.binding = binding = self.session.io_binding()
-
-        def bind(bind_fn, name, t):
-            bind_fn(name, t.device.type, t.device.index or 0,
-                    getattr(np, NUMPY_TYPES[str(t.dtype).removeprefix("torch.")]), tuple(t.shape), t.data_ptr())
-
         inputs = [torch.empty(tuple(a.shape), dtype=a.dtype, device=device) for a in args]
         for name, t in zip(self.input_names, inputs, strict=True):
             bind(binding.bind_input, name, t)
