@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-all system-packages run test test-fast test-integration test-system test-gpu bench bench-sweep bench-gpu bench-quant bench-quant-gpu ui serve cache lint clean
+.PHONY: install install-all system-packages run test test-fast test-integration test-system test-gpu bench bench-sweep bench-gpu bench-quant bench-quant-gpu bench-fp8-accuracy ui serve cache lint clean
 
 # torch and torchvision are pinned as a pair; pip takes them from a local wheel cache where one exists.
 PINS := "torch==2.14.1" "torchvision==0.29.1"
@@ -81,6 +81,9 @@ bench-quant: install  ## int8 vs fp32 engines (ResNet-50, BERT-base, the digits 
 
 bench-quant-gpu:  ## fp8 (torchao) vs fp16 Inductor engines on a CUDA GPU: ViT-B/16, BERT-base
 	$(PY) bench/quant.py --gpu
+
+bench-fp8-accuracy: install  ## the CUDA fp8 route's accuracy on trained MiniLM and real text (and BERT-base vs the H200), on this CPU
+	HF_HUB_OFFLINE=1 $(PY) bench/fp8_accuracy.py
 
 # The UI alone: one web worker, none of MLflow 3's job-execution workers (7 huey processes), and
 # not the Starlette deprecation warning each process printed; the link is printed while it starts.

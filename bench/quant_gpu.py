@@ -96,12 +96,16 @@ def engine(model, args: tuple, work: Path, name: str, quantized: dict | None):
 
 
 def accuracy(ref: list, got: list) -> dict[str, float]:
+    """Cosine and relative L2 over all outputs, and the mean and worst cosine per sample (row)."""
     import torch
 
     r = torch.cat([t.double().flatten() for t in ref])
     g = torch.cat([t.double().flatten() for t in got])
+    rows = torch.nn.functional.cosine_similarity(torch.cat([t.double().flatten(1) for t in got]),
+                                                 torch.cat([t.double().flatten(1) for t in ref]), dim=1)
     return {"cosine": float(torch.nn.functional.cosine_similarity(g, r, dim=0)),
-            "rel_l2": float((g - r).norm() / r.norm())}
+            "rel_l2": float((g - r).norm() / r.norm()),
+            "sample_cosine_mean": float(rows.mean()), "sample_cosine_min": float(rows.min())}
 
 
 def breakdown(fn, iterations: int = 5) -> dict[str, float]:
@@ -180,7 +184,8 @@ def run(iterations: int, out: Path, only: list[str] | None = None) -> int:
                 lat, acc = r[precision]["latency"], r[precision]["accuracy_vs_eager_fp32"]
                 prof = r[precision]["profile_ms"]
                 print(f"{name} {precision}: p50 {lat['p50_ms']:.3f} ms (cv {lat['cv']:.1%}), cosine "
-                      f"{acc['cosine']:.6f}, rel L2 {acc['rel_l2']:.4f}, compile {r[precision]['compile_seconds']} s; "
+                      f"{acc['cosine']:.6f}, rel L2 {acc['rel_l2']:.4f}, per sample mean/min "
+                      f"{acc['sample_cosine_mean']:.6f}/{acc['sample_cosine_min']:.6f}, compile {r[precision]['compile_seconds']} s; "
                       f"CUDA ms/call gemm {prof['gemm']:.3f} attention {prof['attention']:.3f} quantize "
                       f"{prof['quantize']:.3f} other {prof['other']:.3f}", flush=True)
                 for line in prof["top"]:

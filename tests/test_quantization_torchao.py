@@ -2,7 +2,8 @@
 
 The fp8/int8 engines themselves are built on a GPU (tests/test_gpu.py); here: the refusals
 before any stage, the bf16 program with its linears made modules and quantized (torchao's int8
-weight-only runs on the CPU too), the fractions, the kernel count, and the build key.
+weight-only runs on the CPU too, and fp8 with torchao's GPU check lifted, as
+bench/fp8_accuracy.py runs it), the fractions, the kernel count, and the build key.
 """
 
 from __future__ import annotations
@@ -78,6 +79,24 @@ def test_fp8_keeps_linears_whose_sizes_fp8_gemms_cannot_take():
     assert set(chosen.values()) == {"mlp.0", "mlp.2", "mlp.4", "head"}
     gm = torchao_gpu.to_bfloat16(gm)
     assert not kept and all(p.dtype == torch.bfloat16 for p in gm.parameters())
+
+
+def test_fp8_arithmetic_runs_on_the_cpu_for_the_accuracy_benchmark(monkeypatch):
+    """bench/fp8_accuracy.py judges the CUDA fp8 route's accuracy here: torchao's GPU check lifted, the
+    program prepared as build does it, per-row fp8 weights, and `_scaled_mm` computing on the CPU."""
+    import torchao.float8.inference as inference
+    import torchao.quantization.quant_api as quant_api
+
+    for module in (inference, quant_api):  # the names bench/fp8_accuracy.allow_fp8_on_cpu replaces
+        monkeypatch.setattr(module, "_check_hardware_support", lambda *args, **kwargs: None)
+    gm, x, ref = exported()
+    plain = torchao_gpu.to_bfloat16(copy.deepcopy(gm))
+    quantized = torchao_gpu.prepare(gm, {"precision": "fp8", "mode": "static", "exclude": ["head"]})
+    kinds = sorted(type(m.weight).__name__ for m in quantized.modules() if isinstance(m, torch.nn.Linear))
+    assert kinds == ["Float8Tensor"] * 3  # mlp.0, mlp.2, mlp.4; the excluded head stays an aten.linear in bf16
+    cosine = float(torch.nn.functional.cosine_similarity(quantized(x).flatten(), ref.flatten(), dim=0))
+    bf16 = float(torch.nn.functional.cosine_similarity(plain(x).flatten(), ref.flatten(), dim=0))
+    assert 0.98 < cosine < bf16  # e4m3 costs more than bf16 alone, and nothing breaks
 
 
 def test_dynamic_int8_keeps_linears_with_too_few_rows_for_int_mm():
